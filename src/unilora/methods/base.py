@@ -1,0 +1,89 @@
+"""The common shape of every method: a projection from trainable θ_d to θ_D = P θ_d."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import UniLoraError
+from ..layout import Layout
+
+
+class Projection(nn.Module):
+    """Owns every shared tensor of one adapter and rebuilds all layers' (A, Bᵀ) in one call.
+
+    Subclasses implement `factors_from(theta)`, the fast path. `theta` is the method's main
+    trainable tensor (θ_d); `project(theta)` flattens the result to θ_D for checks against a
+    dense P. Stored tensors are what an adapter file holds; they may differ from the
+    trainable ones (VB-LoRA keeps top-k indices instead of logits).
+    """
+
+    method: str = ""
+
+    def __init__(self, layout: Layout, config: AdapterConfig):
+        super().__init__()
+        self.layout = layout
+        self.config = config
+
+    # --- the projection -------------------------------------------------------------
+    @property
+    def theta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def factors_from(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.factors_from(self.theta)
+
+    def forward(self) -> torch.Tensor:
+        """θ_D for the current parameters (lets torch.func.functional_call swap them in tests)."""
+        return self.project(self.theta)
+
+    def project(self, theta: torch.Tensor) -> torch.Tensor:
+        """θ_D for a given θ_d (flattened A, Bᵀ of every layer)."""
+        return torch.cat([t.reshape(-1) for pair in self.factors_from(theta) for t in pair])
+
+    # --- training -------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named groups of trainable parameters, for separate learning rates."""
+        raise NotImplementedError
+
+    # --- storage --------------------------------------------------------------------
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_stored_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def stored_param_count(self) -> int:
+        """Float32-equivalent stored parameters (seed 003 §3.4 accounting)."""
+        return sum(t.numel() for t in self.stored_tensors().values())
+
+    def metadata(self) -> dict:
+        """JSON-able facts that must match on reload (e.g. a checksum of a seeded draw)."""
+        return {}
+
+    def check_metadata(self, saved: dict) -> None:
+        mine = self.metadata()
+        for key, value in saved.items():
+            if mine.get(key) != value:
+                raise UniLoraError(
+                    f"{self.method} adapter was saved with {key}={value!r} but this install rebuilds "
+                    f"{mine.get(key)!r}; the seeded projection differs, so the adapter cannot be used here"
+                )
+
+    # --- helpers --------------------------------------------------------------------
+    def _require_tensors(self, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise UniLoraError(f"{self.method} adapter file lacks tensors {missing}; the file is incomplete or not a {self.method} adapter")
+
+    def _copy_into(self, param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+        if tuple(value.shape) != tuple(param.shape):
+            raise UniLoraError(
+                f"adapter tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

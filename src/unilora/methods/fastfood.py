@@ -1,0 +1,82 @@
+"""Fastfood (intrinsic dimension, Aghajanyan et al. 2020): θ_D = c · (H G Π H S θ_d)[:D].
+
+θ_d is zero-padded to L = 2^ceil(log2 D); S: random signs, H: Walsh-Hadamard (unnormalised),
+Π: permutation, G: Gaussian diagonal, c = 1 / (sqrt(L) · ||G||) so every column of P has unit
+norm before truncation to D rows. O(L log L) time, nothing of size D × d is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UniLoraError
+from ..rng import SeededStream
+from .base import Projection
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform of a 1-D tensor whose length is a power of 2."""
+    n = x.shape[-1]
+    h = 1
+    while h < n:
+        pairs = x.view(n // (2 * h), 2, h)
+        x = torch.stack((pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]), dim=1).view(n)
+        h *= 2
+    return x
+
+
+class FastfoodProjection(Projection):
+    method = "fastfood"
+
+    def __init__(self, layout, config):
+        super().__init__(layout, config)
+        D, d = layout.D, config.theta_dim
+        if d > D:
+            raise UniLoraError(f"theta_dim d={d} exceeds D={D}; choose d <= {D}")
+        self.padded = 1 << max(0, math.ceil(math.log2(D)))
+        L = self.padded
+        signs = SeededStream(config.seed, "fastfood-signs").signs(L)
+        permutation = SeededStream(config.seed, "fastfood-permutation").permutation(L)
+        gauss = SeededStream(config.seed, "fastfood-gauss").normal(L)
+        self._gauss_summary = [round(float(gauss.sum()), 6)] + [round(float(g), 6) for g in gauss[:4]]
+        self.register_buffer("signs", torch.from_numpy(signs).float(), persistent=False)
+        self.register_buffer("permutation", torch.from_numpy(permutation), persistent=False)
+        self.register_buffer("gauss", torch.from_numpy(gauss).float(), persistent=False)
+        self.scale = 1.0 / (math.sqrt(L) * float(np.linalg.norm(gauss)))
+        generator = torch.Generator().manual_seed(config.seed)
+        # Not zero: A and B both come from θ_d, so θ_d = 0 would give zero gradients.
+        s = config.init_scale
+        self.theta_d = nn.Parameter(torch.rand(d, generator=generator) * 2 * s - s)
+
+    @property
+    def theta(self):
+        return self.theta_d
+
+    def factors_from(self, theta):
+        x = torch.nn.functional.pad(theta, (0, self.padded - theta.shape[0])) * self.signs
+        x = fwht(x)[self.permutation] * self.gauss
+        flat = fwht(x)[: self.layout.D] * self.scale
+        return self.layout.split(flat)
+
+    def param_groups(self):
+        return {"theta": [self.theta_d]}
+
+    def stored_tensors(self):
+        return {"fastfood.theta_d": self.theta_d.detach()}
+
+    def load_stored_tensors(self, tensors):
+        self._require_tensors(tensors, ["fastfood.theta_d"])
+        self._copy_into(self.theta_d, tensors["fastfood.theta_d"], "fastfood.theta_d")
+
+    def metadata(self):
+        return {"padded_length": self.padded, "gauss_summary": self._gauss_summary}
+
+    def check_metadata(self, saved):
+        super().check_metadata({k: v for k, v in saved.items() if k != "gauss_summary"})
+        # The Gaussian diagonal may differ by an ulp across platforms: compare with a tolerance.
+        if "gauss_summary" in saved and not np.allclose(saved["gauss_summary"], self._gauss_summary, rtol=1e-5, atol=1e-5):
+            raise UniLoraError("fastfood adapter's seeded Gaussian diagonal does not match this install's; cannot load")

@@ -1,0 +1,41 @@
+"""LoRA: P is the identity, θ_d = θ_D (one flat parameter, viewed as every layer's A and Bᵀ)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Projection
+
+
+class LoRAProjection(Projection):
+    method = "lora"
+
+    def __init__(self, layout, config):
+        super().__init__(layout, config)
+        flat = torch.zeros(layout.D)
+        generator = torch.Generator().manual_seed(config.seed)
+        # A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a=sqrt(5), as nn.Linear); B = 0
+        for (a, _), slot in zip(layout.split(flat), layout.slots):
+            bound = 1.0 / math.sqrt(slot.in_features)
+            a.copy_(torch.rand(a.shape, generator=generator) * 2 * bound - bound)
+        self.weights = nn.Parameter(flat)
+
+    @property
+    def theta(self):
+        return self.weights
+
+    def factors_from(self, theta):
+        return self.layout.split(theta)
+
+    def param_groups(self):
+        return {"lora": [self.weights]}
+
+    def stored_tensors(self):
+        return {"lora.weights": self.weights.detach()}
+
+    def load_stored_tensors(self, tensors):
+        self._require_tensors(tensors, ["lora.weights"])
+        self._copy_into(self.weights, tensors["lora.weights"], "lora.weights")

@@ -1,0 +1,89 @@
+"""Uni-LoRA: one global vector θ_d; each entry of θ_D reads one seeded slot of θ_d.
+
+Row i of P has a single nonzero 1/sqrt(n_j) at column j(i), where n_j counts the entries tied
+to slot j, so PᵀP = I. The draw is balanced (every slot gets floor(D/d) or ceil(D/d) entries,
+then a seeded shuffle), so no slot is unused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UniLoraError
+from ..rng import SeededStream
+from .base import Projection
+
+
+def balanced_assignment(D: int, d: int, seed: int, b_mask: np.ndarray | None = None) -> np.ndarray:
+    """Slot index j(i) for every entry i of θ_D.
+
+    With b_mask, A entries and B entries draw from disjoint slot pools (sized in proportion),
+    so the B pool can start at zero while A does not: ΔW = 0 at step 0, yet gradients flow.
+    """
+    assignment = np.empty(D, dtype=np.int64)
+    if b_mask is None:
+        pools = [(np.arange(D), 0, d)]
+    else:
+        positions_b = np.flatnonzero(b_mask)
+        positions_a = np.flatnonzero(~b_mask)
+        d_a = min(max(1, round(d * len(positions_a) / D)), d - 1)
+        pools = [(positions_a, 0, d_a), (positions_b, d_a, d - d_a)]
+    for name, (positions, offset, size) in zip(("a", "b"), pools):
+        slots = offset + np.arange(len(positions), dtype=np.int64) % size
+        shuffle = SeededStream(seed, f"unilora-assignment-{name}").permutation(len(positions))
+        assignment[positions[shuffle]] = slots
+    return assignment
+
+
+class UniLoRAProjection(Projection):
+    method = "unilora"
+
+    def __init__(self, layout, config):
+        super().__init__(layout, config)
+        D, d = layout.D, config.theta_dim
+        zero_delta = config.init == "zero_delta"
+        if d > D:
+            raise UniLoraError(f"theta_dim d={d} exceeds D={D} (the LoRA parameter count); choose d <= {D}")
+        if zero_delta and d < 2:
+            raise UniLoraError("init='zero_delta' needs theta_dim >= 2 (one slot pool for A, one for B)")
+        assignment = balanced_assignment(D, d, config.seed, layout.b_entry_mask() if zero_delta else None)
+        counts = np.bincount(assignment, minlength=d)
+        self._index_digest = hashlib.sha256(assignment.astype("<i8").tobytes()).hexdigest()[:16]
+        index_dtype = torch.int32 if D < 2**31 else torch.int64
+        self.register_buffer("indices", torch.from_numpy(assignment).to(index_dtype), persistent=False)
+        self.register_buffer(
+            "slot_scale", torch.from_numpy(1.0 / np.sqrt(counts)).to(torch.float32), persistent=False
+        )
+        generator = torch.Generator().manual_seed(config.seed)
+        s = config.init_scale
+        init = torch.rand(d, generator=generator) * 2 * s - s
+        if zero_delta:
+            first_b_slot = int(assignment[layout.b_entry_mask()].min())
+            init[first_b_slot:] = 0.0
+        self.theta_d = nn.Parameter(init)
+
+    @property
+    def theta(self):
+        return self.theta_d
+
+    def factors_from(self, theta):
+        # Scale the d slots first, then one gather to D entries; backward is one scatter-add.
+        flat = torch.index_select(theta * self.slot_scale, 0, self.indices)
+        return self.layout.split(flat)
+
+    def param_groups(self):
+        return {"theta": [self.theta_d]}
+
+    def stored_tensors(self):
+        return {"unilora.theta_d": self.theta_d.detach()}
+
+    def load_stored_tensors(self, tensors):
+        self._require_tensors(tensors, ["unilora.theta_d"])
+        self._copy_into(self.theta_d, tensors["unilora.theta_d"], "unilora.theta_d")
+
+    def metadata(self):
+        return {"index_sha256": self._index_digest}

@@ -1,0 +1,70 @@
+"""VeRA: frozen shared random A, B (sliced to each layer's shape); only scaling vectors train.
+
+ΔW_l = diag(b_l) B diag(d_l) A, i.e. A_l = diag(d_l) A[:, :in_l] and Bᵀ_l = Bᵀ[:, :out_l] diag(b_l).
+θ_d = concat over layers of (d_l (r), b_l (out_l)): linear, so P is a fixed sparse matrix.
+The frozen matrices come from the seed and are never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from ..rng import SeededStream
+from .base import Projection
+
+
+def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) -> torch.Tensor:
+    values = SeededStream(seed, name).uniform(shape[0] * shape[1]) * 2 * bound - bound
+    return torch.from_numpy(values.reshape(shape)).to(torch.float32)
+
+
+class VeRAProjection(Projection):
+    method = "vera"
+
+    def __init__(self, layout, config):
+        super().__init__(layout, config)
+        r = config.rank
+        max_in = max(s.in_features for s in layout.slots)
+        max_out = max(s.out_features for s in layout.slots)
+        # kaiming-uniform bounds for the shared matrices (fan-in of A is `in`, of B is r)
+        shared_a = _seeded_uniform(config.seed, "vera-A", (r, max_in), math.sqrt(6.0 / max_in))
+        shared_bt = _seeded_uniform(config.seed, "vera-B", (r, max_out), math.sqrt(6.0 / r))
+        self._digest = hashlib.sha256(shared_a.numpy().tobytes() + shared_bt.numpy().tobytes()).hexdigest()[:16]
+        self.register_buffer("shared_a", shared_a, persistent=False)
+        self.register_buffer("shared_bt", shared_bt, persistent=False)
+        self.sizes = [n for s in layout.slots for n in (s.rank, s.out_features)]
+        init = torch.cat(
+            [torch.cat([torch.full((s.rank,), config.vera_d_init), torch.zeros(s.out_features)]) for s in layout.slots]
+        )
+        self.scales = nn.Parameter(init)
+
+    @property
+    def theta(self):
+        return self.scales
+
+    def factors_from(self, theta):
+        parts = torch.split(theta, self.sizes)
+        return [
+            (
+                parts[2 * i].unsqueeze(1) * self.shared_a[:, : s.in_features],
+                self.shared_bt[:, : s.out_features] * parts[2 * i + 1],
+            )
+            for i, s in enumerate(self.layout.slots)
+        ]
+
+    def param_groups(self):
+        return {"scales": [self.scales]}
+
+    def stored_tensors(self):
+        return {"vera.scales": self.scales.detach()}
+
+    def load_stored_tensors(self, tensors):
+        self._require_tensors(tensors, ["vera.scales"])
+        self._copy_into(self.scales, tensors["vera.scales"], "vera.scales")
+
+    def metadata(self):
+        return {"shared_sha256": self._digest}

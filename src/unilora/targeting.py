@@ -1,0 +1,70 @@
+"""Which modules of a model get an adapter: by name suffix, regex, or "all-linear"."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import UniLoraError
+
+try:  # transformers' GPT-2 style linear layer, weight stored as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but stay importable without it
+    Conv1D = ()
+
+# Output heads are excluded from "all-linear": they are trained in full (modules_to_save) or left alone.
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or Conv1D."""
+    if is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return int(module.in_features), int(module.out_features)
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets, exclude: list[str] = ()) -> list[str]:
+    """Names of the linear modules to adapt, in model order."""
+    linear_names = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+    if targets == "all-linear":
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        chosen = [
+            n
+            for n in linear_names
+            if model.get_submodule(n) is not output and not any(p in n.split(".") for p in _HEAD_NAMES)
+        ]
+    else:
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise UniLoraError(f"target_modules regex '{targets}' is invalid: {err}") from None
+        chosen = [n for n in linear_names if _matches(n, targets)]
+        wrong_type = [n for n, m in model.named_modules() if n and _matches(n, targets) and not is_adaptable(m)]
+        if wrong_type and not chosen:
+            raise UniLoraError(
+                f"target_modules {targets!r} matched {wrong_type[:3]}, which are not nn.Linear or Conv1D layers"
+            )
+    chosen = [n for n in chosen if not _matches(n, list(exclude))] if exclude else chosen
+    if not chosen:
+        sample = sorted({n.split(".")[-1] for n in linear_names})[:12]
+        raise UniLoraError(
+            f"target_modules {targets!r} matched no linear layer; linear layer names end in {sample}"
+        )
+    return chosen

@@ -1,0 +1,65 @@
+"""Tiny random-init models of the four layouts the library must handle."""
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+VOCAB = 96
+
+
+def tiny_bert():
+    return BertForSequenceClassification(
+        BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64, num_labels=3, max_position_embeddings=64)
+    )
+
+
+def tiny_roberta():
+    return RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, num_labels=2, max_position_embeddings=64)
+    )
+
+
+def tiny_gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+
+
+def tiny_llama():
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    )
+
+
+ARCHS = {"bert": tiny_bert, "roberta": tiny_roberta, "gpt2": tiny_gpt2, "llama": tiny_llama}
+HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "gpt2": [], "llama": []}
+
+
+def build(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return ARCHS[arch]().eval()
+
+
+def method_options(method: str) -> dict:
+    """Small settings under which every method runs on the tiny models (hidden 32, FFN 64)."""
+    return dict(method=method, rank=4, theta_dim=300, num_vectors=12, vector_length=16, topk=2, seed=3)
+
+
+def logits_of(model, ids):
+    out = model(input_ids=ids)
+    return out.logits
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
