@@ -38,14 +38,27 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_adapter_dir(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """Write config and tensors into `directory`, replacing it as a whole only on success."""
+
+    def write(staging: Path) -> None:
+        save_tensors(tensors, staging / WEIGHTS_NAME)
+        write_json_atomic(staging / CONFIG_NAME, config)
+
+    return write_directory_atomic(directory, write)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_directory_atomic(directory: str | os.PathLike, write) -> Path:
+    """Call write(staging_dir) on a temporary sibling, then rename it to `directory`."""
     target = Path(directory)
     if target.exists() and not target.is_dir():
-        raise UniLoraError(f"cannot save adapter to '{target}': it exists and is not a directory")
+        raise UniLoraError(f"cannot write to '{target}': it exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME))
-        write_json_atomic(staging / CONFIG_NAME, config)
+        write(staging)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -16,7 +16,7 @@ from .io import FORMAT_VERSION, read_adapter_dir, write_adapter_dir
 from .layers import AdaptedLayer
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
-from .targeting import find_targets, is_adaptable, linear_shape
+from .targeting import find_targets, is_adaptable, is_conv1d, linear_shape
 
 HEAD_PREFIX = "head."
 
@@ -187,6 +187,8 @@ class AdaptedModel(nn.Module):
             "D": self.layout.D,
             "projection": self.projection.metadata(),
             "head_modules": self.head_modules,
+            # GPT-2 style Conv1D layers store weights as (in, out): exporters need to know
+            "fan_in_fan_out": any(is_conv1d(layer.base_layer) for layer in self._layers),
             "stored_params": self.stored_param_count(),
             "base_model": {
                 "class": type(self.base_model).__name__,
@@ -194,8 +196,12 @@ class AdaptedModel(nn.Module):
             },
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        write_adapter_dir(directory, self.adapter_metadata(), self.adapter_tensors())
+    def save_pretrained(self, directory: str | os.PathLike, task: dict | None = None) -> None:
+        """Write the adapter directory. `task` (JSON-able) is kept beside it, e.g. label names."""
+        metadata = self.adapter_metadata()
+        if task is not None:
+            metadata["task"] = task
+        write_adapter_dir(directory, metadata, self.adapter_tensors())
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> "AdaptedModel":

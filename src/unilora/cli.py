@@ -1,0 +1,209 @@
+"""The `unilora` command: finetune, evaluate, inspect, export, count, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import METHODS, VBLORA_SELECTIONS, AdapterConfig
+from .errors import UniLoraError
+
+
+def _group_lr(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        return name, float(value) if sep else float("nan")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--group-lr expects NAME=RATE (e.g. bank=1e-3), got '{text}'") from None
+
+
+def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("adapter (defaults per method: see unilora.recipes)")
+    g.add_argument("--method", choices=METHODS, default="unilora")
+    g.add_argument("--rank", type=int)
+    g.add_argument("--theta-dim", type=int, help="Uni-LoRA / Fastfood: length d of the trained vector")
+    g.add_argument("--num-vectors", type=int, help="VB-LoRA: bank size h")
+    g.add_argument("--vector-length", type=int, help="VB-LoRA: sub-vector length b")
+    g.add_argument("--topk", type=int, help="VB-LoRA: k")
+    g.add_argument("--selection", choices=VBLORA_SELECTIONS, help="VB-LoRA: vector selection during training")
+    g.add_argument("--store", choices=("topk", "logits"), help="VB-LoRA: what the adapter file keeps")
+    g.add_argument("--init", choices=("uniform", "zero_delta"), help="Uni-LoRA: initialisation of θ_d")
+    g.add_argument("--adapter-seed", type=int, help="seed of the projection (default: --seed)")
+
+
+def _adapter_config(args, targets, modules_to_save=(), defaults=None) -> AdapterConfig:
+    from .recipes import METHOD_DEFAULTS
+
+    options = dict((defaults or METHOD_DEFAULTS)[args.method])
+    for key in ("rank", "theta_dim", "num_vectors", "vector_length", "topk", "selection", "store", "init"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    seed = args.adapter_seed if getattr(args, "adapter_seed", None) is not None else getattr(args, "seed", 0)
+    return AdapterConfig(method=args.method, target_modules=targets, modules_to_save=list(modules_to_save), seed=seed, **options)
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="rotten_tomatoes", help="rotten_tomatoes, bbc_news, or a CSV/JSONL file")
+    g.add_argument("--test-data", help="separate test file (default: a seeded 20%% split)")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--train-limit", type=int, help="train on a seeded random subset of this size")
+    g.add_argument("--test-limit", type=int, help="evaluate on a seeded random subset of this size")
+
+
+def _load_data(args):
+    from .data import load_dataset
+
+    dataset = load_dataset(args.data, args.text_column, args.label_column, args.test_data, seed=0)
+    return dataset.limited(args.train_limit, args.test_limit, seed=0)
+
+
+def _targets(text: str):
+    if text == "all-linear" or any(c in text for c in "*()[]|\\^$"):
+        return text
+    return [t for t in text.split(",") if t]
+
+
+def cmd_finetune(args) -> int:
+    from .recipes import GROUP_LRS, HEAD_LR
+    from .train import TrainSettings, finetune
+
+    config = _adapter_config(args, _targets(args.targets), modules_to_save=["classifier"])
+    group_lrs = {**GROUP_LRS[args.method], "head": args.head_lr or HEAD_LR}
+    if args.lr is not None:
+        group_lrs = {k: (v if k == "head" else args.lr) for k, v in group_lrs.items()}
+    group_lrs.update(dict(args.group_lr or []))
+    dataset = _load_data(args)  # fails early, before any training, on bad data options
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                             lr=args.lr or 1e-3, group_lrs=group_lrs, seed=args.seed, progress=not args.no_progress)
+    out = Path(args.out or f"runs/{args.method}-{dataset.name}-seed{args.seed}")
+    metrics = finetune(args.model, dataset, config, settings, out)
+    if metrics:
+        print(f"adapter: {out / 'adapter'}  ({metrics['stored_params']:,} stored params, "
+              f"{metrics['adapter_bytes']:,} bytes + head {metrics['head_params']:,} params)")
+        print(f"test accuracy: {metrics['test_accuracy']:.4f}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .train import evaluate_adapter
+
+    result = evaluate_adapter(args.adapter, _load_data(args), args.model)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import describe, save_selection_plot
+
+    info = describe(args.adapter)
+    for key, value in info.items():
+        print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+    if info["method"] == "vblora" and not args.no_plot:
+        png = Path(args.png) if args.png else Path(str(Path(args.adapter).resolve()) + "-selection.png")
+        save_selection_plot(args.adapter, png)
+        print(f"vector-usage histogram and selection footprint: {png}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_peft_lora
+
+    report = export_peft_lora(args.adapter, args.out, rank=args.rank)
+    for line in report:
+        print(line)
+    return 0
+
+
+def cmd_count(args) -> int:
+    from .counting import count_for_arch
+    from .recipes import PAPER_DEFAULTS
+
+    config = _adapter_config(args, ["query", "value"], defaults=PAPER_DEFAULTS)
+    options = {k: v for k, v in config.to_dict().items() if k not in ("target_modules", "modules_to_save")}
+    result = count_for_arch(args.arch, args.targets, **options)
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    print(result["stored_params"])
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Train a Uni-LoRA adapter on Rotten Tomatoes with the embedded MiniLM, in a few CPU minutes."""
+    argv = ["finetune", "--method", args.method, "--data", "rotten_tomatoes", "--train-limit", str(args.train_limit),
+            "--test-limit", str(args.test_limit), "--epochs", "1", "--out", args.out]
+    return main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unilora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="train an adapter for text classification")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="local folder, hub name, or the embedded all-MiniLM-L6-v2")
+    _add_data_options(p)
+    _add_adapter_options(p)
+    p.add_argument("--targets", default="all-linear", help="comma-separated name suffixes, a regex, or all-linear")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lr", type=float, help="one learning rate for every adapter group (default: per method)")
+    p.add_argument("--head-lr", type=float, help="classifier head learning rate")
+    p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="e.g. bank=1e-3 logits=1e-2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default runs/METHOD-DATA-seedN)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="accuracy of a saved adapter on a dataset's test split")
+    p.add_argument("adapter")
+    p.add_argument("--model", help="override the base model recorded in the adapter")
+    _add_data_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("inspect", help="method, counts and bytes of an adapter; VB-LoRA selection plots")
+    p.add_argument("adapter")
+    p.add_argument("--png", help="where to save the VB-LoRA plot (default: ADAPTER-selection.png)")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="write a standard PEFT LoRA adapter built from the method's A and B")
+    p.add_argument("adapter")
+    p.add_argument("--to", choices=("peft-lora",), default="peft-lora")
+    p.add_argument("out")
+    p.add_argument("--rank", type=int, help="pad to this rank (default: the smallest vLLM-supported rank >= r)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("count", help="stored parameters of a method on RoBERTa-base/large (config only; "
+                       "defaults are the papers' settings)")
+    p.add_argument("--arch", choices=("roberta-base", "roberta-large"), required=True)
+    p.add_argument("--targets", choices=("qv", "all"), default="qv")
+    _add_adapter_options(p)
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("demo", help="train and evaluate a small adapter on Rotten Tomatoes (a few CPU minutes)")
+    p.add_argument("--method", choices=METHODS, default="unilora")
+    p.add_argument("--train-limit", type=int, default=3000)
+    p.add_argument("--test-limit", type=int, default=1000)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UniLoraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

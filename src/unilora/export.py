@@ -1,0 +1,99 @@
+"""`unilora export --to peft-lora`: a standard PEFT LoRA directory built exactly from the method's
+A and B (VeRA's and Tied-LoRA's scaling vectors folded in; no SVD, no approximation).
+
+vLLM accepts only some ranks, so A gets zero rows and B zero columns up to the next allowed
+rank (ΔW is unchanged). vLLM also rejects modules_to_save in a LoRA file, so a trained head
+goes to head.safetensors beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UniLoraError
+from .inspection import rebuild_projection
+from .io import save_tensors, write_directory_atomic
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _export_rank(rank: int, requested: int | None) -> int:
+    if requested is not None:
+        if requested < rank:
+            raise UniLoraError(f"--rank {requested} is below the adapter's rank {rank}; padding can only grow it")
+        return requested
+    allowed = [r for r in VLLM_RANKS if r >= rank]
+    if not allowed:
+        raise UniLoraError(f"rank {rank} exceeds vLLM's largest LoRA rank 512; pass --rank to export anyway")
+    return allowed[0]
+
+
+def _target_modules(config, names: list[str]) -> list[str]:
+    """The adapter's own name suffixes (PEFT matches them the same way), else the full names."""
+    if isinstance(config.target_modules, (list, tuple)):
+        return sorted(config.target_modules)
+    return sorted(names)
+
+
+def peft_lora_tensors(projection, rank: int | None = None, strip_prefix: str = ""):
+    """PEFT LoRA tensors equal to the projection's A and B, zero-padded to the export rank.
+    Returns (tensors, export rank, module names)."""
+    r = projection.config.rank
+    r_out = _export_rank(r, rank)
+    out, names = {}, []
+    with torch.no_grad():
+        for (a, bt), slot in zip(projection.factors(), projection.layout.slots):
+            name = slot.name[len(strip_prefix):] if strip_prefix and slot.name.startswith(strip_prefix) else slot.name
+            a_pad = torch.zeros(r_out, slot.in_features)
+            a_pad[:r] = a
+            b_pad = torch.zeros(slot.out_features, r_out)
+            b_pad[:, :r] = bt.t()
+            out[f"base_model.model.{name}.lora_A.weight"] = a_pad
+            out[f"base_model.model.{name}.lora_B.weight"] = b_pad
+            names.append(name)
+    return out, r_out, names
+
+
+def export_peft_lora(adapter_dir, out_dir, rank: int | None = None) -> list[str]:
+    meta, tensors, projection = rebuild_projection(adapter_dir)
+    # Adapters from `unilora finetune` wrap the encoder as `encoder.`: PEFT users load the encoder itself.
+    strip = "encoder." if meta.get("task") else ""
+    lora, r_out, names = peft_lora_tensors(projection, rank, strip)
+    head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": (meta.get("task") or {}).get("model") or meta["base_model"].get("name_or_path"),
+        "r": r_out,
+        # PEFT scales by lora_alpha / r: keep the adapter's own scaling at the padded rank
+        "lora_alpha": projection.config.scaling * r_out,
+        "target_modules": _target_modules(projection.config, names),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": bool(meta.get("fan_in_fan_out", False)),
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+    def write(staging: Path) -> None:
+        save_tensors(lora, staging / "adapter_model.safetensors")
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if head:
+            save_tensors(head, staging / "head.safetensors")
+
+    write_directory_atomic(out_dir, write)
+    r = projection.config.rank
+    report = [
+        f"wrote PEFT LoRA adapter {out_dir}: {len(names)} layers, r={r_out} (trained rank {r}"
+        f"{', zero rows/columns added for vLLM' if r_out != r else ''}), lora_alpha={config['lora_alpha']:g}",
+    ]
+    if head:
+        report.append(f"the trained head ({', '.join(sorted(head))}) is in {Path(out_dir) / 'head.safetensors'}, "
+                      "not in the LoRA file (vLLM rejects modules_to_save): load it into your model separately")
+    return report

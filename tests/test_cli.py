@@ -1,0 +1,81 @@
+"""The command line: SPEC counts, clear one-line errors, inspect, and nothing half-written."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import unilora
+from unilora import AdapterConfig, get_model
+from unilora.cli import main
+
+from conftest import build
+
+# ../shared/SPEC.md, "Reference numbers" (seed 003 Table 1 and the Uni-LoRA paper)
+SPEC_COUNTS = [
+    (["--arch", "roberta-base", "--method", "lora", "--rank", "8"], 294_912),
+    (["--arch", "roberta-large", "--method", "lora", "--rank", "8"], 786_432),
+    (["--arch", "roberta-base", "--method", "vera", "--rank", "1024"], 43_008),
+    (["--arch", "roberta-large", "--method", "vera", "--rank", "256"], 61_440),
+    (["--arch", "roberta-base", "--method", "vblora", "--num-vectors", "90", "--vector-length", "256",
+      "--rank", "4", "--topk", "2"], 23_904),
+    (["--arch", "roberta-large", "--method", "vblora", "--targets", "all", "--num-vectors", "90",
+      "--vector-length", "256", "--rank", "4", "--topk", "2"], 33_408),
+    (["--arch", "roberta-large", "--method", "unilora", "--theta-dim", "23040", "--rank", "4"], 23_040),
+]
+
+
+@pytest.mark.parametrize("argv,expected", SPEC_COUNTS)
+def test_count_matches_spec(argv, expected, capsys):
+    assert main(["count", "--targets", "qv", *argv] if "--targets" not in argv else ["count", *argv]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(expected)
+
+
+def test_count_as_a_module_prints_the_count_last():
+    result = subprocess.run(
+        [sys.executable, "-m", "unilora", "count", "--arch", "roberta-base", "--method", "vblora"],
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.strip().splitlines()[-1] == "23904"  # paper defaults: h=90, b=256, r=4, k=2
+
+
+def test_count_rejects_b_that_does_not_divide(capsys):
+    assert main(["count", "--arch", "roberta-base", "--method", "vblora", "--vector-length", "100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "b=100" in err and "query" in err and "768x768" in err
+
+
+def test_finetune_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["finetune", "--data", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "does not exist" in err and len(err.splitlines()) == 1
+    table = tmp_path / "reviews.csv"
+    table.write_text("review,stars\ngreat,5\nbad,1\nok,3\n")
+    assert main(["finetune", "--data", str(table), "--text-column", "review", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "column 'label'" in err and "['review', 'stars']" in err
+    assert not out.exists()
+
+
+def test_bad_config_values_are_rejected(capsys):
+    assert main(["count", "--arch", "roberta-base", "--method", "vblora", "--topk", "500"]) == 2
+    assert "topk must be between 1 and num_vectors=90" in capsys.readouterr().err
+
+
+def test_inspect_reports_counts_and_plots_vblora(tmp_path, capsys):
+    model = get_model(build("bert"), AdapterConfig(method="vblora", rank=4, num_vectors=12, vector_length=16,
+                                                    target_modules="all-linear", modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path / "vb")
+    png = tmp_path / "plots" / "sel.png"
+    assert main(["inspect", str(tmp_path / "vb"), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "method: vblora" in out and f"stored_params: {model.stored_param_count():,}" in out
+    assert f"stored_bytes: {model.stored_bytes():,}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_of_a_missing_adapter_fails_cleanly(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
