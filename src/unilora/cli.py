@@ -118,6 +118,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from .compress import compress, from_checkpoints, from_peft_lora, save_compressed
+
+    if bool(args.peft_lora) == bool(args.base_weights or args.finetuned_weights):
+        raise UniLoraError("give either --peft-lora DIR or both --base-weights and --finetuned-weights")
+    if args.peft_lora:
+        updates = from_peft_lora(args.peft_lora)
+        source, rank = f"peft-lora:{args.peft_lora}", args.rank or updates[0].a.shape[0]
+        fan_in_fan_out = json.loads((Path(args.peft_lora) / "adapter_config.json").read_text()).get("fan_in_fan_out", False)
+    else:
+        if not (args.base_weights and args.finetuned_weights):
+            raise UniLoraError("--base-weights and --finetuned-weights go together")
+        rank = args.rank or 8
+        updates = from_checkpoints(args.base_weights, args.finetuned_weights, _targets(args.targets), rank)
+        source, fan_in_fan_out = f"checkpoints:{args.base_weights}|{args.finetuned_weights}", False
+    args.rank = rank
+    config = _adapter_config(args, sorted({u.name for u in updates}))
+    projection, layout, report = compress(updates, config, steps=args.steps, lr=args.lr)
+    save_compressed(projection, layout, config, args.out, source, fan_in_fan_out)
+    print(f"wrote {config.method} adapter {args.out}: {len(updates)} layers, rank {rank}")
+    print(f"relative error of ΔW (Frobenius, all layers): closed form {report['relative_error_closed_form']:.4f}"
+          + (f", after {args.steps} refinement steps {report['relative_error_refined']:.4f}" if args.steps else ""))
+    print(f"size: {report['stored_params']:,} stored params vs {report['original_params']:,} LoRA params "
+          f"(ratio {report['size_ratio']:.4f})")
+    return 0
+
+
 def cmd_count(args) -> int:
     from .counting import count_for_arch
     from .recipes import PAPER_DEFAULTS
@@ -176,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--rank", type=int, help="pad to this rank (default: the smallest vLLM-supported rank >= r)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compress", help="fit a compact adapter to a PEFT LoRA adapter or to a full fine-tune")
+    p.add_argument("out")
+    p.add_argument("--peft-lora", help="a PEFT LoRA adapter directory")
+    p.add_argument("--base-weights", help="base model .safetensors (with --finetuned-weights: ΔW by truncated SVD)")
+    p.add_argument("--finetuned-weights", help="fully fine-tuned .safetensors of the same model")
+    p.add_argument("--targets", default="query,value", help="with checkpoints: module-name suffixes to compress")
+    p.add_argument("--steps", type=int, default=0, help="least-squares refinement steps on ΔW (Adam)")
+    p.add_argument("--lr", type=float, default=1e-3, help="refinement learning rate")
+    _add_adapter_options(p)
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("count", help="stored parameters of a method on RoBERTa-base/large (config only; "
                        "defaults are the papers' settings)")

@@ -177,24 +177,14 @@ class AdaptedModel(nn.Module):
 
     def adapter_metadata(self) -> dict:
         base_config = getattr(self.base_model, "config", None)
-        return {
-            "format": "unilora",
-            "format_version": FORMAT_VERSION,
-            "unilora_version": _version(),
-            "adapter": self.config.to_dict(),
-            "layout": self.layout.to_json(),
-            "layout_fingerprint": self.layout.fingerprint(),
-            "D": self.layout.D,
-            "projection": self.projection.metadata(),
-            "head_modules": self.head_modules,
+        return adapter_metadata(
+            self.config, self.layout, self.projection,
+            head_modules=self.head_modules,
             # GPT-2 style Conv1D layers store weights as (in, out): exporters need to know
-            "fan_in_fan_out": any(is_conv1d(layer.base_layer) for layer in self._layers),
-            "stored_params": self.stored_param_count(),
-            "base_model": {
-                "class": type(self.base_model).__name__,
-                "name_or_path": getattr(base_config, "_name_or_path", None) or None,
-            },
-        }
+            fan_in_fan_out=any(is_conv1d(layer.base_layer) for layer in self._layers),
+            base_model={"class": type(self.base_model).__name__,
+                        "name_or_path": getattr(base_config, "_name_or_path", None) or None},
+        )
 
     def save_pretrained(self, directory: str | os.PathLike, task: dict | None = None) -> None:
         """Write the adapter directory. `task` (JSON-able) is kept beside it, e.g. label names."""
@@ -246,6 +236,26 @@ def _check_targets_exist(base_model: nn.Module, layout: Layout) -> None:
                 f"adapter does not fit this model: layer '{slot.name}' is {n_out}x{n_in} here but "
                 f"{slot.out_features}x{slot.in_features} in the adapter; use the base model it was trained on"
             )
+
+
+def adapter_metadata(config: AdapterConfig, layout: Layout, projection, head_modules=(), fan_in_fan_out=False,
+                     base_model=None, **extra) -> dict:
+    """The adapter_config.json of an adapter: everything needed to rebuild its projection."""
+    return {
+        "format": "unilora",
+        "format_version": FORMAT_VERSION,
+        "unilora_version": _version(),
+        "adapter": config.to_dict(),
+        "layout": layout.to_json(),
+        "layout_fingerprint": layout.fingerprint(),
+        "D": layout.D,
+        "projection": projection.metadata(),
+        "head_modules": list(head_modules),
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "stored_params": projection.stored_param_count(),
+        "base_model": base_model or {"class": None, "name_or_path": None},
+        **extra,
+    }
 
 
 def get_model(model: nn.Module, config: AdapterConfig) -> AdaptedModel:
