@@ -1,0 +1,42 @@
+"""FSDP2 sharding for adapted models.
+
+The projection (θ_d, the VB-LoRA bank, ...) is owned by exactly one module, the AdaptedModel
+root, so the wrap is simple: shard every transformer block on its own, then the root, which
+takes the projection. Each block then holds only its frozen base weights; the shared vector is
+gathered once per forward by the root and its gradient reduce-scattered once per backward.
+(Libraries that register the shared vector inside every adapted layer cannot be sharded per
+block: the same parameter would belong to many FSDP units.)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import UniLoraError
+from .model import AdaptedModel
+
+
+def transformer_blocks(model: AdaptedModel, block_classes: tuple[type, ...] | None = None) -> list[nn.Module]:
+    """The blocks to shard: instances of `block_classes`, or of the classes the transformers model
+    names in `_no_split_modules` (e.g. LlamaDecoderLayer, BertLayer)."""
+    if block_classes is None:
+        names = set(getattr(model.base_model, "_no_split_modules", None) or [])
+        if not names:
+            raise UniLoraError("cannot tell the transformer blocks of this model: pass block_classes")
+        return [m for m in model.base_model.modules() if type(m).__name__ in names]
+    return [m for m in model.base_model.modules() if isinstance(m, block_classes)]
+
+
+def fully_shard_adapted(model: AdaptedModel, block_classes: tuple[type, ...] | None = None, **fsdp_kwargs) -> AdaptedModel:
+    """Apply torch.distributed.fsdp.fully_shard per block, then to the root (owner of the projection)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not isinstance(model, AdaptedModel):
+        raise UniLoraError("fully_shard_adapted expects the model returned by unilora.get_model")
+    blocks = transformer_blocks(model, block_classes)
+    if not blocks:
+        raise UniLoraError("no transformer block found to shard; pass block_classes")
+    for block in blocks:
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
+    return model
