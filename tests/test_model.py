@@ -129,6 +129,7 @@ def test_generation_uses_the_adapter(ids):
     merged.load_state_dict(model.state_dict())
     base = merged.merge_and_unload()
     assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+    assert not base._forward_pre_hooks and not base._forward_hooks, "the plain model keeps no adapter hooks"
     assert torch.equal(base.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0), out)
 
 

@@ -14,7 +14,9 @@ from .errors import UniLoraError
 def _group_lr(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     try:
-        return name, float(value) if sep else float("nan")
+        if not (name and sep):
+            raise ValueError
+        return name, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--group-lr expects NAME=RATE (e.g. bank=1e-3), got '{text}'") from None
 

@@ -24,6 +24,7 @@ from .errors import UniLoraError
 from .io import write_adapter_dir
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
+from .targeting import name_matches
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -73,7 +74,7 @@ def from_checkpoints(base_path, finetuned_path, targets: list[str], rank: int) -
     updates = []
     for key, w in base.items():
         module = key[: -len(".weight")] if key.endswith(".weight") else None
-        if module is None or w.dim() != 2 or not any(module == t or module.endswith("." + t) for t in targets):
+        if module is None or w.dim() != 2 or not name_matches(module, targets):
             continue
         if key not in tuned or tuned[key].shape != w.shape:
             raise UniLoraError(f"'{finetuned_path}' lacks '{key}' with shape {tuple(w.shape)}; are these the same model?")

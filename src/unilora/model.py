@@ -16,7 +16,7 @@ from .io import FORMAT_VERSION, read_adapter_dir, write_adapter_dir
 from .layers import AdaptedLayer
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
-from .targeting import find_targets, is_adaptable, is_conv1d, linear_shape
+from .targeting import find_targets, is_adaptable, is_conv1d, linear_shape, name_matches
 
 HEAD_PREFIX = "head."
 
@@ -53,13 +53,15 @@ class AdaptedModel(nn.Module):
             self._layers.append(layer)
         self.head_modules = self._unfreeze_heads(config.modules_to_save)
         # One reconstruction per root forward: every layer reads the binder's shared result.
-        base_model.register_forward_pre_hook(lambda module, args: self.binder.begin_forward())
-        base_model.register_forward_hook(lambda module, args, out: self.binder.end_forward(), always_call=True)
+        self._hooks = [
+            base_model.register_forward_pre_hook(lambda module, args: self.binder.begin_forward()),
+            base_model.register_forward_hook(lambda module, args, out: self.binder.end_forward(), always_call=True),
+        ]
 
     def _unfreeze_heads(self, names: list[str]) -> list[str]:
         if not names:
             return []
-        found = [n for n, _ in self.base_model.named_modules() if n and any(n == s or n.endswith("." + s) for s in names)]
+        found = [n for n, _ in self.base_model.named_modules() if n and name_matches(n, names)]
         found = [n for n in found if not any(n.startswith(f + ".") for f in found)]  # outermost only
         if not found:
             raise UniLoraError(f"modules_to_save {names} matched no module of the model")
@@ -121,6 +123,9 @@ class AdaptedModel(nn.Module):
             parent_name, _, child = slot.name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
         self._layers = []
+        for hook in self._hooks:  # the plain model must not pay for (or reach) the projection
+            hook.remove()
+        self._hooks = []
         return self.base_model
 
     # --- training -------------------------------------------------------------------

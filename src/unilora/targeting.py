@@ -33,7 +33,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
-def _matches(name: str, targets) -> bool:
+def name_matches(name: str, targets) -> bool:
+    """PEFT's rule: a regex string must match the whole name; list entries match as suffixes."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -55,13 +56,13 @@ def find_targets(model: nn.Module, targets, exclude: list[str] = ()) -> list[str
                 re.compile(targets)
             except re.error as err:
                 raise UniLoraError(f"target_modules regex '{targets}' is invalid: {err}") from None
-        chosen = [n for n in linear_names if _matches(n, targets)]
-        wrong_type = [n for n, m in model.named_modules() if n and _matches(n, targets) and not is_adaptable(m)]
+        chosen = [n for n in linear_names if name_matches(n, targets)]
+        wrong_type = [n for n, m in model.named_modules() if n and name_matches(n, targets) and not is_adaptable(m)]
         if wrong_type and not chosen:
             raise UniLoraError(
                 f"target_modules {targets!r} matched {wrong_type[:3]}, which are not nn.Linear or Conv1D layers"
             )
-    chosen = [n for n in chosen if not _matches(n, list(exclude))] if exclude else chosen
+    chosen = [n for n in chosen if not name_matches(n, list(exclude))] if exclude else chosen
     if not chosen:
         sample = sorted({n.split(".")[-1] for n in linear_names})[:12]
         raise UniLoraError(
