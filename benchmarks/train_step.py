@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -161,7 +160,9 @@ def measure_peak(variant: str, shape: str, args) -> None:
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        # VmHWM, not getrusage: ru_maxrss is inherited from the parent across fork/exec
+        status = Path("/proc/self/status").read_text()
+        peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
     print(json.dumps({"peak_mib": peak}))
 
 
@@ -201,7 +202,10 @@ def profile_ours(shape: str, method: str, args) -> str:
     with profile(activities=activities) as prof:
         for _ in range(2):
             runner.step(record=False)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    ours = [e for e in prof.key_averages() if e.key in ("aten::index_select", "aten::index_add_", "aten::topk", "aten::softmax")]
+    lines = [f"{e.key}: {e.self_cpu_time_total / 1000:.2f} ms self CPU over 2 steps, {e.count} calls" for e in ours]
+    return table + "\nreconstruction ops:\n" + "\n".join(lines)
 
 
 def to_markdown(rows: list[dict], args, seconds: float) -> str:
@@ -241,6 +245,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--profile", metavar="MODEL:METHOD", help="print a torch.profiler table of our step and exit")
+    parser.add_argument("--reuse-timings", metavar="JSON", help="take step/merged times from an earlier --json; re-measure peaks only")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.methods = args.methods.split(",")
@@ -251,7 +256,12 @@ def main() -> None:
         shape, method = args.profile.split(":")
         return print(profile_ours(shape, method, args))
     started = time.time()
-    rows = [row for shape in models for row in bench_shape(shape, args)]
+    if args.reuse_timings:
+        rows = json.loads(Path(args.reuse_timings).read_text())
+        for row in rows:
+            row["peak_mib"] = peak_memory(row["variant"], row["model"], args)
+    else:
+        rows = [row for shape in models for row in bench_shape(shape, args)]
     text = to_markdown(rows, args, time.time() - started)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")

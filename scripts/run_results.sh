@@ -4,12 +4,15 @@
 # About an hour on 2 CPU cores. Usage: bash scripts/run_results.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-runs/results}
+run() {  # skip runs that already finished, so an interrupted sweep resumes
+  local dir=$1; shift
+  [ -f "$dir/metrics.json" ] || unilora finetune "$@" --no-progress --out "$dir"
+}
 for seed in 0 1 2; do
   for method in lora vera vblora unilora; do
-    unilora finetune --method "$method" --data rotten_tomatoes --train-limit 2000 --test-limit 1000 --epochs 2 \
-      --seed "$seed" --no-progress --out "$out/rotten_tomatoes/$method-seed$seed"
-    unilora finetune --method "$method" --data bbc_news --max-length 64 --epochs 1 \
-      --seed "$seed" --no-progress --out "$out/bbc_news/$method-seed$seed"
+    run "$out/rotten_tomatoes/$method-seed$seed" --method "$method" --data rotten_tomatoes \
+      --train-limit 2000 --test-limit 1000 --epochs 2 --seed "$seed"
+    run "$out/bbc_news/$method-seed$seed" --method "$method" --data bbc_news --max-length 64 --epochs 1 --seed "$seed"
   done
 done
 python scripts/results_table.py "$out"
