@@ -76,6 +76,14 @@ def test_inspect_reports_counts_and_plots_vblora(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_inspect_select_all_vblora(tmp_path, capsys):
+    model = get_model(build("bert"), AdapterConfig(method="vblora", rank=4, num_vectors=12, vector_length=16,
+                                                    selection="all", store="logits", target_modules=["query"]))
+    model.save_pretrained(tmp_path / "vb")
+    assert main(["inspect", str(tmp_path / "vb"), "--png", str(tmp_path / "all.png")]) == 0
+    assert "bank_vectors_used" in capsys.readouterr().out and (tmp_path / "all.png").is_file()
+
+
 def test_inspect_of_a_missing_adapter_fails_cleanly(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -98,9 +98,13 @@ class VBLoRAProjection(Projection):
 
     # --- storage --------------------------------------------------------------------
     def topk_selection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise-free top-k (indices, weights), as stored and as used in eval."""
+        """Noise-free top-k (indices, weights), as stored and as used in eval. With
+        selection="all" (which eval uses in full) these are the k largest, for inspection."""
         with torch.no_grad():
             weights, indices = self.selection_weights(training=False)
+            if indices is None:
+                top_logits, indices = self.logits.topk(self.config.topk, dim=-1)
+                weights = _last_from_rest(torch.softmax(top_logits, dim=-1))
             return indices, weights
 
     def stored_tensors(self):
