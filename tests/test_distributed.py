@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from unilora import AdapterConfig, get_model
 
 from conftest import build, method_options
+from ranks import init_gloo, run_ranks
 
 STEPS = 3
 
@@ -40,7 +40,7 @@ def train(model, ids, labels, wrapper=None):
 
 
 def _rank_main(rank, world, init_file, method, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)
     model = make_model(method)
     ids, labels = batch()
     half = slice(rank * 2, rank * 2 + 2)
@@ -54,7 +54,7 @@ def _rank_main(rank, world, init_file, method, out_file):
 @pytest.mark.parametrize("method", ["unilora", "vblora"])
 def test_ddp_matches_single_process_full_batch(method, tmp_path):
     out_file = tmp_path / "ddp.pt"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), method, str(out_file)), nprocs=2, join=True)
+    run_ranks(_rank_main, lambda attempt: (2, str(tmp_path / f"init{attempt}"), method, str(out_file)))
     ddp_params = torch.load(out_file)
     single = train(make_model(method), *batch())
     assert ddp_params.keys() == single.keys()

@@ -4,12 +4,12 @@ process on the full batch."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from unilora import AdapterConfig, get_model
 from unilora.distributed import fully_shard_adapted, transformer_blocks
 
 from conftest import build, method_options
+from ranks import init_gloo, run_ranks
 
 STEPS = 3
 
@@ -32,7 +32,7 @@ def train(model, ids):
 
 
 def _rank_main(rank, world, init_file, method, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)
     model = make_model(method)
     fully_shard_adapted(model)
     train(model, batch()[rank * 2 : rank * 2 + 2])
@@ -50,7 +50,7 @@ def test_blocks_are_found_from_the_model():
 @pytest.mark.parametrize("method", ["unilora", "vblora"])
 def test_fsdp2_matches_single_process_full_batch(method, tmp_path):
     out_file = tmp_path / "fsdp.pt"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), method, str(out_file)), nprocs=2, join=True)
+    run_ranks(_rank_main, lambda attempt: (2, str(tmp_path / f"init{attempt}"), method, str(out_file)))
     sharded = torch.load(out_file)
     single = make_model(method)
     start = {n: p.detach().clone() for n, p in single.projection.named_parameters()}

@@ -1,0 +1,29 @@
+"""Run a function on several gloo ranks (CPU processes) with a deadline instead of a hang."""
+
+import datetime
+import time
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEADLINE_S = 180
+
+
+def init_gloo(rank: int, world: int, init_file: str) -> None:
+    # a finite collective timeout: a lost peer becomes an error, never a silent hang
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def run_ranks(fn, args, nprocs: int = 2, attempts: int = 2) -> None:
+    """mp.spawn with a deadline. A run that hangs past it is killed and started once more
+    (gloo on a loaded 2-core machine has been seen to stall); a failing rank fails at once."""
+    for attempt in range(attempts):
+        context = mp.start_processes(fn, args=args(attempt), nprocs=nprocs, join=False, start_method="spawn")
+        deadline = time.monotonic() + DEADLINE_S
+        while time.monotonic() < deadline:
+            if context.join(timeout=1):
+                return
+        for process in context.processes:
+            process.kill()
+    raise TimeoutError(f"{nprocs} gloo ranks did not finish within {DEADLINE_S} s, {attempts} times")
