@@ -4,9 +4,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-import unilora
 from unilora import AdapterConfig, get_model
 from unilora.cli import main
 

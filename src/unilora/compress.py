@@ -100,16 +100,21 @@ def balanced(update: LowRankUpdate, rank: int) -> tuple[torch.Tensor, torch.Tens
     return a, bt
 
 
+def squared_norm(update: LowRankUpdate, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """||B A||² through the r × r Gram matrices of its factors."""
+    a, b = update.a.to(dtype), update.b.to(dtype)
+    return ((b.t() @ b) * (a @ a.t())).sum()
+
+
 def delta_error(factors, updates: list[LowRankUpdate], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Σ ||Bᵀᵀ A − ΔW||² over layers via r × r Gram matrices (differentiable). The three terms
     cancel, so reported errors use float64: in float32 the floor would be ~3e-4 relative."""
     err = torch.zeros((), dtype=dtype)
     for (a, bt), up in zip(factors, updates):
-        a, bt, up = a.to(dtype), bt.to(dtype), LowRankUpdate(up.name, up.a.to(dtype), up.b.to(dtype))
+        a, bt = a.to(dtype), bt.to(dtype)
         ours = ((bt @ bt.t()) * (a @ a.t())).sum()
-        cross = ((bt @ up.b) * (a @ up.a.t())).sum()
-        target = ((up.b.t() @ up.b) * (up.a @ up.a.t())).sum()
-        err = err + ours - 2 * cross + target
+        cross = ((bt @ up.b.to(dtype)) * (a @ up.a.to(dtype).t())).sum()
+        err = err + ours - 2 * cross + squared_norm(up, dtype)
     return err
 
 
@@ -125,8 +130,8 @@ def compress(updates: list[LowRankUpdate], config: AdapterConfig, steps: int = 0
             projection.theta_d.copy_(theta * projection.slot_scale)
         elif config.method == "lora":
             projection.weights.copy_(target_D)
-    total = sum(((u.b.t() @ u.b) * (u.a @ u.a.t())).sum() for u in updates)
-    total64 = sum(((u.b.double().t() @ u.b.double()) * (u.a.double() @ u.a.double().t())).sum() for u in updates)
+    total64 = sum(squared_norm(u, torch.float64) for u in updates)
+    total = total64.float()
 
     def relative_error() -> float:
         with torch.no_grad():
@@ -143,8 +148,8 @@ def compress(updates: list[LowRankUpdate], config: AdapterConfig, steps: int = 0
         report["relative_error_refined"] = relative_error()
     report["relative_error"] = report.get("relative_error_refined", report["relative_error_closed_form"])
     original_params = sum(u.a.numel() + u.b.numel() for u in updates)
-    report.update(original_params=original_params, stored_params=projection.stored_param_count(),
-                  size_ratio=projection.stored_param_count() / original_params)
+    stored = projection.stored_param_count()
+    report.update(original_params=original_params, stored_params=stored, size_ratio=stored / original_params)
     return projection.eval(), layout, report
 
 
