@@ -1,8 +1,13 @@
 """Step time, peak memory, adapter bytes and merged-inference time: unilora vs plain LoRA vs PEFT.
 
 Every variant (our method, PEFT's same method) trains in the same process, taking turns step
-by step (A B A B ...), so machine noise hits all of them alike; ratios are what to quote.
-Peak memory is measured in one fresh process per variant. Needs `pip install peft==0.21.2`.
+by step (A B A B ..., in a new seeded order every round), so machine noise hits all of them
+alike. Ratios are taken per round (a variant's step over the reference's step of the same
+round) and reported as their median with a 95% bootstrap interval: a target is shown to hold
+only when the whole interval is below it. Peak memory is measured in one fresh process per
+variant: the bytes torch holds (CUDA max allocated, or on CPU the tensors alive before a step
+plus the highest running total of the step's allocations, from the profiler's memory events).
+Needs `pip install peft==0.21.2`.
 
     python benchmarks/train_step.py                       # CPU, fp32, writes docs/benchmarks.md
     python benchmarks/train_step.py --device cuda --dtype bf16 --out docs/benchmarks-gpu.md
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -150,38 +156,69 @@ def peak_memory(variant: str, shape: str, args) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
+def alive_bytes(*tensors) -> int:
+    """Bytes of the distinct storages behind these tensors (tied weights counted once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def cpu_step_peak_bytes(runner: Runner) -> int:
+    """Tensors alive before a training step plus the highest running total of its allocations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = [t for s in runner.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    before = alive_bytes(*runner.model.parameters(), *runner.model.buffers(), *state, *runner.batch.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step(record=False)
+    # kineto's "[memory]" events: +nbytes per allocation, -nbytes per free, in time order
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    running = highest = 0
+    for event in events:
+        running += event.nbytes()
+        highest = max(highest, running)
+    return before + highest
+
+
 def measure_peak(variant: str, shape: str, args) -> None:
     library, method = variant.split(":")
     runner = Runner(library, method, shape, DTYPES[args.dtype], args.device, args.quick)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
+    for _ in range(2):
         runner.step(record=False)
     if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        runner.step(record=False)
+        peak = torch.cuda.max_memory_allocated()
     else:
-        # VmHWM, not getrusage: ru_maxrss is inherited from the parent across fork/exec
-        status = Path("/proc/self/status").read_text()
-        peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
-    print(json.dumps({"peak_mib": peak}))
+        peak = cpu_step_peak_bytes(runner)
+    print(json.dumps({"peak_mib": peak / 2**20}))
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def paired_ratio(times: list[float], reference: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Median of per-round ratios and a 95% bootstrap interval for it."""
+    ratios = [t / r for t, r in zip(times, reference)]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return statistics.median(ratios), medians[49], medians[1949]
 
 
 def bench_shape(shape: str, args) -> list[dict]:
     variants = [(lib, m) for m in args.methods for lib in ("ours", "peft")]
     runners = [Runner(lib, m, shape, DTYPES[args.dtype], args.device, args.quick) for lib, m in variants]
     for i in range(args.warmup + args.steps):
-        for runner in runners:  # A B A B ...: the same noise for every variant
+        # every variant once per round, in a fresh order so none always follows the same one
+        for runner in random.Random(i).sample(runners, len(runners)):
             runner.step(record=i >= args.warmup)
-    medians = {r.name: statistics.median(r.times) for r in runners}
+    times = {r.name: r.times for r in runners}
     rows = []
     for (lib, m), runner in zip(variants, runners):
         rows.append({
-            "model": shape, "variant": runner.name, "step_ms": 1000 * medians[runner.name],
-            "vs_our_lora": medians[runner.name] / medians["ours:lora"],
-            "vs_peft_same": medians[runner.name] / medians[f"peft:{m}"],
+            "model": shape, "variant": runner.name, "step_ms": 1000 * statistics.median(runner.times),
+            "vs_our_lora": paired_ratio(runner.times, times["ours:lora"]),
+            "vs_peft_same": paired_ratio(runner.times, times[f"peft:{m}"]),
             "adapter_bytes": adapter_bytes(runner, lib),
         })
     del runners
@@ -213,10 +250,11 @@ def to_markdown(rows: list[dict], args, seconds: float) -> str:
     lines = [
         "# Benchmarks: training step, memory, adapter size, merged inference",
         "",
-        f"Machine: {device}; torch {torch.__version__}; dtype {args.dtype}; {args.steps} timed steps after "
-        f"{args.warmup} warm-up, variants alternating step by step in one process (medians). Peak memory: one "
-        f"fresh process per variant, 3 steps ({'CUDA max allocated' if args.device.startswith('cuda') else 'max RSS, includes the model itself'}). "
-        f"Run took {seconds / 60:.1f} min.",
+        f"Machine: {device}; torch {torch.__version__}; dtype {args.dtype}; {args.steps} timed rounds after "
+        f"{args.warmup} warm-up, every variant one step per round in a seeded random order, one process. Step ms: "
+        f"median. Ratios: median of the per-round ratios, 95% bootstrap interval in brackets. Peak memory: one "
+        f"fresh process per variant, 3 steps, bytes held by torch ({'CUDA max allocated' if args.device.startswith('cuda') else 'tensors alive before the step + peak of its allocations'}; "
+        f"model included). Run took {seconds / 60:.1f} min.",
         "",
         f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
@@ -227,9 +265,13 @@ def to_markdown(rows: list[dict], args, seconds: float) -> str:
         "| model | variant | step ms | / our LoRA | / PEFT same | peak MiB | adapter bytes | merged fwd ms | base fwd ms |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    def ratio(value) -> str:
+        median, low, high = value
+        return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+
     for r in rows:
-        lines.append(f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {r['vs_our_lora']:.3f} | {r['vs_peft_same']:.3f} | "
-                     f"{r['peak_mib']:.0f} | {r['adapter_bytes']:,} | {r['merged_ms']:.1f} | {r['base_ms']:.1f} |")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {ratio(r['vs_our_lora'])} | {ratio(r['vs_peft_same'])} | "
+                     f"{r['peak_mib']:.1f} | {r['adapter_bytes']:,} | {r['merged_ms']:.1f} | {r['base_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="roberta-base,llama-small")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")

@@ -101,6 +101,29 @@ def test_training_changes_only_adapter_and_head(method, ids):
     assert all(n.startswith("projection.") or ".classifier." in n for n in trainable_names)
 
 
+@pytest.mark.parametrize("arch", ["roberta", "gpt2"])
+def test_vera_scaled_activations_match_the_dense_factors(arch, ids, monkeypatch):
+    """Layers scale activations by VeRA's vectors; outputs and gradients equal those of A_l, Bᵀ_l formed in full."""
+    model = adapted(arch, "vera", dropout=0.0)
+    perturb(model)
+    model.train()
+
+    def output_and_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same base-model dropout masks in both passes
+        out = logits_of(model, ids)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    scaled_out, scaled_grads = output_and_grads()
+    monkeypatch.setattr(model.projection, "layer_factors", model.projection.factors)
+    dense_out, dense_grads = output_and_grads()
+    assert torch.allclose(scaled_out, dense_out, atol=1e-5)
+    assert scaled_grads.keys() == dense_grads.keys() and "projection.scales" in scaled_grads
+    for name in scaled_grads:
+        assert torch.allclose(scaled_grads[name], dense_grads[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_one_reconstruction_per_forward_and_cached_eval(ids, monkeypatch):
     model = adapted("llama", "unilora")
     calls = []

@@ -30,7 +30,7 @@ class FactorBinder:
         )
 
     def _rebuild(self, key: tuple) -> None:
-        self._factors = self.projection.factors()
+        self._factors = self.projection.layer_factors()
         self._key = key
 
     def begin_forward(self) -> None:
@@ -45,7 +45,8 @@ class FactorBinder:
     def end_forward(self) -> None:
         self._depth = max(0, self._depth - 1)
 
-    def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, slot: int):
+        """The slot's (A, Bᵀ), or its ScaledFactors (see Projection.layer_factors)."""
         if self._depth == 0:
             key = self._state_key()
             if key != self._key:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binder import FactorBinder
+from .methods.base import ScaledFactors
 from .targeting import is_conv1d
 
 
@@ -29,14 +30,19 @@ class AdaptedLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or not self._binder.enabled:
             return result
-        a, bt = self._binder.factors(self.slot)
-        hidden = F.linear(self.dropout(x), a.to(x.dtype))
-        return result + torch.matmul(hidden, bt.to(x.dtype)) * self.scaling
+        factors = self._binder.factors(self.slot)
+        x = self.dropout(x)
+        if isinstance(factors, ScaledFactors):  # scale activations; the frozen matrices get no weight gradient
+            a, d, bt, b = (t.to(x.dtype) for t in factors)
+            return result + torch.matmul(F.linear(x, a) * d, bt) * (b * self.scaling)
+        a, bt = factors
+        return result + torch.matmul(F.linear(x, a.to(x.dtype)), bt.to(x.dtype)) * self.scaling
 
     # --- merging --------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """s · B A in the base weight's own layout ((in, out) for Conv1D), computed in fp32."""
-        a, bt = self._binder.factors(self.slot)
+        factors = self._binder.factors(self.slot)
+        a, bt = factors.dense() if isinstance(factors, ScaledFactors) else factors
         delta = (bt.t().float() @ a.float()) * self.scaling
         return delta.t() if is_conv1d(self.base_layer) else delta
 

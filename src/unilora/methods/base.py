@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import UniLoraError
 from ..layout import Layout
+
+
+class ScaledFactors(NamedTuple):
+    """A layer's factors as frozen matrices plus trainable vectors: A_l = diag(d) A, Bᵀ_l = Bᵀ diag(b).
+
+    Layers apply the vectors to activations instead of forming A_l and Bᵀ_l, so backward never
+    computes a weight gradient for the frozen A, Bᵀ (VeRA at rank 256 would pay a full matmul).
+    """
+
+    a: torch.Tensor  # (r, in), frozen
+    d: torch.Tensor  # (r,)
+    bt: torch.Tensor  # (r, out), frozen
+    b: torch.Tensor  # (out,)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.d.unsqueeze(1) * self.a, self.bt * self.b
 
 
 class Projection(nn.Module):
@@ -36,6 +54,10 @@ class Projection(nn.Module):
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.factors_from(self.theta)
+
+    def layer_factors(self) -> list:
+        """What the adapted layers use in forward: (A, Bᵀ) pairs, or ScaledFactors per layer."""
+        return self.factors()
 
     def forward(self) -> torch.Tensor:
         """θ_D for the current parameters (lets torch.func.functional_call swap them in tests)."""

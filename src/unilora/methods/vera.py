@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..rng import SeededStream
-from .base import Projection
+from .base import Projection, ScaledFactors
 
 
 def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) -> torch.Tensor:
@@ -46,15 +46,18 @@ class VeRAProjection(Projection):
     def theta(self):
         return self.scales
 
-    def factors_from(self, theta):
+    def _scaled(self, theta) -> list[ScaledFactors]:
         parts = torch.split(theta, self.sizes)
         return [
-            (
-                parts[2 * i].unsqueeze(1) * self.shared_a[:, : s.in_features],
-                self.shared_bt[:, : s.out_features] * parts[2 * i + 1],
-            )
+            ScaledFactors(self.shared_a[:, : s.in_features], parts[2 * i], self.shared_bt[:, : s.out_features], parts[2 * i + 1])
             for i, s in enumerate(self.layout.slots)
         ]
+
+    def factors_from(self, theta):
+        return [f.dense() for f in self._scaled(theta)]
+
+    def layer_factors(self):
+        return self._scaled(self.theta)
 
     def param_groups(self):
         return {"scales": [self.scales]}
