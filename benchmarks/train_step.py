@@ -230,6 +230,29 @@ def bench_shape(shape: str, args) -> list[dict]:
     return rows
 
 
+def reconstruction_ms(shape: str, args, repeats: int = 30) -> list[dict]:
+    """Our projection alone: rebuild what every layer reads (A, Bᵀ; for VeRA the vectors beside the
+    frozen slices) and back-propagate into θ_d (median ms).
+
+    This is all the work a method adds on top of the per-layer low-rank matmuls, so
+    (step + this) / step bounds its slowdown far more tightly than noisy whole-step ratios.
+    """
+    rows = []
+    for method in args.methods:
+        runner = Runner("ours", method, shape, DTYPES[args.dtype], args.device, args.quick)
+        projection = runner.model.projection
+        times = []
+        for i in range(repeats + 3):
+            sync(args.device)
+            start = time.perf_counter()
+            sum(t.sum() for factors in projection.layer_factors() for t in factors).backward()
+            sync(args.device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        rows.append({"model": shape, "method": method, "reconstruction_ms": 1000 * statistics.median(times)})
+    return rows
+
+
 def profile_ours(shape: str, method: str, args) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -275,6 +298,13 @@ def to_markdown(rows: list[dict], args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reconstruction_markdown(rows: list[dict]) -> str:
+    lines = ["Reconstruction alone (our projection: all layers' A, Bᵀ forward + backward into θ_d, median of 30):", "",
+             "| model | method | reconstruction ms |", "| --- | --- | ---: |"]
+    lines += [f"| {r['model']} | {r['method']} | {r['reconstruction_ms']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="roberta-base,llama-small")
@@ -288,6 +318,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw rows here")
     parser.add_argument("--profile", metavar="MODEL:METHOD", help="print a torch.profiler table of our step and exit")
     parser.add_argument("--reuse-timings", metavar="JSON", help="take step/merged times from an earlier --json; re-measure peaks only")
+    parser.add_argument("--reconstruction-only", action="store_true", help="print only the reconstruction table")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.methods = args.methods.split(",")
@@ -297,6 +328,8 @@ def main() -> None:
     if args.profile:
         shape, method = args.profile.split(":")
         return print(profile_ours(shape, method, args))
+    if args.reconstruction_only:
+        return print(reconstruction_markdown([r for shape in models for r in reconstruction_ms(shape, args)]))
     started = time.time()
     if args.reuse_timings:
         rows = json.loads(Path(args.reuse_timings).read_text())
@@ -305,6 +338,7 @@ def main() -> None:
     else:
         rows = [row for shape in models for row in bench_shape(shape, args)]
     text = to_markdown(rows, args, time.time() - started)
+    text += "\n" + reconstruction_markdown([r for shape in models for r in reconstruction_ms(shape, args)])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(text)

@@ -1,4 +1,8 @@
-"""Aggregate runs/results/DATASET/METHOD-seedN/metrics.json into the markdown of docs/results.md."""
+"""Markdown tables for docs/results.md from finished runs' metrics.json.
+
+    python scripts/results_table.py runs/results          # DATASET/METHOD-seedN: median over seeds
+    python scripts/results_table.py --sweep runs/tune     # NAME: one row per learning-rate setting
+"""
 
 import json
 import statistics
@@ -6,21 +10,44 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/results")
-runs = defaultdict(list)
-for path in sorted(root.glob("*/*/metrics.json")):
-    m = json.loads(path.read_text())
-    runs[(m["dataset"], m["method"])].append(m)
+ORDER = ("lora", "vera", "vblora", "unilora", "tied_lora", "fastfood")
 
-print("| dataset | method | stored params | % of LoRA | adapter bytes | accuracy (median of seeds) | seeds | per-seed |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-for dataset in sorted({d for d, _ in runs}):
-    lora = runs.get((dataset, "lora"))
-    for method in ("lora", "vera", "vblora", "unilora", "tied_lora", "fastfood"):
-        ms = runs.get((dataset, method))
-        if not ms:
-            continue
-        accs = [m["test_accuracy"] for m in ms]
-        share = f"{100 * ms[0]['stored_params'] / lora[0]['stored_params']:.1f}%" if lora else "-"
-        print(f"| {dataset} | {method} | {ms[0]['stored_params']:,} | {share} | {ms[0]['adapter_bytes']:,} | "
-              f"{100 * statistics.median(accs):.2f} | {len(accs)} | {', '.join(f'{100 * a:.2f}' for a in accs)} |")
+
+def seeds_table(root: Path) -> None:
+    runs = defaultdict(list)
+    for path in sorted(root.glob("*/*/metrics.json")):
+        m = json.loads(path.read_text())
+        runs[(m["dataset"], m["method"])].append(m)
+    print("| dataset | method | stored params | % of LoRA | adapter bytes | accuracy (median of seeds) | vs LoRA (points) | per-seed |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for dataset in sorted({d for d, _ in runs}):
+        lora = runs.get((dataset, "lora"))
+        lora_median = statistics.median(m["test_accuracy"] for m in lora) if lora else None
+        for method in ORDER:
+            ms = runs.get((dataset, method))
+            if not ms:
+                continue
+            accs = [m["test_accuracy"] for m in ms]
+            share = f"{100 * ms[0]['stored_params'] / lora[0]['stored_params']:.1f}%" if lora else "-"
+            gap = f"{100 * (statistics.median(accs) - lora_median):+.2f}" if lora else "-"
+            seeds = ", ".join(f"{100 * m['test_accuracy']:.2f} (seed {m['settings']['seed']})" for m in ms)
+            print(f"| {dataset} | {method} | {ms[0]['stored_params']:,} | {share} | {ms[0]['adapter_bytes']:,} | "
+                  f"{100 * statistics.median(accs):.2f} | {gap} | {seeds} |")
+
+
+def sweep_table(root: Path) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(root.glob("*/metrics.json"))]
+    rows.sort(key=lambda m: (ORDER.index(m["method"]), sorted(m["settings"]["group_lrs"].items())))
+    print("| method | learning rates | test accuracy | final train loss |")
+    print("| --- | --- | ---: | ---: |")
+    for m in rows:
+        rates = ", ".join(f"{k} {v:g}" for k, v in sorted(m["settings"]["group_lrs"].items()) if k != "head")
+        print(f"| {m['method']} | {rates} | {100 * m['test_accuracy']:.2f} | {m['history'][-1]['train_loss']:.3f} |")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--sweep"]:
+        sweep_table(Path(args[1] if len(args) > 1 else "runs/tune"))
+    else:
+        seeds_table(Path(args[0] if args else "runs/results"))

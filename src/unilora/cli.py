@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--lr", type=float, help="one learning rate for every adapter group (default: per method)")
     p.add_argument("--head-lr", type=float, help="classifier head learning rate")
-    p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="e.g. bank=1e-3 logits=1e-2")
+    p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="one group's rate; repeat for more, e.g. --group-lr bank=1e-3 --group-lr logits=1e-2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default runs/METHOD-DATA-seedN)")
     p.add_argument("--no-progress", action="store_true")
