@@ -239,8 +239,8 @@ def reconstruction_ms(shape: str, args, repeats: int = 30) -> list[dict]:
     """
     rows = []
     for method in args.methods:
-        runner = Runner("ours", method, shape, DTYPES[args.dtype], args.device, args.quick)
-        projection = runner.model.projection
+        base = build_base(shape, DTYPES[args.dtype], args.device, args.quick)
+        projection = adapt("ours", method, base, shape, args.quick).projection
         times = []
         for i in range(repeats + 3):
             sync(args.device)
@@ -328,8 +328,11 @@ def main() -> None:
     if args.profile:
         shape, method = args.profile.split(":")
         return print(profile_ours(shape, method, args))
+    def reconstruction_table() -> str:
+        return reconstruction_markdown([r for shape in models for r in reconstruction_ms(shape, args)])
+
     if args.reconstruction_only:
-        return print(reconstruction_markdown([r for shape in models for r in reconstruction_ms(shape, args)]))
+        return print(reconstruction_table())
     started = time.time()
     if args.reuse_timings:
         rows = json.loads(Path(args.reuse_timings).read_text())
@@ -338,7 +341,7 @@ def main() -> None:
     else:
         rows = [row for shape in models for row in bench_shape(shape, args)]
     text = to_markdown(rows, args, time.time() - started)
-    text += "\n" + reconstruction_markdown([r for shape in models for r in reconstruction_ms(shape, args)])
+    text += "\n" + reconstruction_table()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(text)
