@@ -63,3 +63,34 @@ def logits_of(model, ids):
 @pytest.fixture
 def ids():
     return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def edit_adapter_config(directory, change):
+    """Apply change(meta) to a saved adapter_config.json and re-sign it, as a deliberate edit
+    would: the checks behind the checksum must still catch what the edit broke."""
+    import json
+    from pathlib import Path
+
+    from unilora.io import config_sha256
+
+    path = Path(directory) / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    meta["config_sha256"] = config_sha256(meta)
+    path.write_text(json.dumps(meta))
+
+
+def edit_adapter_weights(directory, change):
+    """Apply change(tensors) to a saved adapter_model.safetensors and re-sign the config with the
+    new checksum: what is left to catch is what the values themselves break."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from unilora.io import file_sha256
+
+    path = Path(directory) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+    edit_adapter_config(directory, lambda meta: meta.update(weights_sha256=file_sha256(path)))

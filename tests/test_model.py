@@ -9,7 +9,7 @@ import unilora
 from unilora import AdapterConfig, LayoutMismatchError, UniLoraError, get_model
 from unilora.layers import AdaptedLayer
 
-from conftest import HEADS, build, logits_of, method_options
+from conftest import HEADS, build, edit_adapter_config, logits_of, method_options
 
 ARCH_NAMES = ["bert", "roberta", "gpt2", "llama"]
 METHODS = list(unilora.METHODS)
@@ -39,7 +39,7 @@ def adapter_tensors_equal(a, b):
 def test_merge_matches_unmerged_and_unmerge_restores(arch, method, ids):
     model = adapted(arch, method).eval()
     perturb(model)
-    before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
     unmerged = logits_of(model, ids)
     with model.disable_adapter():
         base = logits_of(model, ids)
@@ -48,7 +48,7 @@ def test_merge_matches_unmerged_and_unmerge_restores(arch, method, ids):
     model.merge()
     assert (logits_of(model, ids) - unmerged).abs().max() <= 1e-4 * scale + 1e-6
     model.unmerge()
-    for n, p in model.base_model.named_parameters():
+    for n, p in model.get_base_model().named_parameters():
         assert torch.allclose(p, before[n], atol=1e-6), n
     assert torch.allclose(logits_of(model, ids), unmerged, atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_save_load_round_trip_gives_identical_outputs(arch, method, ids, tmp_pat
 @pytest.mark.parametrize("method", METHODS)
 def test_training_changes_only_adapter_and_head(method, ids):
     model = adapted("bert", method).train()
-    frozen = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if not p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters() if not p.requires_grad}
     adapter = {n: p.detach().clone() for n, p in model.projection.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-2), lr=1e-2)
     for _ in range(2):
@@ -92,7 +92,7 @@ def test_training_changes_only_adapter_and_head(method, ids):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    for n, p in model.base_model.named_parameters():
+    for n, p in model.get_base_model().named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"frozen weight {n} changed"
     changed = [n for n, p in model.projection.named_parameters() if not torch.equal(p, adapter[n])]
@@ -195,10 +195,7 @@ def test_loading_onto_a_different_layout_is_refused(tmp_path):
 def test_unilora_refuses_an_adapter_whose_seeded_draw_differs(tmp_path):
     model = adapted("bert", "unilora")
     model.save_pretrained(tmp_path / "a")
-    config_path = tmp_path / "a" / "adapter_config.json"
-    meta = json.loads(config_path.read_text())
-    meta["projection"]["index_sha256"] = "0" * 16
-    config_path.write_text(json.dumps(meta))
+    edit_adapter_config(tmp_path / "a", lambda meta: meta["projection"].update(index_sha256="0" * 16))
     with pytest.raises(UniLoraError, match="seeded projection differs"):
         unilora.from_pretrained(build("bert"), tmp_path / "a")
 
@@ -284,7 +281,7 @@ def test_mixed_adapter_batches_are_refused(ids):
 def test_adapting_twice_is_refused():
     model = adapted("bert", "lora")
     with pytest.raises(UniLoraError, match="already carries"):
-        get_model(model.base_model, AdapterConfig(method="lora"))
+        get_model(model.get_base_model(), AdapterConfig(method="lora"))
 
 
 def test_disable_while_merged_is_refused():

@@ -8,7 +8,20 @@ from .model import AdaptedModel, get_model
 
 from_pretrained = AdaptedModel.from_pretrained
 
+_INTEGRATIONS = ("Trainer", "AdapterTrainerMixin", "adapter_trainer")
+
+
+def __getattr__(name: str):
+    # transformers.Trainer is heavy to import: load the integration only when asked for
+    if name in _INTEGRATIONS:
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'unilora' has no attribute '{name}'")
+
+
 __all__ = [
+    *_INTEGRATIONS,
     "AdapterConfig",
     "AdaptedModel",
     "LayoutMismatchError",

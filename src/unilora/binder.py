@@ -1,60 +1,234 @@
 """Hands every adapted layer its (A, Bᵀ) from one reconstruction per forward pass.
 
-The wrapped model's root module calls `begin_forward` (a forward pre-hook) and `end_forward`.
-While gradients are on, each root forward reconstructs once and all layers share the result.
-Without gradients (eval, generation) the factors are cached until a trainable tensor changes
-(tracked by torch's in-place version counters), so generating many tokens reconstructs once.
-A layer called outside a root forward (a sub-block run directly) checks the versions itself.
+Training forward (gradients on): the root module's pre-hook reconstructs once and the layers
+read that one result R.
+
+With gradient checkpointing on, the layers instead read detached leaf copies of R, and the input
+embeddings' output is routed through `_Tie`, an identity whose backward hands the leaves'
+accumulated gradients to R. The tie sits upstream of every block, so its backward runs once,
+after all layers have produced their gradients, however the backward was split:
+
+- reentrant checkpointing re-runs each block in a nested backward of its own; the nested passes
+  only fill the leaves, never reach R (whose graph the first of them would otherwise free);
+- under DDP the projection's parameters get their gradient exactly once per backward, in the
+  outer pass, so the all-reduce sees the whole gradient with or without `static_graph`.
+
+The tie makes the embeddings' output require a gradient, which checkpointing already asks for
+(transformers' enable_input_require_grads); without checkpointing it would only add backward work
+in front of the first block, so it is off (`tie_to_embeddings`: None = on exactly when a module
+has transformers' `gradient_checkpointing` flag set; True / False force it, e.g. for
+torch.utils.checkpoint called by hand). Without the tie, a layer called with gradients outside a
+root forward (a re-run block) reconstructs afresh, which is correct in one process.
+
+No gradients (evaluation, generation): the factors are cached and rebuilt when the projection's
+tensors change. The check compares a snapshot of the trainable tensors, so `.data` edits,
+`load_state_dict`, optimizer steps and `.to()` are all seen; it costs one comparison of θ_d.
+
+Threads: the forward depth and the training pass are per thread; the cache is shared behind a
+lock. Forward passes from several threads are safe; two threads training one model at the same
+time are refused.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
+from .errors import UniLoraError
 from .methods import Projection
+from .methods.base import ScaledFactors
+
+
+def _rebuild_like(template, items: list):
+    return ScaledFactors._make(items) if isinstance(template, ScaledFactors) else tuple(items)
+
+
+class _TrainingPass:
+    """One training forward's reconstruction, the leaves the layers read, and the ties."""
+
+    def __init__(self, factors: list, thread: int, allow_tie: bool):
+        self.factors = factors
+        self.thread = thread
+        self.allow_tie = allow_tie
+        self.sources: list[torch.Tensor] = []
+        self.leaves: list[torch.Tensor] = []
+        self.leaf_factors = []
+        for slot_factors in factors if allow_tie else []:
+            items = []
+            for t in slot_factors:
+                if t.requires_grad:
+                    leaf = t.detach().requires_grad_(True)
+                    self.sources.append(t)
+                    self.leaves.append(leaf)
+                    t = leaf
+                items.append(t)
+            self.leaf_factors.append(_rebuild_like(slot_factors, items))
+        self.mode: str | None = None  # "tied" once a layer read the leaves, "plain" if no tie came first
+        self.ties = 0
+        self.flushed = 0
+        self.in_forward = True
+        self._late_check_armed = False
+        for leaf in self.leaves:
+            leaf.register_post_accumulate_grad_hook(self._on_leaf_gradient)
+
+    def serve(self, slot: int):
+        if self.mode is None:
+            self.mode = "tied" if self.ties else "plain"
+        return self.leaf_factors[slot] if self.mode == "tied" else self.factors[slot]
+
+    @property
+    def awaiting_backward(self) -> bool:
+        return self.mode == "tied" and self.flushed < self.ties
+
+    def take_gradients(self) -> list:
+        """The leaves' gradients so far (each tie passes on what arrived before it)."""
+        grads = [leaf.grad for leaf in self.leaves]
+        for leaf in self.leaves:
+            leaf.grad = None
+        self.flushed += 1
+        return grads
+
+    def _on_leaf_gradient(self, leaf: torch.Tensor) -> None:
+        # A gradient after every tie has run would never reach the projection: check at the end
+        # of this backward that none is left behind.
+        if self.mode == "tied" and self.flushed >= self.ties and not self._late_check_armed:
+            self._late_check_armed = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._check_nothing_left)
+
+    def _check_nothing_left(self) -> None:
+        self._late_check_armed = False
+        if any(leaf.grad is not None for leaf in self.leaves):
+            raise UniLoraError(
+                "an adapted layer received its gradient after the input embeddings' backward, so it could not "
+                "reach the adapter; this model runs adapted layers outside the path from its input embeddings: "
+                "set model.binder.tie_to_embeddings = False before training"
+            )
+
+
+class _Tie(torch.autograd.Function):
+    """Identity on the embeddings' output; backward passes the leaves' gradients to the
+    reconstruction (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, state: _TrainingPass, hidden: torch.Tensor, *sources: torch.Tensor):
+        ctx.state = state
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        return (None, grad_hidden, *ctx.state.take_gradients())
 
 
 class FactorBinder:
     def __init__(self, projection: Projection):
         self.projection = projection
         self.enabled = True
-        self._factors: list | None = None
-        self._key: tuple | None = None
-        self._depth = 0
+        self.tie_to_embeddings: bool | None = None  # None: when gradient checkpointing is on
+        self._init_transient()
 
-    def _state_key(self) -> tuple:
-        return (
-            torch.is_grad_enabled(),
-            self.projection.training,
-            tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in self.projection.parameters()),
-        )
+    def _init_transient(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._cache = None  # (key, snapshot, factors)
+        self._pass: _TrainingPass | None = None  # the latest training forward's
 
-    def _rebuild(self, key: tuple) -> None:
-        self._factors = self.projection.layer_factors()
-        self._key = key
+    # copies and pickles carry the projection, never a forward's state or autograd graph
+    def __getstate__(self) -> dict:
+        return {"projection": self.projection, "enabled": self.enabled, "tie_to_embeddings": self.tie_to_embeddings}
 
-    def begin_forward(self) -> None:
-        self._depth += 1
-        if self._depth > 1 or not self.enabled:
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_transient()
+
+    @property
+    def _depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    def _trainable(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.projection.parameters())
+
+    # --- hooks on the wrapped model ---------------------------------------------------
+    def begin_forward(self, module=None, args=None) -> None:
+        local = self._local
+        local.depth = self._depth + 1
+        if local.depth > 1 or not self.enabled:
             return
-        key = self._state_key()
-        grad_and_trainable = key[0] and any(p.requires_grad for p in self.projection.parameters())
-        if grad_and_trainable or key != self._key:
-            self._rebuild(key)
+        local.training_pass = None
+        if self._trainable():
+            current = threading.get_ident()
+            latest = self._pass
+            if latest is not None and latest.thread != current and latest.in_forward:
+                local.depth -= 1
+                raise UniLoraError(
+                    "another thread is running a training forward of this model; training one model from "
+                    "several threads at once is not supported (no-grad forwards from any thread are fine)"
+                )
+            tie = self.tie_to_embeddings
+            if tie is None:
+                tie = module is not None and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+            training_pass = _TrainingPass(self.projection.layer_factors(), current, tie)
+            self._pass = local.training_pass = training_pass
+        else:
+            local.cached = self._cached_factors()
 
-    def end_forward(self) -> None:
-        self._depth = max(0, self._depth - 1)
+    def end_forward(self, module=None, args=None, output=None) -> None:
+        local = self._local
+        local.depth = max(0, self._depth - 1)
+        if local.depth == 0:
+            training_pass = getattr(local, "training_pass", None)
+            if training_pass is not None:
+                training_pass.in_forward = False
+            local.training_pass = None
+            local.cached = None
 
+    def tie_hook(self, module, args, output):
+        """Forward hook on the input embeddings: route their output through the tie."""
+        training_pass = getattr(self._local, "training_pass", None) if self._depth else None
+        if (training_pass is None or training_pass.mode == "plain" or not training_pass.allow_tie
+                or not isinstance(output, torch.Tensor) or not output.is_floating_point()
+                or not torch.is_grad_enabled() or not training_pass.sources):
+            return None
+        training_pass.ties += 1
+        return _Tie.apply(training_pass, output, *training_pass.sources)
+
+    # --- what the layers read ----------------------------------------------------------
     def factors(self, slot: int):
         """The slot's (A, Bᵀ), or its ScaledFactors (see Projection.layer_factors)."""
-        if self._depth == 0:
-            key = self._state_key()
-            if key != self._key:
-                self._rebuild(key)
-        elif self._factors is None:
-            self._rebuild(self._state_key())
-        return self._factors[slot]
+        local = self._local
+        if self._depth:
+            training_pass = getattr(local, "training_pass", None)
+            if training_pass is not None:
+                return training_pass.serve(slot)
+            cached = getattr(local, "cached", None)
+            if cached is not None:
+                return cached[slot]
+        elif torch.is_grad_enabled():
+            # Outside a root forward: a checkpointed block re-run during backward, or a block
+            # called directly.
+            latest = self._pass
+            if latest is not None and latest.awaiting_backward:
+                return latest.leaf_factors[slot]
+            if self._trainable():
+                return self.projection.layer_factors()[slot]
+        return self._cached_factors()[slot]
+
+    def _cached_factors(self) -> list:
+        projection = self.projection
+        tensors = list(projection.parameters()) + list(projection.buffers())
+        key = (projection.training, tuple((t.data_ptr(), t.device, t.dtype, tuple(t.shape)) for t in tensors))
+        cache = self._cache
+        if cache is not None and cache[0] == key and self._snapshot_matches(cache[1]):
+            return cache[2]
+        with self._lock, torch.no_grad():
+            factors = projection.layer_factors()
+            if not (projection.training and projection.stochastic):
+                snapshot = [p.detach().clone() for p in projection.parameters()]
+                self._cache = (key, snapshot, factors)
+        return factors
+
+    def _snapshot_matches(self, snapshot: list) -> bool:
+        return all(torch.equal(p, s) for p, s in zip(self.projection.parameters(), snapshot))
 
     def invalidate(self) -> None:
-        self._factors = None
-        self._key = None
+        self._cache = None

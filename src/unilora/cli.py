@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,24 +13,48 @@ from .config import METHODS, VBLORA_SELECTIONS, AdapterConfig
 from .errors import UniLoraError
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _group_lr(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     try:
         if not (name and sep):
             raise ValueError
-        return name, float(value)
-    except ValueError:
+        return name, _positive_float(value)
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"--group-lr expects NAME=RATE (e.g. bank=1e-3), got '{text}'") from None
 
 
 def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("adapter (defaults per method: see unilora.recipes)")
     g.add_argument("--method", choices=METHODS, default="unilora")
-    g.add_argument("--rank", type=int)
-    g.add_argument("--theta-dim", type=int, help="Uni-LoRA / Fastfood: length d of the trained vector")
-    g.add_argument("--num-vectors", type=int, help="VB-LoRA: bank size h")
-    g.add_argument("--vector-length", type=int, help="VB-LoRA: sub-vector length b")
-    g.add_argument("--topk", type=int, help="VB-LoRA: k")
+    g.add_argument("--rank", type=_positive_int)
+    g.add_argument("--theta-dim", type=_positive_int, help="Uni-LoRA / Fastfood: length d of the trained vector")
+    g.add_argument("--num-vectors", type=_positive_int, help="VB-LoRA: bank size h")
+    g.add_argument("--vector-length", type=_positive_int, help="VB-LoRA: sub-vector length b")
+    g.add_argument("--topk", type=_positive_int, help="VB-LoRA: k")
     g.add_argument("--selection", choices=VBLORA_SELECTIONS, help="VB-LoRA: vector selection during training")
     g.add_argument("--store", choices=("topk", "logits"), help="VB-LoRA: what the adapter file keeps")
     g.add_argument("--init", choices=("uniform", "zero_delta"), help="Uni-LoRA: initialisation of θ_d")
@@ -46,14 +72,15 @@ def _adapter_config(args, targets, modules_to_save=(), defaults=None) -> Adapter
     return AdapterConfig(method=args.method, target_modules=targets, modules_to_save=list(modules_to_save), seed=seed, **options)
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
+def _add_data_options(parser: argparse.ArgumentParser, default_data: str | None = "rotten_tomatoes",
+                      data_help: str = "rotten_tomatoes, bbc_news, or a CSV/JSONL file") -> None:
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default="rotten_tomatoes", help="rotten_tomatoes, bbc_news, or a CSV/JSONL file")
+    g.add_argument("--data", default=default_data, help=data_help)
     g.add_argument("--test-data", help="separate test file (default: a seeded 20%% split)")
     g.add_argument("--text-column", default="text")
     g.add_argument("--label-column", default="label")
-    g.add_argument("--train-limit", type=int, help="train on a seeded random subset of this size")
-    g.add_argument("--test-limit", type=int, help="evaluate on a seeded random subset of this size")
+    g.add_argument("--train-limit", type=_positive_int, help="train on a seeded random subset of this size")
+    g.add_argument("--test-limit", type=_positive_int, help="evaluate on a seeded random subset of this size")
 
 
 def _load_data(args):
@@ -63,6 +90,10 @@ def _load_data(args):
     return dataset.limited(args.train_limit, args.test_limit, seed=0)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _targets(text: str):
     if text == "all-linear" or any(c in text for c in "*()[]|\\^$"):
         return text
@@ -70,19 +101,26 @@ def _targets(text: str):
 
 
 def cmd_finetune(args) -> int:
+    from .data import small_classes
     from .recipes import GROUP_LRS, HEAD_LR
-    from .train import TrainSettings, finetune
+    from .train import RUN_FILES, TrainSettings, finetune
+    from .writing import check_writable
 
     config = _adapter_config(args, _targets(args.targets), modules_to_save=["classifier"])
+    out = Path(args.out or f"runs/{args.method}-{Path(args.data).stem}-seed{args.seed}")
+    check_writable(out, RUN_FILES, args.overwrite, "run")  # before any data is read or model loaded
     group_lrs = {**GROUP_LRS[args.method], "head": args.head_lr or HEAD_LR}
     if args.lr is not None:
         group_lrs = {k: (v if k == "head" else args.lr) for k, v in group_lrs.items()}
     group_lrs.update(dict(args.group_lr or []))
     dataset = _load_data(args)  # fails early, before any training, on bad data options
+    small = small_classes(dataset)
+    if small:
+        _warn(f"few training examples for {', '.join(small[:5])}: under 10 per class, expect a weak or "
+              "majority-class model")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
                              lr=args.lr or 1e-3, group_lrs=group_lrs, seed=args.seed, progress=not args.no_progress)
-    out = Path(args.out or f"runs/{args.method}-{dataset.name}-seed{args.seed}")
-    metrics = finetune(args.model, dataset, config, settings, out)
+    metrics = finetune(args.model, dataset, config, settings, out, overwrite=args.overwrite)
     if metrics:
         print(f"adapter: {out / 'adapter'}  ({metrics['stored_params']:,} stored params, "
               f"{metrics['adapter_bytes']:,} bytes + head {metrics['head_params']:,} params)")
@@ -93,7 +131,18 @@ def cmd_finetune(args) -> int:
 def cmd_evaluate(args) -> int:
     from .train import evaluate_adapter
 
-    result = evaluate_adapter(args.adapter, _load_data(args), args.model)
+    dataset = _load_data(args) if args.data is not None else None
+    if dataset is None and args.test_data:
+        raise UniLoraError("--test-data goes with --data (the training file whose labels name the classes)")
+    if dataset is None and (args.train_limit or args.test_limit):  # a subset of the recorded data
+        from .io import read_adapter
+        from .train import dataset_of
+
+        task = read_adapter(args.adapter).task or {}
+        dataset = dataset_of(task, args.adapter).limited(args.train_limit, args.test_limit, seed=0)
+    result = evaluate_adapter(args.adapter, dataset, args.model)
+    for note in result.pop("notes"):
+        print(f"note: {note}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -102,10 +151,16 @@ def cmd_inspect(args) -> int:
     from .inspection import describe, save_selection_plot
 
     info = describe(args.adapter)
-    for key, value in info.items():
-        print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+    png = None
     if info["method"] == "vblora" and not args.no_plot:
         png = Path(args.png) if args.png else Path(str(Path(args.adapter).resolve()) + "-selection.png")
+        folder = next(p for p in [png.parent, *png.parent.parents] if p.exists())
+        if not os.access(folder, os.W_OK):
+            raise UniLoraError(f"cannot write the selection plot to '{png}' ('{folder}' is not writable); "
+                               "pass --png PATH or --no-plot")
+    for key, value in info.items():
+        print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+    if png is not None:
         save_selection_plot(args.adapter, png)
         print(f"vector-usage histogram and selection footprint: {png}")
     return 0
@@ -114,21 +169,25 @@ def cmd_inspect(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_peft_lora
 
-    report = export_peft_lora(args.adapter, args.out, rank=args.rank)
+    report = export_peft_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite)
     for line in report:
         print(line)
     return 0
 
 
 def cmd_compress(args) -> int:
-    from .compress import compress, from_checkpoints, from_peft_lora, save_compressed
+    from .compress import compress, from_checkpoints, from_peft_lora, peft_fan_in_fan_out, save_compressed
+    from .io import ADAPTER_FILES
+    from .writing import check_writable
+
+    check_writable(Path(args.out), ADAPTER_FILES, args.overwrite, "adapter")
 
     if bool(args.peft_lora) == bool(args.base_weights or args.finetuned_weights):
         raise UniLoraError("give either --peft-lora DIR or both --base-weights and --finetuned-weights")
     if args.peft_lora:
         updates = from_peft_lora(args.peft_lora)
         source, rank = f"peft-lora:{args.peft_lora}", args.rank or updates[0].a.shape[0]
-        fan_in_fan_out = json.loads((Path(args.peft_lora) / "adapter_config.json").read_text()).get("fan_in_fan_out", False)
+        fan_in_fan_out = peft_fan_in_fan_out(args.peft_lora)
     else:
         if not (args.base_weights and args.finetuned_weights):
             raise UniLoraError("--base-weights and --finetuned-weights go together")
@@ -138,7 +197,7 @@ def cmd_compress(args) -> int:
     args.rank = rank
     config = _adapter_config(args, sorted({u.name for u in updates}))
     projection, layout, report = compress(updates, config, steps=args.steps, lr=args.lr)
-    save_compressed(projection, layout, config, args.out, source, fan_in_fan_out)
+    save_compressed(projection, layout, config, args.out, source, fan_in_fan_out, overwrite=args.overwrite)
     print(f"wrote {config.method} adapter {args.out}: {len(updates)} layers, rank {rank}")
     print(f"relative error of ΔW (Frobenius, all layers): closed form {report['relative_error_closed_form']:.4f}"
           + (f", after {args.steps} refinement steps {report['relative_error_refined']:.4f}" if args.steps else ""))
@@ -163,12 +222,20 @@ def cmd_count(args) -> int:
 def cmd_demo(args) -> int:
     """Train a Uni-LoRA adapter on Rotten Tomatoes with the embedded MiniLM, in a few CPU minutes."""
     argv = ["finetune", "--method", args.method, "--data", "rotten_tomatoes", "--train-limit", str(args.train_limit),
-            "--test-limit", str(args.test_limit), "--epochs", "1", "--out", args.out]
+            "--test-limit", str(args.test_limit), "--epochs", "1", "--out", args.out, "--overwrite"]
     return main(argv)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line, like every other input error (argparse prints usage too)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unilora", description=__doc__)
+    parser = _Parser(prog="unilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="train an adapter for text classification")
@@ -176,21 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     _add_adapter_options(p)
     p.add_argument("--targets", default="all-linear", help="comma-separated name suffixes, a regex, or all-linear")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lr", type=float, help="one learning rate for every adapter group (default: per method)")
-    p.add_argument("--head-lr", type=float, help="classifier head learning rate")
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per text (clamped to the model's limit)")
+    p.add_argument("--lr", type=_positive_float, help="one learning rate for every adapter group (default: per method)")
+    p.add_argument("--head-lr", type=_positive_float, help="classifier head learning rate")
     p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="one group's rate; repeat for more, e.g. --group-lr bank=1e-3 --group-lr logits=1e-2")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default runs/METHOD-DATA-seedN)")
+    p.add_argument("--out", help="output folder (default runs/METHOD-DATA-seedN); must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (only files unilora wrote)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="accuracy of a saved adapter on a dataset's test split")
     p.add_argument("adapter")
     p.add_argument("--model", help="override the base model recorded in the adapter")
-    _add_data_options(p)
+    _add_data_options(p, default_data=None, data_help="rotten_tomatoes, bbc_news, or a CSV/JSONL file "
+                      "(default: the data recorded in the adapter)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="method, counts and bytes of an adapter; VB-LoRA selection plots")
@@ -203,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--to", choices=("peft-lora",), default="peft-lora")
     p.add_argument("out")
-    p.add_argument("--rank", type=int, help="pad to this rank (default: the smallest vLLM-supported rank >= r)")
+    p.add_argument("--rank", type=_positive_int, help="pad to this rank (default: the smallest vLLM-supported rank >= r)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compress", help="fit a compact adapter to a PEFT LoRA adapter or to a full fine-tune")
@@ -212,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-weights", help="base model .safetensors (with --finetuned-weights: ΔW by truncated SVD)")
     p.add_argument("--finetuned-weights", help="fully fine-tuned .safetensors of the same model")
     p.add_argument("--targets", default="query,value", help="with checkpoints: module-name suffixes to compress")
-    p.add_argument("--steps", type=int, default=0, help="least-squares refinement steps on ΔW (Adam)")
-    p.add_argument("--lr", type=float, default=1e-3, help="refinement learning rate")
+    p.add_argument("--steps", type=_non_negative_int, default=0, help="least-squares refinement steps on ΔW (Adam)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous adapter in OUT (only files unilora wrote)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="refinement learning rate")
     _add_adapter_options(p)
     p.set_defaults(func=cmd_compress)
 
@@ -226,19 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and evaluate a small adapter on Rotten Tomatoes (a few CPU minutes)")
     p.add_argument("--method", choices=METHODS, default="unilora")
-    p.add_argument("--train-limit", type=int, default=3000)
-    p.add_argument("--test-limit", type=int, default=1000)
+    p.add_argument("--train-limit", type=_positive_int, default=3000)
+    p.add_argument("--test-limit", type=_positive_int, default=1000)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or an argument error already printed in one line
+        return int(exit_.code or 0)
     try:
         return args.func(args)
     except UniLoraError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a user's path: missing, unreadable, read-only, full disk
+        where = f" '{err.filename}'" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was saved", file=sys.stderr)

@@ -12,11 +12,11 @@ Sources: a PEFT LoRA adapter (ΔW_l = s · B_l A_l), or a base and a fully fine-
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import AdapterConfig
@@ -25,6 +25,7 @@ from .io import write_adapter_dir
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
 from .targeting import name_matches
+from .validation import Fields, check_finite, check_header, read_json_object, tensor_header
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -38,39 +39,78 @@ class LowRankUpdate:
     b: torch.Tensor
 
 
+def _read_peft_lora_config(directory: Path) -> dict:
+    path = directory / "adapter_config.json"
+    fields = Fields(read_json_object(path, "a PEFT adapter config"), f"'{path}'")
+    if fields.data.get("peft_type") != "LORA":
+        raise UniLoraError(f"'{directory}' is a PEFT {fields.data.get('peft_type')} adapter; only LORA can be compressed")
+    if fields.boolean("use_dora", default=False):
+        raise UniLoraError("DoRA adapters carry a magnitude vector that a LoRA-shaped projection cannot express")
+    r = fields.integer("r", 1, 1 << 16)
+    return {"r": r, "lora_alpha": fields.number("lora_alpha", default=float(r)),
+            "use_rslora": fields.boolean("use_rslora", default=False),
+            "fan_in_fan_out": fields.boolean("fan_in_fan_out", default=False)}
+
+
+def peft_fan_in_fan_out(directory) -> bool:
+    return _read_peft_lora_config(Path(directory))["fan_in_fan_out"]
+
+
 def from_peft_lora(directory: str | Path) -> list[LowRankUpdate]:
     directory = Path(directory)
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise UniLoraError(f"'{directory}' is not a PEFT LoRA adapter (adapter_config.json and adapter_model.safetensors expected)")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise UniLoraError(f"'{directory}' is a PEFT {config.get('peft_type')} adapter; only LORA can be compressed")
-    if config.get("use_dora"):
-        raise UniLoraError("DoRA adapters carry a magnitude vector that a LoRA-shaped projection cannot express")
-    r = int(config["r"])
-    scaling = float(config.get("lora_alpha", r)) / (r ** 0.5 if config.get("use_rslora") else r)
-    tensors = load_file(str(weights_path))
-    updates = []
-    for key in tensors:
-        if key.endswith(".lora_A.weight"):
-            name = key[: -len(".lora_A.weight")]
-            b = tensors.get(name + ".lora_B.weight")
-            if b is None:
-                raise UniLoraError(f"'{weights_path}' has {key} but no matching lora_B")
-            name = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-            updates.append(LowRankUpdate(name, tensors[key].float(), b.float() * scaling))
-    if not updates:
+    config = _read_peft_lora_config(directory)
+    r = config["r"]
+    scaling = config["lora_alpha"] / (r ** 0.5 if config["use_rslora"] else r)
+    header = tensor_header(weights_path)
+    pairs = {}
+    for key, (dtype, shape) in header.items():
+        if key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"):
+            name, kind = key[: -len(".lora_A.weight")], key[-len("A.weight")]
+            pairs.setdefault(name, {})[kind] = (dtype, shape)
+    expected = {}
+    for name, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise UniLoraError(f"'{weights_path}': {name} has lora_{next(iter(parts))} but no matching partner")
+        (_, a_shape), (_, b_shape) = parts["A"], parts["B"]
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
+            raise UniLoraError(f"'{weights_path}': {name} has lora_A {a_shape} and lora_B {b_shape}, "
+                               f"not (r, in) and (out, r) with r={r} from its config")
+        expected[name + ".lora_A.weight"] = (a_shape, "float")
+        expected[name + ".lora_B.weight"] = (b_shape, "float")
+    if not expected:
         raise UniLoraError(f"'{weights_path}' holds no lora_A / lora_B tensors")
+    check_header(weights_path, {k: v for k, v in header.items() if k in expected}, expected)
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise UniLoraError(f"cannot read '{weights_path}': {str(err)[:120]}") from None
+    tensors = {k: v for k, v in tensors.items() if k in expected}
+    check_finite(tensors, f"'{weights_path}'", "the adapter is damaged or came from a diverged run")
+    updates = []
+    for name in pairs:
+        a, b = tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"]
+        short = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        updates.append(LowRankUpdate(short, a.float(), b.float() * scaling))
     return updates
+
+
+def _read_checkpoint(path) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise UniLoraError(f"checkpoint '{path}' does not exist (a .safetensors state dict is expected)")
+    tensor_header(Path(path))  # a damaged file fails here, with its name
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UniLoraError(f"cannot read '{path}': {str(err)[:120]}") from None
+    return tensors
 
 
 def from_checkpoints(base_path, finetuned_path, targets: list[str], rank: int) -> list[LowRankUpdate]:
     """ΔW = W_ft − W_base of every 2-D weight whose module name ends in a target, truncated to rank r."""
-    for path in (base_path, finetuned_path):
-        if not Path(path).is_file():
-            raise UniLoraError(f"checkpoint '{path}' does not exist (a .safetensors state dict is expected)")
-    base, tuned = load_file(str(base_path)), load_file(str(finetuned_path))
+    base, tuned = _read_checkpoint(base_path), _read_checkpoint(finetuned_path)
     updates = []
     for key, w in base.items():
         module = key[: -len(".weight")] if key.endswith(".weight") else None
@@ -78,6 +118,10 @@ def from_checkpoints(base_path, finetuned_path, targets: list[str], rank: int) -
             continue
         if key not in tuned or tuned[key].shape != w.shape:
             raise UniLoraError(f"'{finetuned_path}' lacks '{key}' with shape {tuple(w.shape)}; are these the same model?")
+        if not w.is_floating_point() or not tuned[key].is_floating_point():
+            raise UniLoraError(f"'{key}' is not a floating-point weight in both checkpoints")
+        check_finite({key: w}, f"'{base_path}'", "the checkpoint is damaged")
+        check_finite({key: tuned[key]}, f"'{finetuned_path}'", "the checkpoint is damaged")
         u, s, vh = torch.linalg.svd(tuned[key].float() - w.float(), full_matrices=False)
         root = s[:rank].sqrt()
         updates.append(LowRankUpdate(module, root[:, None] * vh[:rank], u[:, :rank] * root))
@@ -154,8 +198,8 @@ def compress(updates: list[LowRankUpdate], config: AdapterConfig, steps: int = 0
 
 
 def save_compressed(projection, layout: Layout, config: AdapterConfig, out_dir, source: str,
-                    fan_in_fan_out: bool = False) -> None:
+                    fan_in_fan_out: bool = False, overwrite: bool = False) -> None:
     from .model import adapter_metadata
 
     metadata = adapter_metadata(config, layout, projection, fan_in_fan_out=fan_in_fan_out, compressed_from=source)
-    write_adapter_dir(out_dir, metadata, projection.stored_tensors())
+    write_adapter_dir(out_dir, metadata, projection.stored_tensors(), overwrite=overwrite)

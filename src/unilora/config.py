@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -55,33 +56,52 @@ class AdapterConfig:
             if not cond:
                 raise UniLoraError(message)
 
-        need(self.method in METHODS, f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        need(isinstance(self.rank, int) and self.rank >= 1, f"rank must be a positive integer, got {self.rank!r}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        def integer(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or 2**62)
+            need(ok, f"{name} must be an integer {f'in [{low}, {high}]' if high else f'>= {low}'}, got {value!r}")
+
+        def number(name: str, low: float, high: float = math.inf, open_low: bool = False) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > low if open_low else value >= low) and value <= high
+            need(ok, f"{name} must be a finite number {'>' if open_low else '>='} {low}"
+                     f"{'' if high == math.inf else f' and <= {high}'}, got {value!r}")
+
+        need(isinstance(self.method, str) and self.method in METHODS,
+             f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        integer("rank", 1, 2**20)
+        integer("seed", 0, 2**63 - 1)
+        need(self.alpha is None or (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+                                    and math.isfinite(self.alpha) and self.alpha > 0),
+             f"alpha must be a positive number or None, got {self.alpha!r}")
+        number("dropout", 0.0, 0.999999)
         need(
-            isinstance(self.target_modules, str) or (isinstance(self.target_modules, (list, tuple)) and self.target_modules),
+            (isinstance(self.target_modules, str) and bool(self.target_modules))
+            or (isinstance(self.target_modules, (list, tuple)) and bool(self.target_modules)
+                and all(isinstance(t, str) and t for t in self.target_modules)),
             "target_modules must be a non-empty list of name suffixes, a regex string, or 'all-linear'",
         )
-        if self.method in ("unilora", "fastfood"):
-            need(self.theta_dim >= 1, f"theta_dim must be >= 1, got {self.theta_dim}")
-            need(self.init in UNILORA_INITS, f"init must be one of {UNILORA_INITS}, got '{self.init}'")
+        need(isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) and m for m in self.modules_to_save),
+             f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        integer("theta_dim", 1)
+        need(isinstance(self.init, str) and self.init in UNILORA_INITS, f"init must be one of {UNILORA_INITS}, got {self.init!r}")
+        number("init_scale", 0.0)
+        integer("num_vectors", 1, 2**31 - 1)
+        integer("vector_length", 1, 2**31 - 1)
+        integer("topk", 1, 2**31 - 1)
+        need(self.topk <= self.num_vectors, f"topk must be between 1 and num_vectors={self.num_vectors}, got {self.topk}")
+        need(isinstance(self.selection, str) and self.selection in VBLORA_SELECTIONS,
+             f"selection must be one of {', '.join(VBLORA_SELECTIONS)}, got {self.selection!r}")
+        need(isinstance(self.store, str) and self.store in ("topk", "logits"), f"store must be 'topk' or 'logits', got {self.store!r}")
+        number("gumbel_tau", 0.0, open_low=True)
+        number("noise_std", 0.0)
+        number("vera_d_init", -math.inf)
         if self.method == "vblora":
-            need(self.num_vectors >= 1, f"num_vectors (h) must be >= 1, got {self.num_vectors}")
-            need(self.vector_length >= 1, f"vector_length (b) must be >= 1, got {self.vector_length}")
-            need(
-                1 <= self.topk <= self.num_vectors,
-                f"topk must be between 1 and num_vectors={self.num_vectors}, got {self.topk}",
-            )
-            need(
-                self.selection in VBLORA_SELECTIONS,
-                f"selection must be one of {', '.join(VBLORA_SELECTIONS)}, got '{self.selection}'",
-            )
-            need(self.store in ("topk", "logits"), f"store must be 'topk' or 'logits', got '{self.store}'")
             need(
                 not (self.selection == "all" and self.store == "topk"),
                 "selection='all' mixes every bank vector, so top-k indices cannot reproduce it: use store='logits'",
             )
-            need(self.gumbel_tau > 0, f"gumbel_tau must be > 0, got {self.gumbel_tau}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -91,6 +111,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        if not isinstance(data, dict):
+            raise UniLoraError(f"an adapter config must be a JSON object, found {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.metadata
+import io
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,8 @@ class TextDataset:
     # what the split keeps apart (Rotten Tomatoes: the movie of each review), when there is one
     train_groups: list[str] | None = None
     test_groups: list[str] | None = None
+    # how to load it again (recorded in adapters, so `evaluate` needs no --data)
+    source: dict | None = None
 
     def limited(self, train_limit: int | None, test_limit: int | None, seed: int) -> "TextDataset":
         """A seeded random subset (for quick runs); None keeps everything."""
@@ -39,7 +43,7 @@ class TextDataset:
 
         tr = take(self.train_texts, self.train_labels, train_limit, 1)
         te = take(self.test_texts, self.test_labels, test_limit, 2)
-        return TextDataset(self.name, self.label_names, tr[0], tr[1], te[0], te[1])  # groups not needed
+        return TextDataset(self.name, self.label_names, tr[0], tr[1], te[0], te[1], source=self.source)
 
 
 def package_file(distribution: str, relative: str) -> Path:
@@ -75,7 +79,8 @@ def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
         labels.append(label_names.index(r["category"]))
         movies.append(r["movie_name"])
     (train_t, train_l, train_m), (test_t, test_l, test_m) = split[False], split[True]
-    return TextDataset("rotten_tomatoes", label_names, train_t, train_l, test_t, test_l, train_m, test_m)
+    return TextDataset("rotten_tomatoes", label_names, train_t, train_l, test_t, test_l, train_m, test_m,
+                       source={"data": "rotten_tomatoes"})
 
 
 def bbc_news(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
@@ -92,26 +97,68 @@ def bbc_news(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
             text = f.read_text(encoding="utf-8", errors="replace").strip()
             (test_texts if i < n_test else train_texts).append(text)
             (test_labels if i < n_test else train_labels).append(label)
-    return TextDataset("bbc_news", label_names, train_texts, train_labels, test_texts, test_labels)
+    return TextDataset("bbc_news", label_names, train_texts, train_labels, test_texts, test_labels,
+                       source={"data": "bbc_news"})
 
 
-def _read_table(path: Path) -> list[dict]:
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UniLoraError(f"{path}:{line}: byte 0x{data[err.start]:02x} is not UTF-8 text; save the file as UTF-8") from None
+
+
+def _read_table(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a CSV, JSON-lines, or JSON-array file."""
+    text = _decode(path)
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UniLoraError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise UniLoraError(f"{path}: JSON nested too deeply; expected a list of objects") from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise UniLoraError(f"{path}: item {bad} of the JSON array is not an object; expected a list of objects")
+        return [(i + 1, r) for i, r in enumerate(rows)]
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UniLoraError(f"{path}:{n} is not valid JSON; expected one JSON object per line") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                raise UniLoraError(f"{path}:{n} is not valid JSON; expected one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise UniLoraError(f"{path}:{n} is a JSON {type(row).__name__}, expected an object per line")
+            rows.append((n, row))
         return rows
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as err:
+        raise UniLoraError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
+
+
+def _field(path: Path, line: int, row: dict, column: str) -> str:
+    if column not in row:
+        raise UniLoraError(f"{path}:{line}: field '{column}' is missing (fields: {sorted(k for k in row if k)[:8]})")
+    value = row[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UniLoraError(f"{path}:{line}: field '{column}' is {'null' if value is None else 'empty'}")
+    if isinstance(value, (dict, list)):
+        raise UniLoraError(f"{path}:{line}: field '{column}' is a JSON {type(value).__name__}, expected text or a label")
+    return str(value)
 
 
 def table_dataset(path: str | Path, text_column: str, label_column: str, test_path: str | Path | None,
                   seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
-    """A CSV or JSON-lines file (optionally a separate test file); labels are mapped to ids in sorted order."""
+    """A CSV, JSON-lines or JSON-array file (optionally a separate test file); labels are mapped to
+    ids in sorted order. Every row must have both fields; test labels must occur in training."""
     path = Path(path)
     if not path.is_file():
         raise UniLoraError(f"data file '{path}' does not exist; pass a CSV/JSONL file or one of {', '.join(BUILTIN_DATASETS)}")
@@ -119,28 +166,51 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
     if not rows:
         raise UniLoraError(f"data file '{path}' has no rows")
     for column in (text_column, label_column):
-        if column not in rows[0]:
+        if column not in rows[0][1]:
             raise UniLoraError(
-                f"column '{column}' is not in {path.name}; its columns are {sorted(rows[0])}: "
+                f"column '{column}' is not in {path.name}; its columns are {sorted(k for k in rows[0][1] if k)}: "
                 "pass --text-column/--label-column"
             )
+
+    def pairs(source: Path, table):
+        return [(_field(source, n, r, text_column), _field(source, n, r, label_column)) for n, r in table]
+
+    train = pairs(path, rows)
     if test_path is not None:
         if not Path(test_path).is_file():
             raise UniLoraError(f"test file '{test_path}' does not exist")
-        test_rows = _read_table(Path(test_path))
+        test = pairs(Path(test_path), _read_table(Path(test_path)))
+        if not test:
+            raise UniLoraError(f"test file '{test_path}' has no rows")
     else:
-        order = list(range(len(rows)))
+        if len(train) < 2:
+            raise UniLoraError(f"data file '{path}' has {len(train)} row; a train/test split needs at least 2")
+        order = list(range(len(train)))
         random.Random(seed).shuffle(order)
-        n_test = max(1, round(len(rows) * test_fraction))
-        test_rows, rows = [rows[i] for i in order[:n_test]], [rows[i] for i in order[n_test:]]
-    label_names = sorted({str(r[label_column]) for r in rows + test_rows})
+        n_test = max(1, round(len(train) * test_fraction))
+        test, train = [train[i] for i in order[:n_test]], [train[i] for i in order[n_test:]]
+    label_names = sorted({label for _, label in train})
     if len(label_names) < 2:
-        raise UniLoraError(f"label column '{label_column}' has a single value; a classifier needs at least two")
+        raise UniLoraError(f"label column '{label_column}' has a single value in the training data; a classifier needs at least two")
+    unseen = sorted({label for _, label in test} - set(label_names))
+    if unseen:
+        raise UniLoraError(
+            f"labels {unseen[:5]} occur in the test data but never in the training data, so no model can learn them; "
+            "fix the labels or the split"
+        )
 
-    def columns(rs):
-        return [str(r[text_column]) for r in rs], [label_names.index(str(r[label_column])) for r in rs]
+    def columns(table):
+        return [t for t, _ in table], [label_names.index(label) for _, label in table]
 
-    return TextDataset(path.stem, label_names, *columns(rows), *columns(test_rows))
+    source = {"data": str(path.resolve()), "text_column": text_column, "label_column": label_column,
+              "test_data": str(Path(test_path).resolve()) if test_path is not None else None}
+    return TextDataset(path.stem, label_names, *columns(train), *columns(test), source=source)
+
+
+def small_classes(dataset: TextDataset, minimum: int = 10) -> list[str]:
+    """Labels with fewer than `minimum` training examples (worth a warning)."""
+    counts = Counter(dataset.train_labels)
+    return [f"{name} ({counts.get(i, 0)})" for i, name in enumerate(dataset.label_names) if counts.get(i, 0) < minimum]
 
 
 def load_dataset(spec: str, text_column: str = "text", label_column: str = "label",
@@ -149,4 +219,6 @@ def load_dataset(spec: str, text_column: str = "text", label_column: str = "labe
         return rotten_tomatoes(seed)
     if spec == "bbc_news":
         return bbc_news(seed)
+    if Path(spec).is_dir():
+        raise UniLoraError(f"'{spec}' is a folder; pass a CSV/JSONL file or one of {', '.join(BUILTIN_DATASETS)}")
     return table_dataset(spec, text_column, label_column, test_path, seed)

@@ -20,11 +20,11 @@ def transformer_blocks(model: AdaptedModel, block_classes: tuple[type, ...] | No
     """The blocks to shard: instances of `block_classes`, or of the classes the transformers model
     names in `_no_split_modules` (e.g. LlamaDecoderLayer, BertLayer)."""
     if block_classes is None:
-        names = set(getattr(model.base_model, "_no_split_modules", None) or [])
+        names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
         if not names:
             raise UniLoraError("cannot tell the transformer blocks of this model: pass block_classes")
-        return [m for m in model.base_model.modules() if type(m).__name__ in names]
-    return [m for m in model.base_model.modules() if isinstance(m, block_classes)]
+        return [m for m in model.get_base_model().modules() if type(m).__name__ in names]
+    return [m for m in model.get_base_model().modules() if isinstance(m, block_classes)]
 
 
 def fully_shard_adapted(model: AdaptedModel, block_classes: tuple[type, ...] | None = None, **fsdp_kwargs) -> AdaptedModel:

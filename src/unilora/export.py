@@ -15,7 +15,16 @@ import torch
 
 from .errors import UniLoraError
 from .inspection import rebuild_projection
-from .io import save_tensors, write_directory_atomic
+from .io import save_tensors, written_by_us
+from .validation import check_finite
+from .writing import write_output_dir
+
+# a PEFT LoRA folder we exported: its safetensors files say so in their header
+EXPORT_FILES = {
+    "adapter_config.json": lambda p: written_by_us(p.with_name("adapter_model.safetensors")),
+    "adapter_model.safetensors": written_by_us,
+    "head.safetensors": written_by_us,
+}
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -57,7 +66,15 @@ def peft_lora_tensors(projection, rank: int | None = None, strip_prefix: str = "
     return out, r_out, names
 
 
-def export_peft_lora(adapter_dir, out_dir, rank: int | None = None) -> list[str]:
+def _refuse_overlap(source: Path, out: Path) -> None:
+    source, out = source.resolve(), out.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise UniLoraError(f"cannot export '{source}' into '{out}': the output would overwrite or nest in the "
+                           "source adapter; choose a separate folder")
+
+
+def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False) -> list[str]:
+    _refuse_overlap(Path(adapter_dir), Path(out_dir))
     meta, tensors, projection = rebuild_projection(adapter_dir)
     # Adapters from `unilora finetune` wrap the encoder as `encoder.`: PEFT users load the encoder itself.
     strip = "encoder." if meta.get("task") else ""
@@ -81,13 +98,15 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None) -> list[str]
         "inference_mode": True,
     }
 
+    check_finite({**lora, **head}, "refusing to export", "the adapter holds non-finite values")
+
     def write(staging: Path) -> None:
         save_tensors(lora, staging / "adapter_model.safetensors")
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         if head:
             save_tensors(head, staging / "head.safetensors")
 
-    write_directory_atomic(out_dir, write)
+    write_output_dir(out_dir, write, EXPORT_FILES, overwrite, what="PEFT export", last=("adapter_config.json",))
     r = projection.config.rank
     report = [
         f"wrote PEFT LoRA adapter {out_dir}: {len(names)} layers, r={r_out} (trained rank {r}"

@@ -8,20 +8,19 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterConfig
-from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir
-from .layout import Layout
+from .io import CONFIG_NAME, HEAD_PREFIX, WEIGHTS_NAME, read_adapter
 from .methods import PROJECTIONS
 
 
 def rebuild_projection(adapter_dir):
-    """The adapter's projection, rebuilt from its config, layout and tensors alone."""
-    meta, tensors = read_adapter_dir(adapter_dir)
-    config = AdapterConfig.from_dict(meta["adapter"])
-    projection = PROJECTIONS[config.method](Layout.from_json(meta["layout"]), config)
-    projection.check_metadata(meta.get("projection", {}))
-    projection.load_stored_tensors({k: v for k, v in tensors.items() if not k.startswith("head.")})
-    return meta, tensors, projection.eval()
+    """The adapter's projection, rebuilt from its (validated) config, layout and tensors alone.
+    Returns (config dict, all tensors with heads as head.*, projection in eval mode)."""
+    adapter = read_adapter(adapter_dir)
+    projection = PROJECTIONS[adapter.config.method](adapter.layout, adapter.config)
+    projection.check_metadata(adapter.meta.get("projection", {}))
+    projection.load_stored_tensors(adapter.tensors)
+    tensors = {**adapter.tensors, **{HEAD_PREFIX + k: v for k, v in adapter.head.items()}}
+    return adapter.meta, tensors, projection.eval()
 
 
 def describe(adapter_dir) -> dict:

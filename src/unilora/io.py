@@ -1,97 +1,224 @@
-"""Adapter directories: adapter_config.json + adapter_model.safetensors, written atomically.
+"""Adapter directories: adapter_config.json + adapter_model.safetensors.
 
-A save goes to a temporary sibling directory first and is renamed into place at the end, so a
-crash or a bad input never leaves a half-written adapter. Nothing is pickled.
+Writing goes through `writing.write_output_dir` (nothing of anyone else's is replaced; a whole
+adapter appears atomically) and refuses non-finite tensors. The config records the sha256 of the
+weights file and of itself, so any change after saving is caught on load.
+
+Reading validates everything before it is used, in an order that allocates nothing sized by
+the file until the sizes are checked: the config's schema and checksum, the layout and its
+fingerprint, the tensor header against the shapes the config implies, the memory that building
+the projection needs, the weights' checksum, then the values (finite; VB-LoRA's indices and
+weights in range). Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .config import AdapterConfig
 from .errors import UniLoraError
+from .layout import Layout, Slot
+from .validation import Fields, check_allocation, check_finite, check_header, read_json_object, tensor_header
+from .writing import Recognisers, write_json_atomic, write_output_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+HEAD_PREFIX = "head."
+FORMAT_VERSION = 2  # 2: checksums of the weights and the config
+MAX_LAYERS = 1_000_000
+WRITER_METADATA = {"format": "pt", "writer": "unilora"}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_adapter_dir(directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write config and tensors into `directory`, replacing it as a whole only on success."""
-
-    def write(staging: Path) -> None:
-        save_tensors(tensors, staging / WEIGHTS_NAME)
-        write_json_atomic(staging / CONFIG_NAME, config)
-
-    return write_directory_atomic(directory, write)
-
-
+# --- writing ------------------------------------------------------------------------------
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=WRITER_METADATA)
 
 
-def write_directory_atomic(directory: str | os.PathLike, write) -> Path:
-    """Call write(staging_dir) on a temporary sibling, then rename it to `directory`."""
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise UniLoraError(f"cannot write to '{target}': it exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_sha256(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def written_by_us(path: Path) -> bool:
+    """A safetensors file whose header says unilora wrote it."""
     try:
-        write(staging)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("writer") == "unilora"
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
-def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def _is_our_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == "unilora"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+ADAPTER_FILES: Recognisers = {
+    CONFIG_NAME: _is_our_config,
+    WEIGHTS_NAME: lambda p: written_by_us(p) or _is_our_config(p.with_name(CONFIG_NAME)),
+}
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return path.is_dir() and _is_our_config(path / CONFIG_NAME)
+
+
+def write_adapter_files(staging: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Weights, then the config with both checksums, into an (empty) folder."""
+    check_finite(tensors, "refusing to save the adapter",
+                 "the training diverged (lower the learning rate, or clip gradients) or the tensors were edited")
+    save_tensors(tensors, staging / WEIGHTS_NAME)
+    meta = {**meta, "weights_sha256": file_sha256(staging / WEIGHTS_NAME)}
+    meta["config_sha256"] = config_sha256(meta)
+    write_json_atomic(staging / CONFIG_NAME, meta)
+
+
+def write_adapter_dir(directory, meta: dict, tensors: dict[str, torch.Tensor], overwrite: bool = True) -> Path:
+    """Write an adapter folder (see writing.py for what is replaced and how)."""
+    return write_output_dir(directory, lambda staging: write_adapter_files(staging, meta, tensors),
+                            ADAPTER_FILES, overwrite, what="adapter", last=(CONFIG_NAME,))
+
+
+# --- reading ------------------------------------------------------------------------------
+@dataclass
+class AdapterFile:
+    """A validated adapter directory."""
+
+    path: Path
+    meta: dict
+    config: AdapterConfig
+    layout: Layout
+    tensors: dict[str, torch.Tensor]  # the projection's
+    head: dict[str, torch.Tensor]  # modules_to_save, by parameter name
+
+    @property
+    def task(self) -> dict | None:
+        return self.meta.get("task")
+
+
+def _parse_layout(fields: Fields, config: AdapterConfig) -> Layout:
+    rows = fields.data.get("layout")
+    where = fields.where
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_LAYERS:
+        raise UniLoraError(f"{where}: 'layout' must be a non-empty list of [name, in, out, rank] rows")
+    slots = []
+    for i, row in enumerate(rows):
+        ok = (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str) and row[0]
+              and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 2**31 for n in row[1:]))
+        if not ok:
+            raise UniLoraError(f"{where}: layout row {i} must be [name, in_features, out_features, rank], found {json.dumps(row)[:80]}")
+        if row[3] != config.rank:
+            raise UniLoraError(f"{where}: layout row {i} ('{row[0]}') has rank {row[3]} but the config says rank {config.rank}")
+        slots.append(Slot(*row))
+    if len({s.name for s in slots}) != len(slots):
+        raise UniLoraError(f"{where}: the layout names a layer twice")
+    layout = Layout(slots)
+    if fields.string("layout_fingerprint") != layout.fingerprint():
+        raise UniLoraError(f"{where}: the layout does not match its fingerprint (layers renamed or reordered); the config was changed after saving")
+    if fields.integer("D", 1) != layout.D:
+        raise UniLoraError(f"{where}: 'D' is {fields.data['D']} but the layout adds up to {layout.D}")
+    return layout
+
+
+def _check_meta(meta: dict, path: Path) -> tuple[AdapterConfig, Layout]:
+    fields = Fields(meta, f"'{path}'")
+    if meta.get("format") != "unilora":
+        raise UniLoraError(f"'{path}' is not a unilora adapter config (no \"format\": \"unilora\")")
+    version = fields.integer("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise UniLoraError(f"adapter format version {version} is newer than this unilora understands ({FORMAT_VERSION}); upgrade unilora")
+    if version >= 2 or fields.has("config_sha256"):
+        if fields.string("config_sha256") != config_sha256(meta):
+            raise UniLoraError(f"'{path}' was changed after it was saved (its checksum does not match); re-save the adapter from Python")
+    try:
+        config = AdapterConfig.from_dict(fields.obj("adapter").data)
+    except TypeError as err:  # a dataclass field given twice or not at all
+        raise UniLoraError(f"'{path}': bad 'adapter' section ({err})") from None
+    except UniLoraError as err:
+        raise UniLoraError(f"'{path}': {err}") from None
+    layout = _parse_layout(fields, config)
+    fields.obj("projection")
+    heads = fields.strings("head_modules", default=[])
+    if set(heads) != {h for h in heads if h}:
+        raise UniLoraError(f"'{path}': 'head_modules' holds an empty name")
+    fields.boolean("fan_in_fan_out", default=False)
+    base = fields.obj("base_model", default={})
+    base.string("class", default=None, allow_none=True)
+    base.string("name_or_path", default=None, allow_none=True)
+    if fields.has("task"):
+        task = fields.obj("task")
+        labels = task.strings("label_names")
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise UniLoraError(f"'{path}': task 'label_names' must hold at least two distinct names")
+        task.string("model")
+        task.string("dataset", default=None, allow_none=True)
+        task.integer("max_length", 1, 1 << 20)
+        if task.has("data") and task.data["data"] is not None:
+            source = task.obj("data")
+            for key in ("data", "text_column", "label_column", "test_data"):
+                source.string(key, default=None, allow_none=True)
+    return config, layout
+
+
+def read_adapter(directory) -> AdapterFile:
+    """Read and validate an adapter directory (see the module docstring for the order)."""
+    from .methods import PROJECTIONS
+
     path = Path(directory)
     if not path.is_dir():
-        raise UniLoraError(f"adapter directory '{path}' does not exist; pass the folder that save_pretrained wrote")
+        hint = ""
+        leftovers = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        if leftovers:
+            hint = f" (a replace was interrupted: the previous adapter is in '{leftovers[0]}')"
+        raise UniLoraError(f"adapter directory '{path}' does not exist{hint}; pass the folder that save_pretrained wrote")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise UniLoraError(f"'{path}' is not a unilora adapter: {name} is missing")
+    meta = read_json_object(path / CONFIG_NAME, "a unilora adapter config")
+    config, layout = _check_meta(meta, path / CONFIG_NAME)
+    projection_cls = PROJECTIONS[config.method]
+    weights = path / WEIGHTS_NAME
+    header = tensor_header(weights)
+    expected = projection_cls.stored_spec(layout, config)
+    head_names = [n for n in header if n.startswith(HEAD_PREFIX)]
+    if head_names and not meta.get("head_modules"):
+        raise UniLoraError(f"'{weights}' holds head tensors but the config names no head_modules")
+    expected.update({n: (header[n][1], "float") for n in head_names})
+    check_header(weights, header, expected)
+    check_allocation(projection_cls.build_bytes(layout, config), f"the {config.method} adapter in '{path}'")
+    if "weights_sha256" in meta and file_sha256(weights) != meta["weights_sha256"]:
+        raise UniLoraError(f"'{weights}' does not match the checksum in its config: the file is damaged or was replaced")
     try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
-        raise UniLoraError(f"'{path / CONFIG_NAME}' is not valid JSON ({err}); the adapter is damaged") from None
-    if config.get("format") != "unilora" or "adapter" not in config:
-        raise UniLoraError(f"'{path / CONFIG_NAME}' is not a unilora adapter config (no 'format': 'unilora')")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise UniLoraError(
-            f"adapter format version {config['format_version']} is newer than this unilora understands "
-            f"({FORMAT_VERSION}); upgrade unilora"
-        )
-    try:
-        tensors = load_file(str(path / WEIGHTS_NAME))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
-        raise UniLoraError(f"cannot read '{path / WEIGHTS_NAME}': {err}") from None
-    return config, tensors
+        raise UniLoraError(f"cannot read '{weights}': {str(err)[:120]}") from None
+    check_finite(tensors, f"'{weights}'", "the adapter is damaged or came from a diverged run")
+    projection_cls.check_stored_values(tensors, config)
+    head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    own = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
+    return AdapterFile(path, meta, config, layout, own, head)
+
+
+def read_adapter_dir(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, all tensors) of a validated adapter directory."""
+    adapter = read_adapter(directory)
+    tensors = dict(adapter.tensors)
+    tensors.update({HEAD_PREFIX + k: v for k, v in adapter.head.items()})
+    return adapter.meta, tensors

@@ -1,6 +1,9 @@
-"""The adapted layer: the frozen base layer plus s · B (A dropout(x)), never forming ΔW."""
+"""The adapted layer (the frozen base layer plus s · B (A dropout(x)), never forming ΔW) and the
+saved head (a trained copy beside the untouched original, as PEFT's modules_to_save)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,8 @@ from torch import nn
 from .binder import FactorBinder
 from .methods.base import ScaledFactors
 from .targeting import is_conv1d
+
+_EXACT_DTYPES = (torch.float32, torch.float64)
 
 
 class AdaptedLayer(nn.Module):
@@ -39,28 +44,57 @@ class AdaptedLayer(nn.Module):
         return result + torch.matmul(F.linear(x, a.to(x.dtype)), bt.to(x.dtype)) * self.scaling
 
     # --- merging --------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A in the base weight's own layout ((in, out) for Conv1D), computed in fp32."""
-        factors = self._binder.factors(self.slot)
+    def delta_weight(self, factors) -> torch.Tensor:
+        """s · B A in the base weight's own layout ((in, out) for Conv1D), in fp32."""
         a, bt = factors.dense() if isinstance(factors, ScaledFactors) else factors
         delta = (bt.t().float() @ a.float()) * self.scaling
         return delta.t() if is_conv1d(self.base_layer) else delta
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, factors) -> None:
+        """W += s·B A, added in fp32 and rounded once to the weight's dtype."""
         if self.merged:
             return
         weight = self.base_layer.weight
-        weight.add_(self.delta_weight().to(weight.dtype))
+        weight.copy_((weight.float() + self.delta_weight(factors).to(weight.device)).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
+    def unmerge(self, factors) -> bool:
+        """W -= s·B A. Returns False when the weight's dtype cannot restore W exactly."""
         if not self.merged:
-            return
+            return True
         weight = self.base_layer.weight
-        weight.sub_(self.delta_weight().to(weight.dtype))
+        weight.copy_((weight.float() - self.delta_weight(factors).to(weight.device)).to(weight.dtype))
         self.merged = False
+        return weight.dtype in _EXACT_DTYPES
 
     def extra_repr(self) -> str:
         return f"slot={self.slot}, scaling={self.scaling}, merged={self.merged}"
+
+
+class SavedHead(nn.Module):
+    """A module trained in full (modules_to_save): a trainable copy beside the frozen original.
+
+    The copy runs while the adapter is enabled, the original inside disable_adapter(), so
+    disabling gives exactly the base model. Attribute reads (`.weight`, ...) reach the copy.
+    """
+
+    def __init__(self, original: nn.Module, binder: FactorBinder):
+        super().__init__()
+        self.trained = copy.deepcopy(original)
+        self.original = original
+        self.original.requires_grad_(False)
+        self.trained.requires_grad_(True)
+        object.__setattr__(self, "_binder", binder)
+
+    def forward(self, *args, **kwargs):
+        return (self.trained if self._binder.enabled else self.original)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("trained", "original"):
+                raise
+            return getattr(self.trained, name)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import inspect
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -12,19 +16,37 @@ from torch import nn
 from .binder import FactorBinder
 from .config import AdapterConfig
 from .errors import LayoutMismatchError, UniLoraError
-from .io import FORMAT_VERSION, read_adapter_dir, write_adapter_dir
-from .layers import AdaptedLayer
+from .io import FORMAT_VERSION, HEAD_PREFIX, read_adapter, write_adapter_dir
+from .layers import AdaptedLayer, SavedHead
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
 from .targeting import find_targets, is_adaptable, is_conv1d, linear_shape, name_matches
-
-HEAD_PREFIX = "head."
 
 
 def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def _adapted_forward(self: "AdaptedModel", *args, labels=None, **kwargs):
+    """Run the wrapped model. `labels` is named so that transformers finds the label column."""
+    if kwargs.pop("adapter_names", None) is not None:
+        raise UniLoraError(
+            "adapter_names: mixed-adapter batches are not supported; this model holds a single adapter, "
+            "so run one batch per adapter (or load each adapter onto its own model)"
+        )
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self.model(*args, **kwargs)
+
+
+class _ForwardWithBaseSignature:
+    """Class attribute `forward`: the plain function on the class (its signature names
+    `labels`), a callable with the wrapped model's signature on an instance."""
+
+    def __get__(self, model, owner=None):
+        return _adapted_forward if model is None else _BoundForward(model)
 
 
 class AdaptedModel(nn.Module):
@@ -34,8 +56,8 @@ class AdaptedModel(nn.Module):
         super().__init__()
         if isinstance(base_model, AdaptedModel) or any(isinstance(m, AdaptedLayer) for m in base_model.modules()):
             raise UniLoraError("this model already carries a unilora adapter; call merge_and_unload() first")
-        self.config = config
-        self.base_model = base_model
+        self.adapter_config = config  # `model.config` stays the wrapped model's (Trainer and TRL read it)
+        self.model = base_model  # `model.base_model` is the wrapped model's own (its backbone), as in transformers
         for param in base_model.parameters():
             param.requires_grad_(False)
         names = target_names or find_targets(base_model, config.target_modules, exclude=config.modules_to_save)
@@ -51,46 +73,59 @@ class AdaptedModel(nn.Module):
             layer = AdaptedLayer(getattr(parent, child), slot_index, config.scaling, config.dropout, self.binder)
             setattr(parent, child, layer)
             self._layers.append(layer)
-        self.head_modules = self._unfreeze_heads(config.modules_to_save)
-        # One reconstruction per root forward: every layer reads the binder's shared result.
+        self.head_modules = self._wrap_heads(config.modules_to_save)
+        self._warned_inexact_unmerge = False
+        # One reconstruction per root forward (bound methods, not lambdas: copies and pickles
+        # of the model must drive their own binder).
+        # Both roots: calls of the wrapped model (generate) and of this wrapper whose forward was
+        # replaced (TRL's fused LM head calls the backbone directly) each open one forward.
         self._hooks = [
-            base_model.register_forward_pre_hook(lambda module, args: self.binder.begin_forward()),
-            base_model.register_forward_hook(lambda module, args, out: self.binder.end_forward(), always_call=True),
+            hook
+            for root in (base_model, self)
+            for hook in (root.register_forward_pre_hook(self.binder.begin_forward),
+                         root.register_forward_hook(self.binder.end_forward, always_call=True))
         ]
+        embeddings = input_embeddings(base_model)
+        if embeddings is not None:
+            self._hooks.append(embeddings.register_forward_hook(self.binder.tie_hook))
 
-    def _unfreeze_heads(self, names: list[str]) -> list[str]:
+    def _wrap_heads(self, names: list[str]) -> list[str]:
         if not names:
             return []
-        found = [n for n, _ in self.base_model.named_modules() if n and name_matches(n, names)]
+        found = [n for n, _ in self.model.named_modules() if n and name_matches(n, names)]
         found = [n for n in found if not any(n.startswith(f + ".") for f in found)]  # outermost only
         if not found:
             raise UniLoraError(f"modules_to_save {names} matched no module of the model")
         for n in found:
-            for param in self.base_model.get_submodule(n).parameters():
-                param.requires_grad_(True)
+            parent_name, _, child = n.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            setattr(parent, child, SavedHead(getattr(parent, child), self.binder))
         return found
 
+    def _head(self, name: str) -> nn.Module:
+        """The trained copy of head `name`."""
+        return self.model.get_submodule(name).trained
+
     # --- running --------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is not None:
-            raise UniLoraError(
-                "adapter_names: mixed-adapter batches are not supported; this model holds a single adapter, "
-                "so run one batch per adapter (or load each adapter onto its own model)"
-            )
-        kwargs.pop("adapter_names", None)
-        return self.base_model(*args, **kwargs)
+    # `model.forward` reports the wrapped model's signature: transformers.Trainer keeps only the
+    # dataset columns that the forward names, and finds label names on the class's `labels`.
+    forward = _ForwardWithBaseSignature()
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "projection"):
+            if name in ("model", "projection"):
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (PEFT's name)."""
+        return self.model
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block."""
+        """Run the base model alone inside the block (original heads included)."""
         if self.merged:
             raise UniLoraError("the adapter is merged into the weights; call unmerge() before disable_adapter()")
         self.binder.enabled = False
@@ -105,36 +140,45 @@ class AdaptedModel(nn.Module):
         return any(layer.merged for layer in self._layers)
 
     def merge(self) -> None:
-        """Add s·B A into every adapted weight: zero inference overhead until unmerge()."""
+        """Add s·B A into every adapted weight: zero inference overhead until unmerge().
+
+        Stochastic VB-LoRA selections merge their deterministic (stored, eval) selection."""
+        factors = self.projection.eval_factors()
+        for layer in self._layers:
+            layer.merge(factors[layer.slot])
         self.binder.invalidate()
-        with torch.no_grad():
-            for layer in self._layers:
-                layer.merge()
 
     def unmerge(self) -> None:
-        with torch.no_grad():
-            for layer in self._layers:
-                layer.unmerge()
+        factors = self.projection.eval_factors()
+        exact = all([layer.unmerge(factors[layer.slot]) for layer in self._layers])
+        if not exact and not self._warned_inexact_unmerge:
+            self._warned_inexact_unmerge = True
+            warnings.warn(
+                "unmerge() on bfloat16/float16 weights cannot restore them exactly (W + ΔW was rounded when "
+                "merged); keep the base weights, or reload the base model, where exact weights matter",
+                stacklevel=2,
+            )
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge, put the original layer objects back, and return the plain base model."""
+        """Merge, put the original layer objects back, and return the plain base model (with the
+        trained heads)."""
         self.merge()
         for layer, slot in zip(self._layers, self.layout.slots):
             parent_name, _, child = slot.name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+            setattr(self.model.get_submodule(parent_name), child, layer.base_layer)
         self._layers = []
+        for name in self.head_modules:
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, self._head(name))
+        self.head_modules = []
         for hook in self._hooks:  # the plain model must not pay for (or reach) the projection
             hook.remove()
         self._hooks = []
-        return self.base_model
+        return self.model
 
     # --- training -------------------------------------------------------------------
     def head_parameters(self) -> dict[str, nn.Parameter]:
-        return {
-            f"{m}.{n}": p
-            for m in self.head_modules
-            for n, p in self.base_model.get_submodule(m).named_parameters()
-        }
+        return {f"{m}.{n}": p for m in self.head_modules for n, p in self._head(m).named_parameters()}
 
     def parameter_groups(self, lr: float, group_lrs: dict[str, float] | None = None, weight_decay: float = 0.0) -> list[dict]:
         """Optimizer param groups: the method's own (e.g. bank, logits, theta) plus "head".
@@ -175,58 +219,131 @@ class AdaptedModel(nn.Module):
         )
 
     # --- saving and loading ---------------------------------------------------------
-    def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.projection.stored_tensors())
-        tensors.update({HEAD_PREFIX + n: p.detach() for n, p in self.head_parameters().items()})
+    def adapter_tensors(self, state_dict: dict[str, torch.Tensor] | None = None,
+                        store: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds, from the live model or from a full `state_dict` of
+        it (what transformers.Trainer passes when parameters are sharded). `store` overrides
+        VB-LoRA's config.store."""
+        projection, heads = self.projection, self.head_parameters()
+        if state_dict is not None:
+            projection, heads = self._from_state_dict(state_dict)
+        tensors = dict(projection.stored_tensors(store=store))
+        tensors.update({HEAD_PREFIX + n: p.detach() for n, p in heads.items()})
         return tensors
 
-    def adapter_metadata(self) -> dict:
-        base_config = getattr(self.base_model, "config", None)
+    def _from_state_dict(self, state_dict: dict[str, torch.Tensor]):
+        names = [f"projection.{k}" for k in self.projection.state_dict()]
+        strip = next((p for p in ("", "module.", "_orig_mod.") if all(p + k in state_dict for k in names)), None)
+        if strip is None:
+            raise UniLoraError("the state_dict passed to save_pretrained lacks this adapter's projection tensors")
+        projection = copy.deepcopy(self.projection)  # small: θ and its fixed parts
+        projection.load_state_dict({k[len("projection."):]: state_dict[strip + k] for k in names})
+        heads = {}
+        for m in self.head_modules:
+            for n in dict(self._head(m).named_parameters()):
+                key = f"{strip}model.{m}.trained.{n}"
+                if key not in state_dict:
+                    raise UniLoraError(f"the state_dict passed to save_pretrained lacks the head tensor '{key}'")
+                heads[f"{m}.{n}"] = state_dict[key]
+        return projection, heads
+
+    def adapter_metadata(self, config: AdapterConfig | None = None) -> dict:
+        base_config = getattr(self.model, "config", None)
         return adapter_metadata(
-            self.config, self.layout, self.projection,
+            config or self.adapter_config, self.layout, self.projection,
             head_modules=self.head_modules,
             # GPT-2 style Conv1D layers store weights as (in, out): exporters need to know
             fan_in_fan_out=any(is_conv1d(layer.base_layer) for layer in self._layers),
-            base_model={"class": type(self.base_model).__name__,
+            base_model={"class": type(self.model).__name__,
                         "name_or_path": getattr(base_config, "_name_or_path", None) or None},
         )
 
-    def save_pretrained(self, directory: str | os.PathLike, task: dict | None = None) -> None:
-        """Write the adapter directory. `task` (JSON-able) is kept beside it, e.g. label names."""
-        metadata = self.adapter_metadata()
+    def save_pretrained(self, directory: str | os.PathLike, task: dict | None = None, *,
+                        state_dict: dict | None = None, is_main_process: bool = True, overwrite: bool = True,
+                        resumable: bool = False, safe_serialization: bool = True, **kwargs) -> None:
+        """Write the adapter directory: adapter_config.json + adapter_model.safetensors (the
+        adapter and trained heads only). `task` (JSON-able) is kept beside it, e.g. label names.
+
+        Replaces a previous adapter there (overwrite=False refuses instead) and keeps any other
+        file in the folder; never replaces a file unilora did not write. Accepts the keywords that
+        transformers and PEFT pass (`state_dict`, `is_main_process`, `safe_serialization`: adapters
+        are always safetensors). `resumable=True` keeps VB-LoRA's logits (config store="logits"),
+        so training resumes exactly; what a training checkpoint should hold."""
+        if kwargs.get("push_to_hub"):
+            raise UniLoraError("save_pretrained(push_to_hub=True) is not supported; save locally, then upload the folder")
+        if not is_main_process:
+            return
+        config = self.adapter_config
+        if resumable and config.method == "vblora":
+            config = dataclasses.replace(config, store="logits")
+        metadata = self.adapter_metadata(config)
         if task is not None:
             metadata["task"] = task
-        write_adapter_dir(directory, metadata, self.adapter_tensors())
+        tensors = self.adapter_tensors(state_dict, store=config.store)
+        write_adapter_dir(directory, metadata, tensors, overwrite=overwrite)
+
+    def load_adapter_weights(self, directory: str | os.PathLike) -> None:
+        """Load a saved adapter of this same configuration into this model, in place (what
+        resuming from a checkpoint does). VB-LoRA adapters may differ in `store`."""
+        adapter = read_adapter(directory)
+        mine, theirs = self.adapter_config.to_dict(), adapter.config.to_dict()
+        mine.pop("store"), theirs.pop("store")
+        if mine != theirs:
+            changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise UniLoraError(f"'{directory}' holds an adapter configured differently from this model's ({changed}); "
+                               "load it with unilora.from_pretrained instead")
+        self.layout.require_same(adapter.layout)
+        self.projection.check_metadata(adapter.meta.get("projection", {}))
+        self._load_tensors(adapter)
+
+    def _load_tensors(self, adapter) -> None:
+        params = self.head_parameters()
+        missing, unexpected = sorted(set(params) - set(adapter.head)), sorted(set(adapter.head) - set(params))
+        if missing or unexpected:
+            raise UniLoraError(
+                f"adapter head tensors do not fit this model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); load it onto the model class it was trained with"
+            )
+        self.projection.load_stored_tensors(adapter.tensors)
+        for name, value in adapter.head.items():
+            self.projection._copy_into(params[name], value, HEAD_PREFIX + name)
+        self.binder.invalidate()
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> "AdaptedModel":
-        """Load a saved adapter onto `base_model` (the same architecture it was trained on)."""
-        meta, tensors = read_adapter_dir(directory)
-        config = AdapterConfig.from_dict(meta["adapter"])
-        saved_layout = Layout.from_json(meta["layout"])
-        _check_targets_exist(base_model, saved_layout)
-        model = cls(base_model, config, target_names=[s.name for s in saved_layout.slots])
-        model.layout.require_same(saved_layout)
-        model.projection.check_metadata(meta.get("projection", {}))
-        model.projection.load_stored_tensors({k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)})
-        head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
-        params = model.head_parameters()
-        missing = sorted(set(params) - set(head))
-        if missing or set(head) - set(params):
-            raise UniLoraError(
-                f"adapter head tensors do not fit this model (missing {missing[:3]}, unexpected "
-                f"{sorted(set(head) - set(params))[:3]}); load it onto the model class it was trained with"
-            )
-        for name, value in head.items():
-            model.projection._copy_into(params[name], value, HEAD_PREFIX + name)
+        """Load a saved adapter onto `base_model` (the same architecture it was trained on).
+        Everything in the folder is validated before the adapter is built (see io.py)."""
+        adapter = read_adapter(directory)
+        _check_targets_exist(base_model, adapter.layout)
+        model = cls(base_model, adapter.config, target_names=[s.name for s in adapter.layout.slots])
+        model.layout.require_same(adapter.layout)
+        model.projection.check_metadata(adapter.meta.get("projection", {}))
+        model._load_tensors(adapter)
         if not is_trainable:
             model.requires_grad_(False)
             model.eval()
         return model
 
 
+class _BoundForward:
+    """`model.forward` of one AdaptedModel: calls it, and reports the wrapped model's signature."""
+
+    __slots__ = ("__self__",)
+
+    def __init__(self, model: "AdaptedModel"):
+        self.__self__ = model
+
+    def __call__(self, *args, **kwargs):
+        return _adapted_forward(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.__self__.model.forward)
+
+
 def _check_targets_exist(base_model: nn.Module, layout: Layout) -> None:
     modules = dict(base_model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
     for slot in layout.slots:
         module = modules.get(slot.name)
         if module is None or not is_adaptable(module):
@@ -241,6 +358,26 @@ def _check_targets_exist(base_model: nn.Module, layout: Layout) -> None:
                 f"adapter does not fit this model: layer '{slot.name}' is {n_out}x{n_in} here but "
                 f"{slot.out_features}x{slot.in_features} in the adapter; use the base model it was trained on"
             )
+    positions = [order[s.name] for s in layout.slots]
+    if positions != sorted(positions):
+        raise LayoutMismatchError(
+            "adapter does not fit this model: its layers are listed in another order than this model's modules "
+            "(the layout was edited, or the model differs); load it onto the base model it was trained on"
+        )
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The module that embeds input tokens (where the binder ties the reconstruction's gradient)."""
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if callable(getter):
+            try:
+                found = getter()
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(found, nn.Module):
+                return found
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
 def adapter_metadata(config: AdapterConfig, layout: Layout, projection, head_modules=(), fan_in_fan_out=False,

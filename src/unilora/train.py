@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,9 +16,23 @@ from tqdm.auto import tqdm
 
 from .backbones import SequenceClassifier, load_backbone
 from .config import AdapterConfig
-from .data import TextDataset
-from .io import write_json_atomic
+from .data import TextDataset, load_dataset
+from .errors import UniLoraError
+from .io import is_adapter_dir, read_adapter
 from .model import AdaptedModel, get_model
+from .validation import read_json_object
+from .writing import check_writable, write_json_atomic, write_output_dir
+
+
+def _is_our_metrics(path: Path) -> bool:
+    try:
+        return read_json_object(path, "metrics").get("writer") == "unilora"
+    except (UniLoraError, OSError):
+        return False
+
+
+# what `finetune` writes into OUT: replaced only as a whole, and only when we wrote it
+RUN_FILES = {"adapter": is_adapter_dir, "metrics.json": _is_our_metrics}
 
 
 @dataclass
@@ -32,6 +47,14 @@ class TrainSettings:
     seed: int = 0
     eval_batch_size: int = 128
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UniLoraError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UniLoraError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 def _distributed() -> tuple[int, int]:
@@ -67,16 +90,36 @@ def build_classifier(model_name: str, num_labels: int, seed: int):
     return tokenizer, SequenceClassifier(encoder, num_labels, seed=seed)
 
 
+def model_max_length(tokenizer, encoder) -> int:
+    """The longest input the model accepts: the tokenizer's limit, else the position table's."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return int(getattr(encoder.config, "max_position_embeddings", 512))
+
+
+def fitted_max_length(requested: int, tokenizer, encoder) -> int:
+    limit = model_max_length(tokenizer, encoder)
+    if requested > limit:
+        print(f"note: --max-length {requested} is above this model's limit; using {limit}", file=sys.stderr)
+        return limit
+    return requested
+
+
 def finetune(model_name: str, dataset: TextDataset, adapter: AdapterConfig, settings: TrainSettings,
-             out_dir: str | Path) -> dict:
-    """Train an adapter; write OUT/adapter (the adapter) and OUT/metrics.json. Returns the metrics."""
+             out_dir: str | Path, overwrite: bool = False) -> dict:
+    """Train an adapter; write OUT/adapter (the adapter) and OUT/metrics.json together, as one
+    folder put in place at the end (OUT is checked before training). Returns the metrics."""
     rank, world = _distributed()
+    if rank == 0:
+        check_writable(Path(out_dir), RUN_FILES, overwrite, "run")
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     tokenizer, classifier = build_classifier(model_name, len(dataset.label_names), settings.seed)
     model: AdaptedModel = get_model(classifier, adapter)
-    train_ids = encode(tokenizer, dataset.train_texts, settings.max_length)
-    test_ids = encode(tokenizer, dataset.test_texts, settings.max_length)
+    max_length = fitted_max_length(settings.max_length, tokenizer, classifier.encoder)
+    train_ids = encode(tokenizer, dataset.train_texts, max_length)
+    test_ids = encode(tokenizer, dataset.test_texts, max_length)
 
     trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(
@@ -118,12 +161,10 @@ def finetune(model_name: str, dataset: TextDataset, adapter: AdapterConfig, sett
             dist.barrier()
     metrics = {}
     if rank == 0:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         task = {"model": model_name, "dataset": dataset.name, "label_names": dataset.label_names,
-                "max_length": settings.max_length}
-        model.save_pretrained(out / "adapter", task=task)
+                "max_length": max_length, "data": dataset.source}
         metrics = {
+            "writer": "unilora",
             "method": adapter.method,
             "dataset": dataset.name,
             "model": model_name,
@@ -140,29 +181,57 @@ def finetune(model_name: str, dataset: TextDataset, adapter: AdapterConfig, sett
             "adapter": adapter.to_dict(),
             "settings": asdict(settings),
         }
-        write_json_atomic(out / "metrics.json", metrics)
+
+        def write(staging: Path) -> None:
+            model.save_pretrained(staging / "adapter", task=task)
+            write_json_atomic(staging / "metrics.json", metrics)
+
+        write_output_dir(out_dir, write, RUN_FILES, overwrite, what="run", last=("metrics.json",))
     if world > 1:
         dist.barrier()
     return metrics
 
 
-def evaluate_adapter(adapter_dir: str | Path, dataset: TextDataset, model_name: str | None = None,
-                     batch_size: int = 128) -> dict:
-    """Accuracy of a saved classification adapter on the dataset's test split."""
-    from .errors import UniLoraError
-    from .io import read_adapter_dir
+def dataset_of(task: dict, adapter_dir) -> TextDataset:
+    """The data an adapter was trained on, as recorded by `finetune`."""
+    source = task.get("data") or {}
+    spec = source.get("data")
+    if not spec or (spec not in ("rotten_tomatoes", "bbc_news") and not Path(spec).is_file()):
+        raise UniLoraError(f"'{adapter_dir}' does not record data that is available here"
+                           f"{f' ({spec})' if spec else ''}; pass --data")
+    return load_dataset(spec, source.get("text_column", "text"), source.get("label_column", "label"),
+                        source.get("test_data"), seed=0)
 
-    meta, _ = read_adapter_dir(adapter_dir)
-    task = meta.get("task")
+
+def label_mapping(adapter_labels: list[str], data_labels: list[str]) -> list[int]:
+    """For each data label id, the adapter's id of the same name; refuses names it does not know."""
+    unknown = [name for name in data_labels if name not in adapter_labels]
+    if unknown:
+        raise UniLoraError(
+            f"the data has labels {unknown[:5]} that this adapter does not know (it predicts {adapter_labels}); "
+            "evaluate on data labelled with the same names"
+        )
+    return [adapter_labels.index(name) for name in data_labels]
+
+
+def evaluate_adapter(adapter_dir: str | Path, dataset: TextDataset | None, model_name: str | None = None,
+                     batch_size: int = 128) -> dict:
+    """Accuracy of a saved classification adapter on the dataset's test split (by default the data
+    it was trained on). Labels are matched by name."""
+    adapter = read_adapter(adapter_dir)
+    task = adapter.task
     if not task:
         raise UniLoraError(f"'{adapter_dir}' was not saved by `unilora finetune` (no task info); evaluate it in Python")
-    if len(task["label_names"]) != len(dataset.label_names):
-        raise UniLoraError(
-            f"the adapter predicts {len(task['label_names'])} labels {task['label_names']}, "
-            f"the data has {len(dataset.label_names)} {dataset.label_names}"
-        )
+    dataset = dataset if dataset is not None else dataset_of(task, adapter_dir)
+    mapping = label_mapping(task["label_names"], dataset.label_names)
+    notes = []
+    if mapping != list(range(len(mapping))):
+        pairs = ", ".join(f"{name}->{task['label_names'][i]}" for name, i in zip(dataset.label_names, mapping))
+        notes.append(f"labels matched by name ({pairs})")
     tokenizer, classifier = build_classifier(model_name or task["model"], len(task["label_names"]), 0)
     model = AdaptedModel.from_pretrained(classifier, adapter_dir)
-    encoded = encode(tokenizer, dataset.test_texts, task["max_length"])
-    return {"test_accuracy": accuracy(model, tokenizer, encoded, dataset.test_labels, batch_size),
-            "test_examples": len(encoded), "method": meta["adapter"]["method"]}
+    encoded = encode(tokenizer, dataset.test_texts, fitted_max_length(task["max_length"], tokenizer, classifier.encoder))
+    labels = [mapping[label] for label in dataset.test_labels]
+    return {"test_accuracy": accuracy(model, tokenizer, encoded, labels, batch_size),
+            "test_examples": len(encoded), "dataset": dataset.name,
+            "method": adapter.config.method, "notes": notes}

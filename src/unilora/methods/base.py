@@ -38,6 +38,7 @@ class Projection(nn.Module):
     """
 
     method: str = ""
+    stochastic: bool = False  # a training-mode reconstruction that samples (VB-LoRA's noisy / Gumbel selection)
 
     def __init__(self, layout: Layout, config: AdapterConfig):
         super().__init__()
@@ -54,6 +55,16 @@ class Projection(nn.Module):
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.factors_from(self.theta)
+
+    def eval_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The deterministic (eval-mode) factors, without gradients: what merge and export use."""
+        was_training = self.training
+        self.train(False)
+        try:
+            with torch.no_grad():
+                return self.factors()
+        finally:
+            self.train(was_training)
 
     def layer_factors(self) -> list:
         """What the adapted layers use in forward: (A, Bᵀ) pairs, or ScaledFactors per layer."""
@@ -73,7 +84,24 @@ class Projection(nn.Module):
         raise NotImplementedError
 
     # --- storage --------------------------------------------------------------------
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
+    @classmethod
+    def stored_spec(cls, layout: Layout, config: AdapterConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, "float" or "index") of every tensor an adapter file of this method holds;
+        checked against the file's header before anything is loaded or built."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_bytes(cls, layout: Layout, config: AdapterConfig) -> int:
+        """Bytes that building the projection and one reconstruction allocate (checked against the
+        memory available before building from a file)."""
+        return 8 * layout.D
+
+    @classmethod
+    def check_stored_values(cls, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
+        """Method-specific value checks beyond finiteness (VB-LoRA's indices and weights)."""
+
+    def stored_tensors(self, store: str | None = None) -> dict[str, torch.Tensor]:
+        """What an adapter file holds (`store` matters to VB-LoRA only)."""
         raise NotImplementedError
 
     def load_stored_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -89,6 +117,12 @@ class Projection(nn.Module):
 
     def check_metadata(self, saved: dict) -> None:
         mine = self.metadata()
+        missing = sorted(set(mine) - set(saved))
+        if missing:
+            raise UniLoraError(
+                f"{self.method} adapter config lacks {missing} under 'projection': without the checksum of its "
+                "seeded draw it cannot be verified; re-save the adapter with this unilora version"
+            )
         for key, value in saved.items():
             if mine.get(key) != value:
                 raise UniLoraError(

@@ -62,10 +62,19 @@ class FastfoodProjection(Projection):
         flat = fwht(x)[: self.layout.D] * self.scale
         return self.layout.split(flat)
 
+    @classmethod
+    def stored_spec(cls, layout, config):
+        return {"fastfood.theta_d": ((config.theta_dim,), "float")}
+
+    @classmethod
+    def build_bytes(cls, layout, config):
+        padded = 1 << max(0, (layout.D - 1).bit_length())
+        return 64 * padded  # signs, permutation, Gaussian (numpy and torch), FWHT temporaries
+
     def param_groups(self):
         return {"theta": [self.theta_d]}
 
-    def stored_tensors(self):
+    def stored_tensors(self, store=None):
         return {"fastfood.theta_d": self.theta_d.detach()}
 
     def load_stored_tensors(self, tensors):
@@ -76,7 +85,10 @@ class FastfoodProjection(Projection):
         return {"padded_length": self.padded, "gauss_summary": self._gauss_summary}
 
     def check_metadata(self, saved):
-        super().check_metadata({k: v for k, v in saved.items() if k != "gauss_summary"})
+        if "gauss_summary" not in saved or not isinstance(saved["gauss_summary"], list) or len(saved["gauss_summary"]) != 5:
+            raise UniLoraError("fastfood adapter config lacks a valid 'gauss_summary' under 'projection' "
+                               "(the check of its seeded Gaussian diagonal); re-save it with this unilora version")
+        super().check_metadata({**saved, "gauss_summary": self._gauss_summary})
         # The Gaussian diagonal may differ by an ulp across platforms: compare with a tolerance.
         if "gauss_summary" in saved and not np.allclose(saved["gauss_summary"], self._gauss_summary, rtol=1e-5, atol=1e-5):
             raise UniLoraError("fastfood adapter's seeded Gaussian diagonal does not match this install's; cannot load")

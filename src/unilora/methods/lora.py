@@ -30,10 +30,18 @@ class LoRAProjection(Projection):
     def factors_from(self, theta):
         return self.layout.split(theta)
 
+    @classmethod
+    def stored_spec(cls, layout, config):
+        return {"lora.weights": ((layout.D,), "float")}
+
+    @classmethod
+    def build_bytes(cls, layout, config):
+        return 12 * layout.D  # the parameter, an init buffer, a reconstruction
+
     def param_groups(self):
         return {"lora": [self.weights]}
 
-    def stored_tensors(self):
+    def stored_tensors(self, store=None):
         return {"lora.weights": self.weights.detach()}
 
     def load_stored_tensors(self, tensors):

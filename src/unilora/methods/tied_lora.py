@@ -21,7 +21,7 @@ class TiedLoRAProjection(Projection):
     def __init__(self, layout, config):
         super().__init__(layout, config)
         generator = torch.Generator().manual_seed(config.seed)
-        shapes = sorted({(s.in_features, s.out_features) for s in layout.slots})
+        shapes = self._shapes(layout)
         self.group_of = [shapes.index((s.in_features, s.out_features)) for s in layout.slots]
         r = config.rank
         self.shared_a = nn.ParameterList()
@@ -44,10 +44,27 @@ class TiedLoRAProjection(Projection):
             for i, g in enumerate(self.group_of)
         ]
 
+    @staticmethod
+    def _shapes(layout):
+        return sorted({(s.in_features, s.out_features) for s in layout.slots})
+
+    @classmethod
+    def stored_spec(cls, layout, config):
+        r = config.rank
+        spec = {"tied_lora.scales": ((sum(s.rank + s.out_features for s in layout.slots),), "float")}
+        for g, (n_in, n_out) in enumerate(cls._shapes(layout)):
+            spec[f"tied_lora.shared_a.{g}"] = ((r, n_in), "float")
+            spec[f"tied_lora.shared_bt.{g}"] = ((r, n_out), "float")
+        return spec
+
+    @classmethod
+    def build_bytes(cls, layout, config):
+        return 8 * layout.D + 8 * config.rank * sum(i + o for i, o in cls._shapes(layout))
+
     def param_groups(self):
         return {"shared": [*self.shared_a, *self.shared_bt], "scales": [self.scales]}
 
-    def stored_tensors(self):
+    def stored_tensors(self, store=None):
         tensors = {"tied_lora.scales": self.scales.detach()}
         for g, (a, bt) in enumerate(zip(self.shared_a, self.shared_bt)):
             tensors[f"tied_lora.shared_a.{g}"] = a.detach()

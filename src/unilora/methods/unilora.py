@@ -75,10 +75,19 @@ class UniLoRAProjection(Projection):
         flat = torch.index_select(theta * self.slot_scale, 0, self.indices)
         return self.layout.split(flat)
 
+    @classmethod
+    def stored_spec(cls, layout, config):
+        return {"unilora.theta_d": ((config.theta_dim,), "float")}
+
+    @classmethod
+    def build_bytes(cls, layout, config):
+        # int64 draw, shuffle and bincount in numpy, the torch index copy, one reconstruction
+        return 36 * layout.D + 16 * config.theta_dim
+
     def param_groups(self):
         return {"theta": [self.theta_d]}
 
-    def stored_tensors(self):
+    def stored_tensors(self, store=None):
         return {"unilora.theta_d": self.theta_d.detach()}
 
     def load_stored_tensors(self, tensors):

@@ -77,7 +77,7 @@ class VBLoRAProjection(Projection):
         if not training and self._loaded_selection is not None:
             indices, weights, version = self._loaded_selection
             if version == self.logits._version and indices.device == logits.device:
-                return weights, indices
+                return weights.to(logits.dtype), indices
             self._loaded_selection = None
         if mode == "noisy_topk":
             logits = logits + torch.randn_like(logits) * cfg.noise_std
@@ -93,6 +93,49 @@ class VBLoRAProjection(Projection):
     def factors_from(self, theta):
         return self.layout.split(self.subvectors(theta).reshape(-1))
 
+    @property
+    def stochastic(self) -> bool:
+        return self.config.selection in ("noisy_topk", "gumbel", "st_gumbel")
+
+    @classmethod
+    def stored_spec(cls, layout, config):
+        n_sub, h, k = layout.D // config.vector_length, config.num_vectors, config.topk
+        spec = {"vblora.bank": ((h, config.vector_length), "float")}
+        if config.store == "logits":
+            spec["vblora.logits"] = ((n_sub, h), "float")
+        else:
+            spec["vblora.topk_indices"] = ((n_sub, k), "index")
+            spec["vblora.topk_weights"] = ((n_sub, k - 1), "float")
+        return spec
+
+    @classmethod
+    def build_bytes(cls, layout, config):
+        n_sub = layout.D // config.vector_length
+        # logits (+ a rebuilt copy and a softmax), the bank, one reconstruction
+        return 12 * n_sub * config.num_vectors + 4 * config.num_vectors * config.vector_length + 16 * layout.D
+
+    @classmethod
+    def check_stored_values(cls, tensors, config):
+        if "vblora.topk_indices" not in tensors:
+            return
+        indices, kept = tensors["vblora.topk_indices"], tensors["vblora.topk_weights"].double()
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= config.num_vectors):
+            raise UniLoraError(
+                f"VB-LoRA top-k indices must lie in [0, {config.num_vectors}) (the bank size), found "
+                f"{int(indices.min())}..{int(indices.max())}; the adapter file is damaged"
+            )
+        if indices.shape[1] > 1:
+            ordered = indices.long().sort(dim=1).values
+            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+                raise UniLoraError("VB-LoRA top-k indices repeat a bank vector within a sub-vector; the adapter file is damaged")
+        tolerance = 1e-4
+        if kept.numel() and (float(kept.min()) < -tolerance or float(kept.max()) > 1 + tolerance
+                             or float(kept.sum(1).max()) > 1 + tolerance):
+            raise UniLoraError(
+                "VB-LoRA top-k weights must lie in [0, 1] and sum to at most 1 per sub-vector (the last weight is "
+                "1 minus their sum); the adapter file is damaged"
+            )
+
     def param_groups(self):
         return {"bank": [self.bank], "logits": [self.logits]}
 
@@ -107,9 +150,9 @@ class VBLoRAProjection(Projection):
                 weights = _last_from_rest(torch.softmax(top_logits, dim=-1))
             return indices, weights
 
-    def stored_tensors(self):
+    def stored_tensors(self, store=None):
         tensors = {"vblora.bank": self.bank.detach()}
-        if self.config.store == "logits":
+        if (store or self.config.store) == "logits":
             tensors["vblora.logits"] = self.logits.detach()
             return tensors
         indices, weights = self.topk_selection()

@@ -59,10 +59,20 @@ class VeRAProjection(Projection):
     def layer_factors(self):
         return self._scaled(self.theta)
 
+    @classmethod
+    def stored_spec(cls, layout, config):
+        return {"vera.scales": ((sum(s.rank + s.out_features for s in layout.slots),), "float")}
+
+    @classmethod
+    def build_bytes(cls, layout, config):
+        r = config.rank
+        shared = r * (max(s.in_features for s in layout.slots) + max(s.out_features for s in layout.slots))
+        return 24 * shared + 8 * layout.D  # float64 draw + float32 copies; dense factors for merging
+
     def param_groups(self):
         return {"scales": [self.scales]}
 
-    def stored_tensors(self):
+    def stored_tensors(self, store=None):
         return {"vera.scales": self.scales.detach()}
 
     def load_stored_tensors(self, tensors):
