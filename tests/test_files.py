@@ -40,7 +40,7 @@ def test_export_never_deletes_foreign_files(tmp_path, capsys):
     # --overwrite writes our files beside the user's and leaves theirs alone
     assert main(["export", str(adapter), str(out), "--overwrite"]) == 0
     assert (out / "keep.txt").read_text() == "mine" and (out / "notes" / "n.md").read_text() == "also mine"
-    assert (out / "adapter_model.safetensors").is_file() and (out / "head.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
 
 
 def test_export_onto_its_source_is_refused(tmp_path, capsys):

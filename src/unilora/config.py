@@ -35,7 +35,7 @@ class AdapterConfig:
     init_scale: float = 0.02
     # VB-LoRA
     num_vectors: int = 90
-    vector_length: int = 256
+    vector_length: int | None = None  # None: the largest b <= 256 dividing every adapted dimension
     topk: int = 2
     selection: str = "topk"
     gumbel_tau: float = 1.0 / 3.0
@@ -88,7 +88,8 @@ class AdapterConfig:
         need(isinstance(self.init, str) and self.init in UNILORA_INITS, f"init must be one of {UNILORA_INITS}, got {self.init!r}")
         number("init_scale", 0.0)
         integer("num_vectors", 1, 2**31 - 1)
-        integer("vector_length", 1, 2**31 - 1)
+        if self.vector_length is not None:
+            integer("vector_length", 1, 2**31 - 1)
         integer("topk", 1, 2**31 - 1)
         need(self.topk <= self.num_vectors, f"topk must be between 1 and num_vectors={self.num_vectors}, got {self.topk}")
         need(isinstance(self.selection, str) and self.selection in VBLORA_SELECTIONS,

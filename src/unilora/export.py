@@ -1,9 +1,12 @@
 """`unilora export --to peft-lora`: a standard PEFT LoRA directory built exactly from the method's
 A and B (VeRA's and Tied-LoRA's scaling vectors folded in; no SVD, no approximation).
 
-vLLM accepts only some ranks, so A gets zero rows and B zero columns up to the next allowed
-rank (ΔW is unchanged). vLLM also rejects modules_to_save in a LoRA file, so a trained head
-goes to head.safetensors beside it.
+The trained rank is kept: vLLM serves any rank up to its --max-lora-rank (it copies A and B into
+the first r rows of its buffers), so padding would only make the file larger. `--rank R` pads A
+with zero rows and B with zero columns (ΔW unchanged) for servers that want fixed ranks. vLLM
+rejects modules_to_save in a LoRA file, so a trained head goes to head.safetensors beside it.
+The config names the task type (so PeftModel.from_pretrained builds the right class) and the
+base model's real name or path.
 """
 
 from __future__ import annotations
@@ -26,18 +29,38 @@ EXPORT_FILES = {
     "head.safetensors": written_by_us,
 }
 
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# PEFT task types by the transformers class-name suffix of the base model
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Seq2SeqLM", "SEQ_2_SEQ_LM"))
 
 
 def _export_rank(rank: int, requested: int | None) -> int:
-    if requested is not None:
-        if requested < rank:
-            raise UniLoraError(f"--rank {requested} is below the adapter's rank {rank}; padding can only grow it")
-        return requested
-    allowed = [r for r in VLLM_RANKS if r >= rank]
-    if not allowed:
-        raise UniLoraError(f"rank {rank} exceeds vLLM's largest LoRA rank 512; pass --rank to export anyway")
-    return allowed[0]
+    if requested is None:
+        return rank
+    if requested < rank:
+        raise UniLoraError(f"--rank {requested} is below the adapter's rank {rank}; padding can only grow it")
+    return requested
+
+
+def peft_task_type(meta: dict) -> str | None:
+    """PEFT's task_type for the model the adapter was saved from. `finetune` adapters are exported
+    relative to their encoder, i.e. feature extraction."""
+    if meta.get("task"):
+        return "FEATURE_EXTRACTION"
+    cls = (meta.get("base_model") or {}).get("class") or ""
+    return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
+
+
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+def base_model_name(meta: dict) -> str | None:
+    """The name or path the base model was loaded from (the embedded MiniLM by its hub name)."""
+    from .backbones import EMBEDDED_HUB_NAME, is_embedded
+
+    name = (meta.get("task") or {}).get("model") or (meta.get("base_model") or {}).get("name_or_path")
+    return EMBEDDED_HUB_NAME if name and is_embedded(name) else name
 
 
 def _target_modules(config, names: list[str]) -> list[str]:
@@ -80,10 +103,19 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
     strip = "encoder." if meta.get("task") else ""
     lora, r_out, names = peft_lora_tensors(projection, rank, strip)
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    task_type, modules_to_save = peft_task_type(meta), None
+    if task_type in _HEAD_TASKS:
+        # PEFT's classification classes load their head from the adapter file (modules_to_save)
+        # and fail without one; vLLM does not serve such heads, so the file keeps it for PEFT.
+        if head:
+            lora.update({f"base_model.model.{k}": v for k, v in head.items()})
+            modules_to_save, head = list(meta.get("head_modules") or []), {}
+        else:
+            task_type = None
     config = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": (meta.get("task") or {}).get("model") or meta["base_model"].get("name_or_path"),
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name(meta),
         "r": r_out,
         # PEFT scales by lora_alpha / r: keep the adapter's own scaling at the padded rank
         "lora_alpha": projection.config.scaling * r_out,
@@ -91,7 +123,7 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": bool(meta.get("fan_in_fan_out", False)),
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
@@ -110,7 +142,8 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
     r = projection.config.rank
     report = [
         f"wrote PEFT LoRA adapter {out_dir}: {len(names)} layers, r={r_out} (trained rank {r}"
-        f"{', zero rows/columns added for vLLM' if r_out != r else ''}), lora_alpha={config['lora_alpha']:g}",
+        f"{', zero rows/columns added' if r_out != r else ''}), lora_alpha={config['lora_alpha']:g}, "
+        f"task_type={config['task_type']}" + (f", head in the file as modules_to_save {modules_to_save}" if modules_to_save else ""),
     ]
     if head:
         report.append(f"the trained head ({', '.join(sorted(head))}) is in {Path(out_dir) / 'head.safetensors'}, "

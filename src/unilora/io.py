@@ -153,6 +153,8 @@ def _check_meta(meta: dict, path: Path) -> tuple[AdapterConfig, Layout]:
         raise UniLoraError(f"'{path}': bad 'adapter' section ({err})") from None
     except UniLoraError as err:
         raise UniLoraError(f"'{path}': {err}") from None
+    if config.method == "vblora" and config.vector_length is None:
+        raise UniLoraError(f"'{path}': a saved VB-LoRA adapter must record its vector_length")
     layout = _parse_layout(fields, config)
     fields.obj("projection")
     heads = fields.strings("head_modules", default=[])

@@ -20,6 +20,7 @@ from .io import FORMAT_VERSION, HEAD_PREFIX, read_adapter, write_adapter_dir
 from .layers import AdaptedLayer, SavedHead
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
+from .methods.vblora import with_vector_length
 from .targeting import find_targets, is_adaptable, is_conv1d, linear_shape, name_matches
 
 
@@ -56,12 +57,13 @@ class AdaptedModel(nn.Module):
         super().__init__()
         if isinstance(base_model, AdaptedModel) or any(isinstance(m, AdaptedLayer) for m in base_model.modules()):
             raise UniLoraError("this model already carries a unilora adapter; call merge_and_unload() first")
-        self.adapter_config = config  # `model.config` stays the wrapped model's (Trainer and TRL read it)
         self.model = base_model  # `model.base_model` is the wrapped model's own (its backbone), as in transformers
         for param in base_model.parameters():
             param.requires_grad_(False)
         names = target_names or find_targets(base_model, config.target_modules, exclude=config.modules_to_save)
         self.layout = Layout([Slot(n, *linear_shape(base_model.get_submodule(n)), config.rank) for n in names])
+        config = with_vector_length(config, self.layout)
+        self.adapter_config = config  # `model.config` stays the wrapped model's (Trainer and TRL read it)
         projection = PROJECTIONS[config.method](self.layout, config)
         device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
         self.projection = projection if device.type == "meta" else projection.to(device)

@@ -12,6 +12,10 @@ eval every mode but "all" uses the noise-free top-k, which is exactly what the a
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +26,25 @@ from .base import Projection
 # Logits that an adapter saved in top-k form did not keep are rebuilt this far below the
 # smallest kept logit: the top-k and their softmax weights are then exactly as saved.
 _REBUILT_LOGIT_MARGIN = 10.0
+
+
+MAX_AUTO_VECTOR_LENGTH = 256
+
+
+def auto_vector_length(layout) -> int:
+    """The largest b <= 256 that divides both dimensions of every adapted layer."""
+    common = math.gcd(*(n for s in layout.slots for n in (s.in_features, s.out_features)))
+    return max(b for b in range(1, min(common, MAX_AUTO_VECTOR_LENGTH) + 1) if common % b == 0)
+
+
+def with_vector_length(config, layout):
+    """`config` with VB-LoRA's b chosen (and said) when it was left to None."""
+    if config.method != "vblora" or config.vector_length is not None:
+        return config
+    b = auto_vector_length(layout)
+    warnings.warn(f"VB-LoRA: vector_length not given; using b={b}, the largest b <= {MAX_AUTO_VECTOR_LENGTH} "
+                  "dividing every adapted dimension", stacklevel=3)
+    return dataclasses.replace(config, vector_length=b)
 
 
 def check_divisible(layout, b: int) -> None:
