@@ -24,8 +24,8 @@ No gradients (evaluation, generation): the factors are cached and rebuilt when t
 tensors change. The check compares a snapshot of the trainable tensors, so `.data` edits,
 `load_state_dict`, optimizer steps and `.to()` are all seen; it costs one comparison of θ_d.
 
-Threads: the forward depth and the training pass are per thread; the cache is shared behind a
-lock. Forward passes from several threads are safe; two threads training one model at the same
+Threads: the forward depth and the training pass are per thread (a small record that lives only
+while the thread's forward runs); the cache is shared behind a lock. Forward passes from several threads are safe; two threads training one model at the same
 time are refused.
 """
 
@@ -106,6 +106,17 @@ class _TrainingPass:
             )
 
 
+class _ForwardState:
+    """One thread's root forward in progress: nesting depth and what its layers read."""
+
+    __slots__ = ("depth", "training_pass", "cached")
+
+    def __init__(self):
+        self.depth = 0
+        self.training_pass: _TrainingPass | None = None
+        self.cached: list | None = None
+
+
 class _Tie(torch.autograd.Function):
     """Identity on the embeddings' output; backward passes the leaves' gradients to the
     reconstruction (see the module docstring)."""
@@ -128,7 +139,7 @@ class FactorBinder:
         self._init_transient()
 
     def _init_transient(self) -> None:
-        self._local = threading.local()
+        self._forwards: dict[int, _ForwardState] = {}  # by thread, only while a forward runs
         self._lock = threading.Lock()
         self._cache = None  # (key, snapshot, factors)
         self._pass: _TrainingPass | None = None  # the latest training forward's
@@ -141,25 +152,24 @@ class FactorBinder:
         self.__dict__.update(state)
         self._init_transient()
 
-    @property
-    def _depth(self) -> int:
-        return getattr(self._local, "depth", 0)
+    def _forward(self) -> "_ForwardState | None":
+        """This thread's forward in progress, if any."""
+        return self._forwards.get(threading.get_ident())
 
     def _trainable(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.projection.parameters())
 
     # --- hooks on the wrapped model ---------------------------------------------------
     def begin_forward(self, module=None, args=None) -> None:
-        local = self._local
-        local.depth = self._depth + 1
-        if local.depth > 1 or not self.enabled:
+        current = threading.get_ident()
+        forward = self._forwards.setdefault(current, _ForwardState())
+        forward.depth += 1
+        if forward.depth > 1 or not self.enabled:
             return
-        local.training_pass = None
         if self._trainable():
-            current = threading.get_ident()
             latest = self._pass
             if latest is not None and latest.thread != current and latest.in_forward:
-                local.depth -= 1
+                self._forwards.pop(current, None)
                 raise UniLoraError(
                     "another thread is running a training forward of this model; training one model from "
                     "several threads at once is not supported (no-grad forwards from any thread are fine)"
@@ -168,23 +178,24 @@ class FactorBinder:
             if tie is None:
                 tie = module is not None and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
             training_pass = _TrainingPass(self.projection.layer_factors(), current, tie)
-            self._pass = local.training_pass = training_pass
+            self._pass = forward.training_pass = training_pass
         else:
-            local.cached = self._cached_factors()
+            forward.cached = self._cached_factors()
 
     def end_forward(self, module=None, args=None, output=None) -> None:
-        local = self._local
-        local.depth = max(0, self._depth - 1)
-        if local.depth == 0:
-            training_pass = getattr(local, "training_pass", None)
-            if training_pass is not None:
-                training_pass.in_forward = False
-            local.training_pass = None
-            local.cached = None
+        forward = self._forward()
+        if forward is None:
+            return
+        forward.depth -= 1
+        if forward.depth <= 0:
+            if forward.training_pass is not None:
+                forward.training_pass.in_forward = False
+            self._forwards.pop(threading.get_ident(), None)
 
     def tie_hook(self, module, args, output):
         """Forward hook on the input embeddings: route their output through the tie."""
-        training_pass = getattr(self._local, "training_pass", None) if self._depth else None
+        forward = self._forward()
+        training_pass = forward.training_pass if forward is not None else None
         if (training_pass is None or training_pass.mode == "plain" or not training_pass.allow_tie
                 or not isinstance(output, torch.Tensor) or not output.is_floating_point()
                 or not torch.is_grad_enabled() or not training_pass.sources):
@@ -195,14 +206,12 @@ class FactorBinder:
     # --- what the layers read ----------------------------------------------------------
     def factors(self, slot: int):
         """The slot's (A, Bᵀ), or its ScaledFactors (see Projection.layer_factors)."""
-        local = self._local
-        if self._depth:
-            training_pass = getattr(local, "training_pass", None)
-            if training_pass is not None:
-                return training_pass.serve(slot)
-            cached = getattr(local, "cached", None)
-            if cached is not None:
-                return cached[slot]
+        forward = self._forward()
+        if forward is not None:
+            if forward.training_pass is not None:
+                return forward.training_pass.serve(slot)
+            if forward.cached is not None:
+                return forward.cached[slot]
         elif torch.is_grad_enabled():
             # Outside a root forward: a checkpointed block re-run during backward, or a block
             # called directly.
