@@ -110,6 +110,12 @@ def test_seeded_draw_checksum_is_required(method, key, tmp_path):
     refused(path, key)
 
 
+def test_a_malformed_fastfood_draw_summary_is_refused(tmp_path):
+    _, path = saved(tmp_path, "fastfood")
+    edit_adapter_config(path, lambda meta: meta["projection"].update(gauss_summary=["a", "b", "c", "d", "e"]))
+    refused(path, "gauss_summary")
+
+
 def test_rank_of_config_and_layout_must_agree(tmp_path):
     _, path = saved(tmp_path)
     edit_adapter_config(path, lambda meta: meta["adapter"].update(rank=8))

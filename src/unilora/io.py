@@ -216,11 +216,3 @@ def read_adapter(directory) -> AdapterFile:
     head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
     own = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
     return AdapterFile(path, meta, config, layout, own, head)
-
-
-def read_adapter_dir(directory) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, all tensors) of a validated adapter directory."""
-    adapter = read_adapter(directory)
-    tensors = dict(adapter.tensors)
-    tensors.update({HEAD_PREFIX + k: v for k, v in adapter.head.items()})
-    return adapter.meta, tensors

@@ -85,7 +85,9 @@ class FastfoodProjection(Projection):
         return {"padded_length": self.padded, "gauss_summary": self._gauss_summary}
 
     def check_metadata(self, saved):
-        if "gauss_summary" not in saved or not isinstance(saved["gauss_summary"], list) or len(saved["gauss_summary"]) != 5:
+        summary = saved.get("gauss_summary")
+        if not (isinstance(summary, list) and len(summary) == 5
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in summary)):
             raise UniLoraError("fastfood adapter config lacks a valid 'gauss_summary' under 'projection' "
                                "(the check of its seeded Gaussian diagonal); re-save it with this unilora version")
         super().check_metadata({**saved, "gauss_summary": self._gauss_summary})
