@@ -39,16 +39,30 @@ def test_finetune_then_evaluate_on_real_weights(method, tmp_path, capsys):
     assert evaluated["test_accuracy"] == metrics["test_accuracy"]
 
 
+def small_bert(folder):
+    """A local model folder: a small random BERT (hidden 32, FFN 48) with MiniLM's tokenizer."""
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48)).save_pretrained(folder)
+    minilm = resolve_model("minilm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", folder / name)
+    return folder
+
+
+def test_vblora_on_another_model_chooses_its_vector_length(tmp_path):
+    other = small_bert(tmp_path / "small-bert")
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="using b=16"):  # gcd(32, 48) = 16; the MiniLM recipe's 128 fits neither
+        assert main(["finetune", "--model", str(other), "--method", "vblora", "--train-limit", "16",
+                     "--test-limit", "8", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["adapter"]["vector_length"] == 16
+
+
 def test_adapter_on_the_wrong_model_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--method", "unilora", "--train-limit", "32", "--test-limit", "32", "--epochs", "1",
                  "--no-progress", "--out", str(out)]) == 0
     capsys.readouterr()
-    other = tmp_path / "small-bert"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64)).save_pretrained(other)
-    minilm = resolve_model("minilm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(f"{minilm}/{name}", other / name)
+    other = small_bert(tmp_path / "small-bert")
     capsys.readouterr()
     assert main(["evaluate", str(out / "adapter"), "--model", str(other), "--test-limit", "8"]) == 2
     err = capsys.readouterr().err.strip()

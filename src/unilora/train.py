@@ -178,7 +178,7 @@ def finetune(model_name: str, dataset: TextDataset, adapter: AdapterConfig, sett
             "test_examples": len(test_ids),
             "seconds": round(time.time() - started, 1),
             "world_size": world,
-            "adapter": adapter.to_dict(),
+            "adapter": model.adapter_config.to_dict(),  # with any value chosen from the model (VB-LoRA b)
             "settings": asdict(settings),
         }
 
