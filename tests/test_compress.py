@@ -13,8 +13,8 @@ from unilora.compress import LowRankUpdate, balanced, compress, delta_error, fro
 from conftest import build, logits_of
 
 
-def peft_lora_dir(tmp_path, r=4):
-    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+def peft_lora_dir(tmp_path, r=4, targets=("q_proj", "v_proj")):
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -40,7 +40,9 @@ def test_gram_error_equals_the_dense_error():
 
 
 def test_full_dimension_unilora_reproduces_the_peft_adapter_exactly(tmp_path, ids, capsys):
-    peft_model, peft_dir = peft_lora_dir(tmp_path)
+    # down_proj sorts before self_attn in the file but comes after it in the model: the adapter's
+    # layout keeps the file's order, and loading must not care
+    peft_model, peft_dir = peft_lora_dir(tmp_path, targets=("q_proj", "v_proj", "down_proj"))
     D = sum(u.a.numel() + u.b.numel() for u in from_peft_lora(peft_dir))
     assert main(["compress", str(tmp_path / "ours"), "--peft-lora", str(peft_dir), "--method", "unilora",
                  "--theta-dim", str(D)]) == 0

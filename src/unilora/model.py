@@ -345,7 +345,6 @@ class _BoundForward:
 
 def _check_targets_exist(base_model: nn.Module, layout: Layout) -> None:
     modules = dict(base_model.named_modules())
-    order = {name: i for i, name in enumerate(modules)}
     for slot in layout.slots:
         module = modules.get(slot.name)
         if module is None or not is_adaptable(module):
@@ -360,12 +359,6 @@ def _check_targets_exist(base_model: nn.Module, layout: Layout) -> None:
                 f"adapter does not fit this model: layer '{slot.name}' is {n_out}x{n_in} here but "
                 f"{slot.out_features}x{slot.in_features} in the adapter; use the base model it was trained on"
             )
-    positions = [order[s.name] for s in layout.slots]
-    if positions != sorted(positions):
-        raise LayoutMismatchError(
-            "adapter does not fit this model: its layers are listed in another order than this model's modules "
-            "(the layout was edited, or the model differs); load it onto the base model it was trained on"
-        )
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
