@@ -140,13 +140,7 @@ def cmd_evaluate(args) -> int:
     dataset = _load_data(args) if args.data is not None else None
     if dataset is None and args.test_data:
         raise UniLoraError("--test-data goes with --data (the training file whose labels name the classes)")
-    if dataset is None and (args.train_limit or args.test_limit):  # a subset of the recorded data
-        from .io import read_adapter
-        from .train import dataset_of
-
-        task = read_adapter(args.adapter).task or {}
-        dataset = dataset_of(task, args.adapter).limited(args.train_limit, args.test_limit, seed=0)
-    result = evaluate_adapter(args.adapter, dataset, args.model)
+    result = evaluate_adapter(args.adapter, dataset, args.model, limits=(args.train_limit, args.test_limit))
     for note in result.pop("notes"):
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps(result, indent=2))

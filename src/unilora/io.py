@@ -65,8 +65,8 @@ def written_by_us(path: Path) -> bool:
 
 def _is_our_config(path: Path) -> bool:
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == "unilora"
-    except (OSError, ValueError, AttributeError):
+        return read_json_object(path, "a unilora adapter config").get("format") == "unilora"
+    except (UniLoraError, OSError):
         return False
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from .binder import FactorBinder
 from .config import AdapterConfig
 from .errors import LayoutMismatchError, UniLoraError
-from .io import FORMAT_VERSION, HEAD_PREFIX, read_adapter, write_adapter_dir
+from .io import FORMAT_VERSION, HEAD_PREFIX, AdapterFile, read_adapter, write_adapter_dir
 from .layers import AdaptedLayer, SavedHead
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
@@ -294,11 +294,12 @@ class AdaptedModel(nn.Module):
             changed = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise UniLoraError(f"'{directory}' holds an adapter configured differently from this model's ({changed}); "
                                "load it with unilora.from_pretrained instead")
+        self._load_adapter(adapter)
+
+    def _load_adapter(self, adapter: AdapterFile) -> None:
+        """Put a validated adapter's tensors into this model, whose layout and seeded draw must match."""
         self.layout.require_same(adapter.layout)
         self.projection.check_metadata(adapter.meta.get("projection", {}))
-        self._load_tensors(adapter)
-
-    def _load_tensors(self, adapter) -> None:
         params = self.head_parameters()
         missing, unexpected = sorted(set(params) - set(adapter.head)), sorted(set(adapter.head) - set(params))
         if missing or unexpected:
@@ -312,15 +313,15 @@ class AdaptedModel(nn.Module):
         self.binder.invalidate()
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> "AdaptedModel":
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike | AdapterFile,
+                        is_trainable: bool = False) -> "AdaptedModel":
         """Load a saved adapter onto `base_model` (the same architecture it was trained on).
-        Everything in the folder is validated before the adapter is built (see io.py)."""
-        adapter = read_adapter(directory)
+        Everything in the folder is validated before the adapter is built (see io.py); an
+        `AdapterFile` already read with `io.read_adapter` is taken as is."""
+        adapter = directory if isinstance(directory, AdapterFile) else read_adapter(directory)
         _check_targets_exist(base_model, adapter.layout)
         model = cls(base_model, adapter.config, target_names=[s.name for s in adapter.layout.slots])
-        model.layout.require_same(adapter.layout)
-        model.projection.check_metadata(adapter.meta.get("projection", {}))
-        model._load_tensors(adapter)
+        model._load_adapter(adapter)
         if not is_trainable:
             model.requires_grad_(False)
             model.eval()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .backbones import SequenceClassifier, load_backbone
 from .config import AdapterConfig
-from .data import TextDataset, load_dataset
+from .data import BUILTIN_DATASETS, TextDataset, load_dataset
 from .errors import UniLoraError
 from .io import is_adapter_dir, read_adapter
 from .model import AdaptedModel, get_model
@@ -196,7 +196,7 @@ def dataset_of(task: dict, adapter_dir) -> TextDataset:
     """The data an adapter was trained on, as recorded by `finetune`."""
     source = task.get("data") or {}
     spec = source.get("data")
-    if not spec or (spec not in ("rotten_tomatoes", "bbc_news") and not Path(spec).is_file()):
+    if not spec or (spec not in BUILTIN_DATASETS and not Path(spec).is_file()):
         raise UniLoraError(f"'{adapter_dir}' does not record data that is available here"
                            f"{f' ({spec})' if spec else ''}; pass --data")
     return load_dataset(spec, source.get("text_column", "text"), source.get("label_column", "label"),
@@ -215,21 +215,22 @@ def label_mapping(adapter_labels: list[str], data_labels: list[str]) -> list[int
 
 
 def evaluate_adapter(adapter_dir: str | Path, dataset: TextDataset | None, model_name: str | None = None,
-                     batch_size: int = 128) -> dict:
-    """Accuracy of a saved classification adapter on the dataset's test split (by default the data
-    it was trained on). Labels are matched by name."""
+                     batch_size: int = 128, limits: tuple[int | None, int | None] = (None, None)) -> dict:
+    """Accuracy of a saved classification adapter on the dataset's test split; without a dataset,
+    on the data it was trained on (cut to `limits` = (train, test) sizes). Labels are matched by name."""
     adapter = read_adapter(adapter_dir)
     task = adapter.task
     if not task:
         raise UniLoraError(f"'{adapter_dir}' was not saved by `unilora finetune` (no task info); evaluate it in Python")
-    dataset = dataset if dataset is not None else dataset_of(task, adapter_dir)
+    if dataset is None:
+        dataset = dataset_of(task, adapter_dir).limited(*limits, seed=0)
     mapping = label_mapping(task["label_names"], dataset.label_names)
     notes = []
     if mapping != list(range(len(mapping))):
         pairs = ", ".join(f"{name}->{task['label_names'][i]}" for name, i in zip(dataset.label_names, mapping))
         notes.append(f"labels matched by name ({pairs})")
     tokenizer, classifier = build_classifier(model_name or task["model"], len(task["label_names"]), 0)
-    model = AdaptedModel.from_pretrained(classifier, adapter_dir)
+    model = AdaptedModel.from_pretrained(classifier, adapter)
     encoded = encode(tokenizer, dataset.test_texts, fitted_max_length(task["max_length"], tokenizer, classifier.encoder))
     labels = [mapping[label] for label in dataset.test_labels]
     return {"test_accuracy": accuracy(model, tokenizer, encoded, labels, batch_size),
