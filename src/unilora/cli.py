@@ -1,4 +1,4 @@
-"""The `unilora` command: finetune, evaluate, inspect, export, count, demo."""
+"""The `unilora` command: finetune, evaluate, generate, inspect, export, compress, count, demo."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .config import METHODS, VBLORA_SELECTIONS, AdapterConfig
 from .errors import UniLoraError
+
+TASKS = ("seq-cls", "causal-lm")
 
 
 def _positive_int(text: str) -> int:
@@ -76,10 +78,14 @@ def _adapter_config(args, targets, modules_to_save=(), defaults=None, auto_vecto
     return AdapterConfig(method=args.method, target_modules=targets, modules_to_save=list(modules_to_save), seed=seed, **options)
 
 
-def _add_data_options(parser: argparse.ArgumentParser, default_data: str | None = "rotten_tomatoes",
-                      data_help: str = "rotten_tomatoes, bbc_news, or a CSV/JSONL file") -> None:
+DATA_HELP = ("classification: rotten_tomatoes (default), bbc_news, or a CSV/JSONL file with text and label columns; "
+             "causal LM: bbc_headlines, rotten_tomatoes_instruct, a .txt file, or JSONL with text, "
+             "prompt/completion or chat messages")
+
+
+def _add_data_options(parser: argparse.ArgumentParser, data_help: str = DATA_HELP) -> None:
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default=default_data, help=data_help)
+    g.add_argument("--data", help=data_help)
     g.add_argument("--test-data", help="separate test file (default: a seeded 20%% split)")
     g.add_argument("--text-column", default="text")
     g.add_argument("--label-column", default="label")
@@ -87,11 +93,66 @@ def _add_data_options(parser: argparse.ArgumentParser, default_data: str | None 
     g.add_argument("--test-limit", type=_positive_int, help="evaluate on a seeded random subset of this size")
 
 
-def _load_data(args):
-    from .data import load_dataset
+def _load_data(args, task: str):
+    if task == "causal-lm":
+        from .lm_data import load_lm_dataset
 
-    dataset = load_dataset(args.data, args.text_column, args.label_column, args.test_data, seed=0)
+        dataset = load_lm_dataset(args.data, args.text_column, args.test_data, seed=0, metric=args.metric)
+    else:
+        from .data import load_dataset
+
+        if args.metric:
+            raise UniLoraError("--metric scores generated answers and goes with --task causal-lm")
+        dataset = load_dataset(args.data, args.text_column, args.label_column, args.test_data, seed=0)
     return dataset.limited(args.train_limit, args.test_limit, seed=0)
+
+
+# per task: (default model, max length, batch size)
+TASK_DEFAULTS = {"seq-cls": ("all-MiniLM-L6-v2", 64, 32), "causal-lm": ("SmolLM2-135M-Instruct", 256, 8)}
+
+
+def _resolve_task(args) -> str:
+    """--task, else what the data and the model say (lm_data.is_lm_data); an LLM with labelled
+    data is ambiguous."""
+    from .backbones import is_causal_lm
+    from .lm_data import is_lm_data
+
+    causal_model = args.model is not None and is_causal_lm(args.model)
+    task = args.task
+    if task is None:
+        if args.data is not None and is_lm_data(args.data, args.text_column):
+            task = "causal-lm"
+        elif causal_model:
+            raise UniLoraError(
+                f"'{args.model}' is a causal language model and "
+                + ("the data has labels" if args.data else "no --data was given")
+                + ": pass --task seq-cls to train a classifier on it, or --task causal-lm with text, "
+                "prompt/completion or chat data")
+        else:
+            task = "seq-cls"
+    if task == "causal-lm" and args.model is not None and not causal_model:
+        raise UniLoraError(f"'{args.model}' is not a causal language model (its config names no *ForCausalLM "
+                           "architecture); --task causal-lm needs one")
+    if args.data is None:
+        if task == "causal-lm":
+            raise UniLoraError("--task causal-lm needs --data (bbc_headlines, rotten_tomatoes_instruct, a .txt "
+                               "file, or JSONL with text, prompt/completion or chat messages)")
+        args.data = "rotten_tomatoes"
+    default_model, max_length, batch_size = TASK_DEFAULTS[task]
+    args.model = args.model or default_model
+    args.max_length = args.max_length or max_length
+    args.batch_size = args.batch_size or batch_size
+    return task
+
+
+def _add_lm_options(parser: argparse.ArgumentParser) -> None:
+    from .lm_data import METRICS
+
+    g = parser.add_argument_group("causal LM")
+    g.add_argument("--metric", choices=METRICS, help="score generated test answers: rougeL, accuracy (first word), "
+                   "exact_match (default: the built-in task's metric; none for files)")
+    g.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per test answer (default: the "
+                   "longest reference answer + 4)")
 
 
 def _warn(message: str) -> None:
@@ -111,39 +172,70 @@ def cmd_finetune(args) -> int:
     from .train import RUN_FILES, TrainSettings, finetune
     from .writing import check_writable
 
-    config = _adapter_config(args, _targets(args.targets), modules_to_save=["classifier"],
+    task = _resolve_task(args)
+    classify = task == "seq-cls"
+    if args.head_lr is not None and not classify:
+        raise UniLoraError("--head-lr sets the classifier head's rate; a causal LM has no head to train")
+    config = _adapter_config(args, _targets(args.targets), modules_to_save=["classifier"] if classify else [],
                              auto_vector_length=not is_embedded(args.model))
     out = Path(args.out or f"runs/{args.method}-{Path(args.data).stem}-seed{args.seed}")
     check_writable(out, RUN_FILES, args.overwrite, "run")  # before any data is read or model loaded
-    group_lrs = {**GROUP_LRS[args.method], "head": args.head_lr or HEAD_LR}
+    group_lrs = {**GROUP_LRS[args.method], **({"head": args.head_lr or HEAD_LR} if classify else {})}
     if args.lr is not None:
         group_lrs = {k: (v if k == "head" else args.lr) for k, v in group_lrs.items()}
-    group_lrs.update(dict(args.group_lr or []))
-    dataset = _load_data(args)  # fails early, before any training, on bad data options
-    small = small_classes(dataset)
+    given = dict(args.group_lr or [])
+    group_lrs.update(given)
+    fit_rates = args.lr is None and "theta" not in given  # the recipe's θ rate, scaled to the model
+    dataset = _load_data(args, task)  # fails early, before any training, on bad data options
+    small = small_classes(dataset) if classify else []
     if small:
         _warn(f"few training examples for {', '.join(small[:5])}: under 10 per class, expect a weak or "
               "majority-class model")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                             lr=args.lr or 1e-3, group_lrs=group_lrs, seed=args.seed, progress=not args.no_progress)
+                             lr=args.lr or 1e-3, group_lrs=group_lrs, seed=args.seed, progress=not args.no_progress,
+                             packing=args.packing, max_new_tokens=args.max_new_tokens, fit_rates=fit_rates)
     metrics = finetune(args.model, dataset, config, settings, out, overwrite=args.overwrite)
     if metrics:
         print(f"adapter: {out / 'adapter'}  ({metrics['stored_params']:,} stored params, "
-              f"{metrics['adapter_bytes']:,} bytes + head {metrics['head_params']:,} params)")
-        print(f"test accuracy: {metrics['test_accuracy']:.4f}")
+              f"{metrics['adapter_bytes']:,} bytes" + (f" + head {metrics['head_params']:,} params)" if classify else ")"))
+        if classify:
+            print(f"test accuracy: {metrics['test_accuracy']:.4f}")
+        else:
+            metric = dataset.metric
+            print(f"eval loss: {metrics['eval_loss']:.4f} (perplexity {metrics['perplexity']:.2f})"
+                  + (f", {metric}: {metrics[metric]:.4f}" if metric else ""))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .train import evaluate_adapter
+    from .train import evaluate_adapter, read_task_adapter, task_kind
 
-    dataset = _load_data(args) if args.data is not None else None
-    if dataset is None and args.test_data:
-        raise UniLoraError("--test-data goes with --data (the training file whose labels name the classes)")
-    result = evaluate_adapter(args.adapter, dataset, args.model, limits=(args.train_limit, args.test_limit))
+    adapter, task = read_task_adapter(args.adapter)
+    if args.data is None and args.test_data:
+        raise UniLoraError("--test-data goes with --data (the training file of the test data)")
+    dataset = _load_data(args, task_kind(task)) if args.data is not None else None
+    if dataset is None and args.metric:
+        raise UniLoraError("--metric goes with --data; without --data the recorded data's metric is used")
+    result = evaluate_adapter(adapter, dataset, args.model, limits=(args.train_limit, args.test_limit),
+                              max_new_tokens=args.max_new_tokens)
     for note in result.pop("notes"):
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .causal_lm import generate_from_adapter, prompts_from_file
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise UniLoraError("give either --prompt TEXT or --prompts FILE.jsonl")
+    prompts = [args.prompt] if args.prompt else prompts_from_file(args.prompts)
+    outputs = generate_from_adapter(args.adapter, prompts, args.max_new_tokens, merge=args.merge, model_name=args.model)
+    if args.prompt:
+        print(outputs[0])
+    else:
+        for prompt, output in zip(prompts, outputs):
+            print(json.dumps({"prompt": prompt, "generation": output}, ensure_ascii=False))
     return 0
 
 
@@ -204,7 +296,16 @@ def cmd_compress(args) -> int:
           + (f", after {args.steps} refinement steps {report['relative_error_refined']:.4f}" if args.steps else ""))
     print(f"size: {report['stored_params']:,} stored params vs {report['original_params']:,} LoRA params "
           f"(ratio {report['size_ratio']:.4f})")
+    error = report["relative_error_refined"] if args.steps else report["relative_error_closed_form"]
+    if error > COMPRESS_ERROR_WARNING:
+        _warn(f"relative error {error:.2f} > {COMPRESS_ERROR_WARNING}: the compressed adapter keeps little of the "
+              "source's update, so it will behave much like the base model; a larger --theta-dim keeps more "
+              "(d = D is exact), or train a small adapter on the task itself with `unilora finetune`")
     return 0
+
+
+# above this relative error of ΔW a weight-space fit keeps too little to be worth using
+COMPRESS_ERROR_WARNING = 0.5
 
 
 def cmd_count(args) -> int:
@@ -221,9 +322,15 @@ def cmd_count(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Train a Uni-LoRA adapter on Rotten Tomatoes with the embedded MiniLM, in a few CPU minutes."""
-    argv = ["finetune", "--method", args.method, "--data", "rotten_tomatoes", "--train-limit", str(args.train_limit),
-            "--test-limit", str(args.test_limit), "--epochs", "1", "--out", args.out, "--overwrite"]
+    """Train a small adapter in a few CPU minutes: a Rotten Tomatoes classifier on the embedded
+    MiniLM, or (causal-lm) BBC News headlines on SmolLM2, showing a held-out generation before and after."""
+    if args.task == "causal-lm":
+        from .causal_lm import demo_causal_lm
+
+        return demo_causal_lm(args.method, args.out, args.train_limit or 96, args.test_limit or 24)
+    argv = ["finetune", "--method", args.method, "--data", "rotten_tomatoes", "--train-limit",
+            str(args.train_limit or 3000), "--test-limit", str(args.test_limit or 1000), "--epochs", "1",
+            "--out", args.out, "--overwrite"]
     return main(argv)
 
 
@@ -239,14 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("finetune", help="train an adapter for text classification")
-    p.add_argument("--model", default="all-MiniLM-L6-v2", help="local folder, hub name, or the embedded all-MiniLM-L6-v2")
+    p = sub.add_parser("finetune", help="train an adapter: text classification or causal LM")
+    p.add_argument("--task", choices=TASKS, help="seq-cls (an encoder and a head) or causal-lm; default: "
+                   "from the data (labels: seq-cls; text, prompt/completion, chat: causal-lm)")
+    p.add_argument("--model", help="local folder, hub name, or an embedded model: all-MiniLM-L6-v2 (seq-cls "
+                   "default), SmolLM2-135M-Instruct (causal-lm default)")
     _add_data_options(p)
+    _add_lm_options(p)
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="causal LM, plain text: pack documents into full --max-length blocks")
     _add_adapter_options(p)
     p.add_argument("--targets", default="all-linear", help="comma-separated name suffixes, a regex, or all-linear")
     p.add_argument("--epochs", type=_positive_int, default=2)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per text (clamped to the model's limit)")
+    p.add_argument("--batch-size", type=_positive_int, help="default 32 (seq-cls), 8 (causal-lm)")
+    p.add_argument("--max-length", type=_positive_int, help="tokens per example, clamped to the model's limit "
+                   "(default 64 for seq-cls, 256 for causal-lm)")
     p.add_argument("--lr", type=_positive_float, help="one learning rate for every adapter group (default: per method)")
     p.add_argument("--head-lr", type=_positive_float, help="classifier head learning rate")
     p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="one group's rate; repeat for more, e.g. --group-lr bank=1e-3 --group-lr logits=1e-2")
@@ -256,12 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="accuracy of a saved adapter on a dataset's test split")
+    p = sub.add_parser("evaluate", help="a saved adapter on a test split: accuracy (seq-cls); loss, perplexity "
+                       "and the data's metric (causal-lm)")
     p.add_argument("adapter")
     p.add_argument("--model", help="override the base model recorded in the adapter")
-    _add_data_options(p, default_data=None, data_help="rotten_tomatoes, bbc_news, or a CSV/JSONL file "
-                      "(default: the data recorded in the adapter)")
+    _add_data_options(p, data_help=DATA_HELP + " (default: the data recorded in the adapter)")
+    _add_lm_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="generate text with a causal-LM adapter")
+    p.add_argument("adapter")
+    p.add_argument("--prompt", help="one prompt (sent as a user turn when the adapter learned from chat data)")
+    p.add_argument("--prompts", help="JSONL file: one {\"prompt\": ...} or {\"messages\": [...]} per line")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (no adapter overhead)")
+    p.add_argument("--model", help="override the base model recorded in the adapter")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="method, counts and bytes of an adapter; VB-LoRA selection plots")
     p.add_argument("adapter")
@@ -297,10 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_options(p)
     p.set_defaults(func=cmd_count)
 
-    p = sub.add_parser("demo", help="train and evaluate a small adapter on Rotten Tomatoes (a few CPU minutes)")
+    p = sub.add_parser("demo", help="train and evaluate a small adapter in a few CPU minutes (Rotten Tomatoes "
+                       "classification, or BBC News headlines with --task causal-lm)")
+    p.add_argument("--task", choices=TASKS, default="seq-cls")
     p.add_argument("--method", choices=METHODS, default="unilora")
-    p.add_argument("--train-limit", type=_positive_int, default=3000)
-    p.add_argument("--test-limit", type=_positive_int, default=1000)
+    p.add_argument("--train-limit", type=_positive_int, help="training examples (default 3000; causal-lm 96)")
+    p.add_argument("--test-limit", type=_positive_int, help="test examples (default 1000; causal-lm 24)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -144,6 +144,16 @@ def _read_table(path: Path) -> list[tuple[int, dict]]:
         raise UniLoraError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
 
+def seeded_split(rows: list, path: Path, seed: int, test_fraction: float) -> tuple[list, list]:
+    """(train, test): a seeded random test_fraction of the rows (at least one) held out."""
+    if len(rows) < 2:
+        raise UniLoraError(f"data file '{path}' has {len(rows)} row; a train/test split needs at least 2")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(len(rows) * test_fraction))
+    return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
+
+
 def _field(path: Path, line: int, row: dict, column: str) -> str:
     if column not in row:
         raise UniLoraError(f"{path}:{line}: field '{column}' is missing (fields: {sorted(k for k in row if k)[:8]})")
@@ -183,12 +193,7 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
         if not test:
             raise UniLoraError(f"test file '{test_path}' has no rows")
     else:
-        if len(train) < 2:
-            raise UniLoraError(f"data file '{path}' has {len(train)} row; a train/test split needs at least 2")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_test = max(1, round(len(train) * test_fraction))
-        test, train = [train[i] for i in order[:n_test]], [train[i] for i in order[n_test:]]
+        train, test = seeded_split(train, path, seed, test_fraction)
     label_names = sorted({label for _, label in train})
     if len(label_names) < 2:
         raise UniLoraError(f"label column '{label_column}' has a single value in the training data; a classifier needs at least two")

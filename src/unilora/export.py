@@ -44,9 +44,9 @@ def _export_rank(rank: int, requested: int | None) -> int:
 
 
 def peft_task_type(meta: dict) -> str | None:
-    """PEFT's task_type for the model the adapter was saved from. `finetune` adapters are exported
+    """PEFT's task_type for the model the adapter was saved from. `finetune` classifiers are exported
     relative to their encoder, i.e. feature extraction."""
-    if meta.get("task"):
+    if _is_finetuned_classifier(meta):
         return "FEATURE_EXTRACTION"
     cls = (meta.get("base_model") or {}).get("class") or ""
     return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
@@ -55,12 +55,21 @@ def peft_task_type(meta: dict) -> str | None:
 _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
+def _is_finetuned_classifier(meta: dict) -> bool:
+    """An adapter of `finetune --task seq-cls`: its layers live under the classifier's `encoder.`."""
+    task = meta.get("task")
+    return bool(task) and task.get("task", "seq-cls") == "seq-cls"
+
+
 def base_model_name(meta: dict) -> str | None:
-    """The name or path the base model was loaded from (the embedded MiniLM by its hub name)."""
+    """The name or path the base model was loaded from (embedded models by their hub names)."""
     from .backbones import EMBEDDED_HUB_NAME, is_embedded
+    from .embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 
     name = (meta.get("task") or {}).get("model") or (meta.get("base_model") or {}).get("name_or_path")
-    return EMBEDDED_HUB_NAME if name and is_embedded(name) else name
+    if name and is_embedded(name):
+        return EMBEDDED_HUB_NAME
+    return EMBEDDED_LLM_HUB_NAME if name and is_embedded_llm(name) else name
 
 
 def _target_modules(config, names: list[str]) -> list[str]:
@@ -100,7 +109,7 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
     _refuse_overlap(Path(adapter_dir), Path(out_dir))
     meta, tensors, projection = rebuild_projection(adapter_dir)
     # Adapters from `unilora finetune` wrap the encoder as `encoder.`: PEFT users load the encoder itself.
-    strip = "encoder." if meta.get("task") else ""
+    strip = "encoder." if _is_finetuned_classifier(meta) else ""
     lora, r_out, names = peft_lora_tensors(projection, rank, strip)
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
     task_type, modules_to_save = peft_task_type(meta), None

@@ -165,18 +165,33 @@ def _check_meta(meta: dict, path: Path) -> tuple[AdapterConfig, Layout]:
     base.string("class", default=None, allow_none=True)
     base.string("name_or_path", default=None, allow_none=True)
     if fields.has("task"):
-        task = fields.obj("task")
+        _check_task(fields.obj("task"), path)
+    return config, layout
+
+
+def _check_task(task, path: Path) -> None:
+    """What `finetune` records: the task kind, model, data and what each kind needs."""
+    from .lm_data import KINDS, METRICS
+
+    kind = task.string("task", default="seq-cls")
+    if kind not in ("seq-cls", "causal-lm"):
+        raise UniLoraError(f"'{path}': task 'task' must be 'seq-cls' or 'causal-lm', found {kind!r}")
+    if kind == "seq-cls":
         labels = task.strings("label_names")
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise UniLoraError(f"'{path}': task 'label_names' must hold at least two distinct names")
-        task.string("model")
-        task.string("dataset", default=None, allow_none=True)
-        task.integer("max_length", 1, 1 << 20)
-        if task.has("data") and task.data["data"] is not None:
-            source = task.obj("data")
-            for key in ("data", "text_column", "label_column", "test_data"):
-                source.string(key, default=None, allow_none=True)
-    return config, layout
+    else:
+        if task.string("kind") not in KINDS:
+            raise UniLoraError(f"'{path}': task 'kind' must be one of {list(KINDS)}")
+        if task.string("metric", default=None, allow_none=True) not in (None, *METRICS):
+            raise UniLoraError(f"'{path}': task 'metric' must be one of {list(METRICS)} or null")
+    task.string("model")
+    task.string("dataset", default=None, allow_none=True)
+    task.integer("max_length", 1, 1 << 20)
+    if task.has("data") and task.data["data"] is not None:
+        source = task.obj("data")
+        for key in ("data", "text_column", "label_column", "test_data"):
+            source.string(key, default=None, allow_none=True)
 
 
 def read_adapter(directory) -> AdapterFile:

@@ -1,4 +1,10 @@
-"""Fine-tuning and evaluation loop for text classification (single process or DDP via torchrun)."""
+"""The training core shared by every task (single process or DDP via torchrun).
+
+A task (classification.ClassificationTask, causal_lm.CausalLMTask) says what differs: the model it
+builds, its examples, how a batch is made, how a model is evaluated and what the adapter records.
+The loop here owns the rest: seeds, the optimizer with per-group rates, the warm-up / linear-decay
+schedule, DDP, the progress bar, the history, and writing the run folder atomically.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .backbones import SequenceClassifier, load_backbone
 from .config import AdapterConfig
-from .data import BUILTIN_DATASETS, TextDataset, load_dataset
 from .errors import UniLoraError
-from .io import is_adapter_dir, read_adapter
+from .io import AdapterFile, is_adapter_dir, read_adapter
 from .model import AdaptedModel, get_model
 from .validation import read_json_object
 from .writing import check_writable, write_json_atomic, write_output_dir
@@ -47,6 +51,9 @@ class TrainSettings:
     seed: int = 0
     eval_batch_size: int = 128
     progress: bool = True
+    fit_rates: bool = False  # scale the recipe's θ rate to the model (recipes.fitted_group_lrs)
+    packing: bool = True  # causal LM, plain text: concatenate documents into full-length blocks
+    max_new_tokens: int | None = None  # causal LM metric: tokens generated per answer (None: from the answers)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
@@ -57,6 +64,45 @@ class TrainSettings:
             raise UniLoraError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
+class Task:
+    """What one kind of fine-tuning supplies to the shared loop."""
+
+    kind: str  # recorded in the adapter: "seq-cls" or "causal-lm"
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.data_name = dataset.name
+
+    def build(self, model_name: str, settings: TrainSettings) -> torch.nn.Module:
+        """Load the tokenizer and the base model, encode the data; return the base model."""
+        raise NotImplementedError
+
+    def train_size(self) -> int:
+        raise NotImplementedError
+
+    def test_size(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, indices: list[int]) -> dict:
+        """The model inputs, labels included, for these training examples."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The training loss of a batch (`model` may be the DDP wrapper)."""
+        return model(**batch).loss
+
+    def evaluate(self, model: torch.nn.Module, final: bool) -> dict:
+        """Held-out metrics after an epoch; `final` adds the costly ones (generation)."""
+        raise NotImplementedError
+
+    def summary(self, result: dict) -> str:
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        """What the adapter records about the task, so `evaluate` and `generate` need no options."""
+        raise NotImplementedError
+
+
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -64,118 +110,64 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-
-
-def collate(tokenizer, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-    return tokenizer.pad({"input_ids": sequences}, return_tensors="pt")
-
-
-@torch.no_grad()
-def accuracy(model, tokenizer, encoded: list[list[int]], labels: list[int], batch_size: int) -> float:
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate(tokenizer, [encoded[i] for i in idx])
-        predicted = model(**batch).logits.argmax(-1)
-        correct += int((predicted == torch.tensor([labels[i] for i in idx])).sum())
-    return correct / max(1, len(labels))
-
-
-def build_classifier(model_name: str, num_labels: int, seed: int):
-    tokenizer, encoder = load_backbone(model_name)
-    return tokenizer, SequenceClassifier(encoder, num_labels, seed=seed)
-
-
-def model_max_length(tokenizer, encoder) -> int:
+def model_max_length(tokenizer, model) -> int:
     """The longest input the model accepts: the tokenizer's limit, else the position table's."""
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 1_000_000:
         return limit
-    return int(getattr(encoder.config, "max_position_embeddings", 512))
+    return int(getattr(model.config, "max_position_embeddings", 512))
 
 
-def fitted_max_length(requested: int, tokenizer, encoder) -> int:
-    limit = model_max_length(tokenizer, encoder)
+def fitted_max_length(requested: int, tokenizer, model) -> int:
+    limit = model_max_length(tokenizer, model)
     if requested > limit:
         print(f"note: --max-length {requested} is above this model's limit; using {limit}", file=sys.stderr)
         return limit
     return requested
 
 
-def finetune(model_name: str, dataset: TextDataset, adapter: AdapterConfig, settings: TrainSettings,
+def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSettings,
              out_dir: str | Path, overwrite: bool = False) -> dict:
-    """Train an adapter; write OUT/adapter (the adapter) and OUT/metrics.json together, as one
-    folder put in place at the end (OUT is checked before training). Returns the metrics."""
+    """Train an adapter on `data` (a classification TextDataset or a causal-LM LMDataset); write
+    OUT/adapter and OUT/metrics.json together, as one folder put in place at the end (OUT is
+    checked before training). Returns the metrics."""
     rank, world = _distributed()
     if rank == 0:
         check_writable(Path(out_dir), RUN_FILES, overwrite, "run")
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
-    tokenizer, classifier = build_classifier(model_name, len(dataset.label_names), settings.seed)
-    model: AdaptedModel = get_model(classifier, adapter)
-    max_length = fitted_max_length(settings.max_length, tokenizer, classifier.encoder)
-    train_ids = encode(tokenizer, dataset.train_texts, max_length)
-    test_ids = encode(tokenizer, dataset.test_texts, max_length)
+    task = task_for(data)
+    base = task.build(model_name, settings)
+    model: AdaptedModel = get_model(base, adapter)
+    n_train = task.train_size()
+    if settings.fit_rates:
+        from .recipes import fitted_group_lrs
 
-    trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(
-        model.parameter_groups(settings.lr, settings.group_lrs, settings.weight_decay), lr=settings.lr
-    )
-    per_rank = math.ceil(len(train_ids) / world)
-    steps_per_epoch = math.ceil(per_rank / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    warmup = max(1, int(total * settings.warmup_ratio))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
-    history, started = [], time.time()
-    for epoch in range(1, settings.epochs + 1):
-        model.train()
-        order = list(range(len(train_ids)))
-        random.Random(settings.seed * 7919 + epoch).shuffle(order)
-        order = order[rank::world][:per_rank]
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings.epochs}", disable=not settings.progress or rank)
-        running = 0.0
-        for step in bar:
-            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            if not idx:
-                break
-            batch = collate(tokenizer, [train_ids[i] for i in idx])
-            batch["labels"] = torch.tensor([dataset.train_labels[i] for i in idx])
-            loss = trainer(**batch).loss
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
-            bar.set_postfix(loss=f"{running:.4f}")
-        if rank == 0:
-            acc = accuracy(model, tokenizer, test_ids, dataset.test_labels, settings.eval_batch_size)
-            history.append({"epoch": epoch, "test_accuracy": acc, "train_loss": running})
-            print(f"epoch {epoch}: test accuracy {acc:.4f}, train loss {running:.4f}", flush=True)
-        if world > 1:
-            dist.barrier()
+        settings.group_lrs, note = fitted_group_lrs(adapter.method, settings.group_lrs, model.projection.layout.D,
+                                                    adapter.theta_dim)
+        if note and rank == 0:
+            print(f"note: {note}", file=sys.stderr)
+
+    started = time.time()
+    history = train(model, task, settings, model.parameter_groups(settings.lr, settings.group_lrs,
+                                                                 settings.weight_decay))
     metrics = {}
     if rank == 0:
-        task = {"model": model_name, "dataset": dataset.name, "label_names": dataset.label_names,
-                "max_length": max_length, "data": dataset.source}
+        record = {"task": task.kind, "model": model_name, "dataset": task.data_name, **task.record()}
         metrics = {
             "writer": "unilora",
+            "task": task.kind,
             "method": adapter.method,
-            "dataset": dataset.name,
+            "dataset": task.data_name,
             "model": model_name,
-            "test_accuracy": history[-1]["test_accuracy"],
+            **{k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss")},
             "history": history,
             "stored_params": model.stored_param_count(),
             "adapter_bytes": model.stored_bytes(),
             "head_params": sum(p.numel() for p in model.head_parameters().values()),
             "trainable_params": model.trainable_parameter_count(),
-            "train_examples": len(train_ids),
-            "test_examples": len(test_ids),
+            "train_examples": n_train,
+            "test_examples": task.test_size(),
             "seconds": round(time.time() - started, 1),
             "world_size": world,
             "adapter": model.adapter_config.to_dict(),  # with any value chosen from the model (VB-LoRA b)
@@ -183,7 +175,7 @@ def finetune(model_name: str, dataset: TextDataset, adapter: AdapterConfig, sett
         }
 
         def write(staging: Path) -> None:
-            model.save_pretrained(staging / "adapter", task=task)
+            model.save_pretrained(staging / "adapter", task=record)
             write_json_atomic(staging / "metrics.json", metrics)
 
         write_output_dir(out_dir, write, RUN_FILES, overwrite, what="run", last=("metrics.json",))
@@ -192,47 +184,92 @@ def finetune(model_name: str, dataset: TextDataset, adapter: AdapterConfig, sett
     return metrics
 
 
-def dataset_of(task: dict, adapter_dir) -> TextDataset:
-    """The data an adapter was trained on, as recorded by `finetune`."""
+def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_groups: list[dict]) -> list[dict]:
+    """The loop: AdamW over `param_groups`, linear warm-up then linear decay, DDP when launched by
+    torchrun, evaluation after every epoch (on rank 0). Returns the history of evaluations.
+    Any model that returns `.logits` / `.loss` trains here (the results scripts train PEFT's too)."""
+    rank, world = _distributed()
+    trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(param_groups, lr=settings.lr)
+    n_train = task.train_size()
+    per_rank = math.ceil(n_train / world)
+    steps_per_epoch = math.ceil(per_rank / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, int(total * settings.warmup_ratio))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    history = []
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        order = list(range(n_train))
+        random.Random(settings.seed * 7919 + epoch).shuffle(order)
+        order = order[rank::world][:per_rank]
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings.epochs}", disable=not settings.progress or rank)
+        running = 0.0
+        for step in bar:
+            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            if not idx:
+                break
+            loss = task.loss(trainer, task.batch(idx))
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+            bar.set_postfix(loss=f"{running:.4f}")
+        if rank == 0:
+            result = task.evaluate(model, final=epoch == settings.epochs)
+            history.append({"epoch": epoch, **result, "train_loss": running})
+            print(f"epoch {epoch}: {task.summary(result)}, train loss {running:.4f}", flush=True)
+        if world > 1:
+            dist.barrier()
+    return history
+
+
+def task_for(data) -> Task:
+    from .causal_lm import CausalLMTask
+    from .classification import ClassificationTask
+    from .lm_data import LMDataset
+
+    return CausalLMTask(data) if isinstance(data, LMDataset) else ClassificationTask(data)
+
+
+def task_kind(task: dict) -> str:
+    """The recorded task of an adapter (adapters from before causal-LM tasks are classifiers)."""
+    return task.get("task", "seq-cls")
+
+
+def read_task_adapter(adapter: str | Path | AdapterFile):
+    """The adapter (read and validated unless it already is) and its recorded task; refuses
+    adapters not saved by `finetune`."""
+    if not isinstance(adapter, AdapterFile):
+        adapter = read_adapter(adapter)
+    if not adapter.task:
+        raise UniLoraError(f"'{adapter.path}' was not saved by `unilora finetune` (no task info); use it from Python")
+    return adapter, adapter.task
+
+
+def recorded_data(task: dict, adapter_dir, builtins) -> tuple[str, dict]:
+    """(data spec, source record) of the data `finetune` recorded, if it is available here."""
     source = task.get("data") or {}
     spec = source.get("data")
-    if not spec or (spec not in BUILTIN_DATASETS and not Path(spec).is_file()):
+    if not spec or (spec not in builtins and not Path(spec).is_file()):
         raise UniLoraError(f"'{adapter_dir}' does not record data that is available here"
                            f"{f' ({spec})' if spec else ''}; pass --data")
-    return load_dataset(spec, source.get("text_column", "text"), source.get("label_column", "label"),
-                        source.get("test_data"), seed=0)
+    return spec, source
 
 
-def label_mapping(adapter_labels: list[str], data_labels: list[str]) -> list[int]:
-    """For each data label id, the adapter's id of the same name; refuses names it does not know."""
-    unknown = [name for name in data_labels if name not in adapter_labels]
-    if unknown:
-        raise UniLoraError(
-            f"the data has labels {unknown[:5]} that this adapter does not know (it predicts {adapter_labels}); "
-            "evaluate on data labelled with the same names"
-        )
-    return [adapter_labels.index(name) for name in data_labels]
+def evaluate_adapter(adapter: str | Path | AdapterFile, data=None, model_name: str | None = None,
+                     batch_size: int = 128, limits: tuple[int | None, int | None] = (None, None),
+                     max_new_tokens: int | None = None) -> dict:
+    """Scores of a saved adapter on `data`'s test split; without data, on the data it was trained on
+    (cut to `limits` = (train, test) sizes)."""
+    adapter, task = read_task_adapter(adapter)
+    if task_kind(task) == "causal-lm":
+        from .causal_lm import evaluate_lm_adapter
 
+        return evaluate_lm_adapter(adapter, data, model_name, batch_size, limits, max_new_tokens)
+    from .classification import evaluate_classifier
 
-def evaluate_adapter(adapter_dir: str | Path, dataset: TextDataset | None, model_name: str | None = None,
-                     batch_size: int = 128, limits: tuple[int | None, int | None] = (None, None)) -> dict:
-    """Accuracy of a saved classification adapter on the dataset's test split; without a dataset,
-    on the data it was trained on (cut to `limits` = (train, test) sizes). Labels are matched by name."""
-    adapter = read_adapter(adapter_dir)
-    task = adapter.task
-    if not task:
-        raise UniLoraError(f"'{adapter_dir}' was not saved by `unilora finetune` (no task info); evaluate it in Python")
-    if dataset is None:
-        dataset = dataset_of(task, adapter_dir).limited(*limits, seed=0)
-    mapping = label_mapping(task["label_names"], dataset.label_names)
-    notes = []
-    if mapping != list(range(len(mapping))):
-        pairs = ", ".join(f"{name}->{task['label_names'][i]}" for name, i in zip(dataset.label_names, mapping))
-        notes.append(f"labels matched by name ({pairs})")
-    tokenizer, classifier = build_classifier(model_name or task["model"], len(task["label_names"]), 0)
-    model = AdaptedModel.from_pretrained(classifier, adapter)
-    encoded = encode(tokenizer, dataset.test_texts, fitted_max_length(task["max_length"], tokenizer, classifier.encoder))
-    labels = [mapping[label] for label in dataset.test_labels]
-    return {"test_accuracy": accuracy(model, tokenizer, encoded, labels, batch_size),
-            "test_examples": len(encoded), "dataset": dataset.name,
-            "method": adapter.config.method, "notes": notes}
+    return evaluate_classifier(adapter, data, model_name, batch_size, limits)

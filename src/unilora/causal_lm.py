@@ -1,0 +1,361 @@
+"""Causal-LM fine-tuning (`--task causal-lm`): tokenizing the three data kinds with their loss
+masks, eval loss / perplexity, generation, and the metrics scored on generated answers."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import load_causal_lm
+from .errors import UniLoraError
+from .lm_data import BUILTIN_LM_TASKS, LMDataset, load_lm_dataset
+from .model import AdaptedModel
+from .train import Task, TrainSettings, fitted_max_length, recorded_data
+
+IGNORE = -100  # label of a token that carries no loss (prompt, user turns, padding)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UniLoraError("chat data needs a tokenizer with a chat template, and this model's has none; "
+                           "use prompt/completion data instead")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
+    """The rendered conversation; loss on the assistant turns (their closing token included)."""
+    ids = _ids(tokenizer, _chat_text(tokenizer, messages), False)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _ids(tokenizer, _chat_text(tokenizer, messages[:i], add_generation_prompt=True), False)
+        end = _ids(tokenizer, _chat_text(tokenizer, messages[: i + 1]), False)
+        if ids[: len(start)] != start or ids[: len(end)] != end:
+            raise UniLoraError("this tokenizer's chat template does not render a conversation as the sum of its "
+                               "turns, so the assistant tokens cannot be found; use prompt/completion data")
+        labels[len(start) : len(end)] = ids[len(start) : len(end)]
+    return Encoded(ids, labels)
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> Encoded:
+    prompt_ids = _ids(tokenizer, prompt, True)
+    answer = _ids(tokenizer, completion, False) + [tokenizer.eos_token_id]
+    return Encoded(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, packing: bool) -> list[Encoded]:
+    """Documents (each closed by EOS) cut into blocks of max_length; packed: one stream."""
+    documents = [_ids(tokenizer, t, True) + [tokenizer.eos_token_id] for t in texts]
+    streams = [[t for d in documents for t in d]] if packing else documents
+    blocks = [s[i : i + max_length] for s in streams for i in range(0, len(s), max_length)]
+    return [Encoded(b, b) for b in blocks if len(b) >= 2]  # a lone token predicts nothing
+
+
+def encode_examples(tokenizer, dataset_kind: str, rows: list[dict], max_length: int, packing: bool) -> list[Encoded]:
+    if dataset_kind == "text":
+        return encode_texts(tokenizer, [r["text"] for r in rows], max_length, packing)
+    encoded, cut = [], 0
+    for row in rows:
+        e = (encode_chat(tokenizer, row["messages"]) if dataset_kind == "chat"
+             else encode_prompt_completion(tokenizer, row["prompt"], row["completion"]))
+        if len(e.input_ids) > max_length:  # keep the answer and what leads into it
+            e, cut = Encoded(e.input_ids[-max_length:], e.labels[-max_length:]), cut + 1
+        encoded.append(e)
+    if cut:
+        print(f"note: {cut} of {len(rows)} examples are longer than --max-length {max_length}; "
+              "their beginnings were cut", file=sys.stderr)
+    return encoded
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch (positions need no adjusting); padding carries no loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_loss(model, batch: dict, reduction: str = "mean", keep_logits: bool = True) -> torch.Tensor:
+    """Cross-entropy of each target token given the tokens before it. With `keep_logits`, logits
+    are computed only at positions that predict a target (`logits_to_keep`): the vocabulary
+    projection is about a fifth of a small LM's compute, and most positions of an instruction
+    example carry no loss."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
+    if keep_logits:
+        keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+        logits, targets = model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
+    else:
+        logits = model(**inputs).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[Encoded], pad_id: int, batch_size: int, keep_logits: bool = True) -> float:
+    """Mean loss per target token over all examples (not a mean of batch means)."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        total += token_loss(model, batch, "sum", keep_logits).item()
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    return total / max(1, count)
+
+
+def prompt_and_answer(row: dict) -> tuple[str | list[dict], str]:
+    """(prompt, reference answer) of a prompt/completion or chat example: a conversation is cut
+    before its last assistant turn."""
+    if "prompt" in row:
+        return row["prompt"], row["completion"]
+    messages = row["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
+    """Token ids of a prompt: a conversation, or a text sent as a user turn when `chat`, goes through
+    the chat template (which holds its own special tokens); else the text as the tokenizer encodes it."""
+    if isinstance(prompt, list) or chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return _ids(tokenizer, _chat_text(tokenizer, messages, add_generation_prompt=True), False)
+    return _ids(tokenizer, prompt, True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
+             max_prompt_tokens: int | None = None) -> list[str]:
+    """Greedy continuations of each prompt (token ids; batched, left-padded), special tokens removed."""
+    model.eval()
+    if max_prompt_tokens:
+        encoded = [e[-max_prompt_tokens:] for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(new[row, width:], skip_special_tokens=True).strip()
+    return outputs
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def score(metric: str, generations: list[str], references: list[str]) -> float:
+    """rougeL: mean ROUGE-L F1 x 100 (rouge-score, stemmed); accuracy: share of answers whose first
+    word is the reference's (case and punctuation ignored); exact_match: whole answers equal so."""
+    if metric == "rougeL":
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError:
+            raise UniLoraError("the rougeL metric needs the rouge-score package: pip install rouge-score") from None
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        values = [scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generations, references)]
+        return 100.0 * sum(values) / max(1, len(values))
+    if metric == "accuracy":
+        first = [(_normal(g).split() or [""])[0] for g in generations]
+        hits = [f == (_normal(r).split() or [""])[0] for f, r in zip(first, references)]
+    elif metric == "exact_match":
+        hits = [_normal(g) == _normal(r) for g, r in zip(generations, references)]
+    else:
+        raise UniLoraError(f"unknown metric '{metric}'")
+    return sum(hits) / max(1, len(hits))
+
+
+def answer_budget(tokenizer, answers: list[str]) -> int:
+    """Tokens to generate per answer: the longest reference plus room for the closing token."""
+    return max(len(_ids(tokenizer, a, False)) for a in answers) + 4
+
+
+def score_generations(model, tokenizer, dataset: LMDataset, max_length: int, batch_size: int,
+                      max_new_tokens: int | None) -> dict:
+    pairs = [prompt_and_answer(row) for row in dataset.test]
+    answers = [a for _, a in pairs]
+    encoded = [prompt_ids(tokenizer, p, chat=False) for p, _ in pairs]
+    budget = max_new_tokens or answer_budget(tokenizer, answers)
+    generations = generate(model, tokenizer, encoded, budget, batch_size, max(1, max_length - budget))
+    return {dataset.metric: score(dataset.metric, generations, answers),
+            "samples": [{"reference": a, "generation": g} for a, g in list(zip(answers, generations))[:3]]}
+
+
+class CausalLMTask(Task):
+    kind = "causal-lm"
+
+    def build(self, model_name: str, settings: TrainSettings) -> torch.nn.Module:
+        self.tokenizer, lm = load_causal_lm(model_name)
+        self.max_length = fitted_max_length(settings.max_length, self.tokenizer, lm)
+        kind, packing = self.dataset.kind, settings.packing
+        self.train_examples = encode_examples(self.tokenizer, kind, self.dataset.train, self.max_length, packing)
+        self.test_examples = encode_examples(self.tokenizer, kind, self.dataset.test, self.max_length, packing)
+        if not self.train_examples or not self.test_examples:
+            raise UniLoraError(f"the {'training' if not self.train_examples else 'test'} split of '{self.data_name}' "
+                               "holds no token to learn or score; give it more text")
+        self.batch_size, self.max_new_tokens = settings.batch_size, settings.max_new_tokens
+        self.keep_logits = accepts_logits_to_keep(lm)
+        return lm
+
+    def train_size(self) -> int:
+        return len(self.train_examples)
+
+    def test_size(self) -> int:
+        return len(self.test_examples)
+
+    def batch(self, indices: list[int]) -> dict:
+        return collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return token_loss(model, batch, keep_logits=self.keep_logits)
+
+    def evaluate(self, model, final: bool) -> dict:
+        loss = eval_loss(model, self.test_examples, self.tokenizer.pad_token_id, self.batch_size, self.keep_logits)
+        result = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if final and self.dataset.metric:
+            result.update(score_generations(model, self.tokenizer, self.dataset, self.max_length,
+                                            self.batch_size, self.max_new_tokens))
+        return result
+
+    def summary(self, result: dict) -> str:
+        text = f"eval loss {result['eval_loss']:.4f} (perplexity {result['perplexity']:.2f})"
+        metric = self.dataset.metric
+        return text + (f", {metric} {result[metric]:.4f}" if metric in result else "")
+
+    def record(self) -> dict:
+        return {"max_length": self.max_length, "data": self.dataset.source, "kind": self.dataset.kind,
+                "metric": self.dataset.metric}
+
+
+def lm_dataset_of(task: dict, adapter_dir) -> LMDataset:
+    """The data a causal-LM adapter was trained on, as recorded by `finetune`."""
+    spec, source = recorded_data(task, adapter_dir, BUILTIN_LM_TASKS)
+    return load_lm_dataset(spec, source.get("text_column", "text"), source.get("test_data"), seed=0,
+                           metric=task.get("metric"))
+
+
+def load_lm_adapter(adapter, model_name: str | None = None):
+    """(tokenizer, adapted model) of a read causal-LM adapter on its recorded base model."""
+    tokenizer, lm = load_causal_lm(model_name or adapter.task["model"])
+    return tokenizer, AdaptedModel.from_pretrained(lm, adapter)
+
+
+def evaluate_lm_adapter(adapter, dataset: LMDataset | None, model_name: str | None, batch_size: int,
+                        limits: tuple[int | None, int | None], max_new_tokens: int | None) -> dict:
+    task = adapter.task
+    if dataset is None:
+        dataset = lm_dataset_of(task, adapter.path).limited(*limits, seed=0)
+    if not isinstance(dataset, LMDataset):
+        raise UniLoraError(f"'{adapter.path}' is a causal-LM adapter; evaluate it on text, prompt/completion "
+                           "or chat data")
+    tokenizer, model = load_lm_adapter(adapter, model_name)
+    max_length = fitted_max_length(task["max_length"], tokenizer, model)
+    examples = encode_examples(tokenizer, dataset.kind, dataset.test, max_length, packing=True)
+    if not examples:
+        raise UniLoraError(f"the test split of '{dataset.name}' holds no token to score; give it more text")
+    loss = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, accepts_logits_to_keep(model))
+    result = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "test_examples": len(examples),
+              "dataset": dataset.name, "method": adapter.config.method}
+    if dataset.metric:
+        result.update(score_generations(model, tokenizer, dataset, max_length, batch_size, max_new_tokens))
+    return {**result, "notes": []}
+
+
+def prompts_from_file(path: str | Path) -> list:
+    """Prompts to generate from: JSONL rows with "prompt" (text) or "messages" (a conversation)."""
+    from .data import _read_table
+    from .lm_data import check_messages
+
+    path = Path(path)
+    if not path.is_file():
+        raise UniLoraError(f"prompts file '{path}' does not exist")
+    prompts = []
+    for line, row in _read_table(path):
+        if row.get("messages") is not None:
+            prompts.append(check_messages(path, line, row["messages"], need_assistant=False))
+        elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            prompts.append(row["prompt"])
+        else:
+            raise UniLoraError(f"{path}:{line}: expected a 'prompt' text or a 'messages' list")
+    if not prompts:
+        raise UniLoraError(f"prompts file '{path}' has no rows")
+    return prompts
+
+
+def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge: bool = False,
+                          model_name: str | None = None, batch_size: int = 8) -> list[str]:
+    """Generations of a saved causal-LM adapter. A text prompt is sent as a user turn through the chat
+    template when the adapter learned from chat data; a conversation always is."""
+    from .train import read_task_adapter, task_kind
+
+    adapter, task = read_task_adapter(adapter_dir)
+    if task_kind(task) != "causal-lm":
+        raise UniLoraError(f"'{adapter_dir}' is a classifier; `generate` needs a causal-LM adapter")
+    tokenizer, model = load_lm_adapter(adapter, model_name)
+    if merge:
+        model.merge()
+    chat = task.get("kind") == "chat"
+    return generate(model, tokenizer, [prompt_ids(tokenizer, p, chat) for p in prompts], max_new_tokens, batch_size)
+
+
+def demo_causal_lm(method: str, out: str, train_limit: int, test_limit: int) -> int:
+    """`unilora demo --task causal-lm`: BBC News headlines on SmolLM2, one held-out article's
+    headline generated before and after training."""
+    from .cli import main
+    from .embedded_llm import EMBEDDED_LLM
+    from .lm_data import bbc_headlines
+
+    held_out = bbc_headlines().test[-1]["messages"]  # from the test split: never trained on
+    prompt, reference = held_out[0]["content"], held_out[1]["content"]
+    tokenizer, lm = load_causal_lm(EMBEDDED_LLM)
+    encoded = [prompt_ids(tokenizer, prompt, chat=True)]
+    before = generate(lm, tokenizer, encoded, 24, 1)[0]
+    del lm
+    code = main(["finetune", "--task", "causal-lm", "--method", method, "--data", "bbc_headlines",
+                 "--train-limit", str(train_limit), "--test-limit", str(test_limit), "--epochs", "1",
+                 "--out", out, "--overwrite"])
+    if code:
+        return code
+    after = generate_from_adapter(Path(out) / "adapter", [prompt], 24)[0]
+    print(f"\nheld-out article: {prompt.split(chr(10))[-1][:200]}...")
+    print(f"reference headline: {reference}")
+    print(f"before training:    {before}")
+    print(f"after training:     {after}")
+    return 0

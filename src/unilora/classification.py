@@ -1,0 +1,110 @@
+"""Text classification: an encoder with mean pooling and a trained head (`--task seq-cls`)."""
+
+from __future__ import annotations
+
+import torch
+
+from .backbones import SequenceClassifier, load_backbone
+from .data import BUILTIN_DATASETS, TextDataset, load_dataset
+from .errors import UniLoraError
+from .model import AdaptedModel
+from .train import Task, TrainSettings, fitted_max_length, recorded_data
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def collate(tokenizer, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    return tokenizer.pad({"input_ids": sequences}, return_tensors="pt")
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, encoded: list[list[int]], labels: list[int], batch_size: int) -> float:
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate(tokenizer, [encoded[i] for i in idx])
+        predicted = model(**batch).logits.argmax(-1)
+        correct += int((predicted == torch.tensor([labels[i] for i in idx])).sum())
+    return correct / max(1, len(labels))
+
+
+def build_classifier(model_name: str, num_labels: int, seed: int):
+    tokenizer, encoder = load_backbone(model_name)
+    return tokenizer, SequenceClassifier(encoder, num_labels, seed=seed)
+
+
+class ClassificationTask(Task):
+    kind = "seq-cls"
+
+    def build(self, model_name: str, settings: TrainSettings) -> torch.nn.Module:
+        self.tokenizer, classifier = build_classifier(model_name, len(self.dataset.label_names), settings.seed)
+        self.max_length = fitted_max_length(settings.max_length, self.tokenizer, classifier.encoder)
+        self.train_ids = encode(self.tokenizer, self.dataset.train_texts, self.max_length)
+        self.test_ids = encode(self.tokenizer, self.dataset.test_texts, self.max_length)
+        self.eval_batch_size = settings.eval_batch_size
+        return classifier
+
+    def train_size(self) -> int:
+        return len(self.train_ids)
+
+    def test_size(self) -> int:
+        return len(self.test_ids)
+
+    def batch(self, indices: list[int]) -> dict:
+        batch = collate(self.tokenizer, [self.train_ids[i] for i in indices])
+        batch["labels"] = torch.tensor([self.dataset.train_labels[i] for i in indices])
+        return batch
+
+    def evaluate(self, model, final: bool) -> dict:
+        return {"test_accuracy": accuracy(model, self.tokenizer, self.test_ids, self.dataset.test_labels,
+                                          self.eval_batch_size)}
+
+    def summary(self, result: dict) -> str:
+        return f"test accuracy {result['test_accuracy']:.4f}"
+
+    def record(self) -> dict:
+        return {"label_names": self.dataset.label_names, "max_length": self.max_length, "data": self.dataset.source}
+
+
+def dataset_of(task: dict, adapter_dir) -> TextDataset:
+    """The data an adapter was trained on, as recorded by `finetune`."""
+    spec, source = recorded_data(task, adapter_dir, BUILTIN_DATASETS)
+    return load_dataset(spec, source.get("text_column", "text"), source.get("label_column", "label"),
+                        source.get("test_data"), seed=0)
+
+
+def label_mapping(adapter_labels: list[str], data_labels: list[str]) -> list[int]:
+    """For each data label id, the adapter's id of the same name; refuses names it does not know."""
+    unknown = [name for name in data_labels if name not in adapter_labels]
+    if unknown:
+        raise UniLoraError(
+            f"the data has labels {unknown[:5]} that this adapter does not know (it predicts {adapter_labels}); "
+            "evaluate on data labelled with the same names"
+        )
+    return [adapter_labels.index(name) for name in data_labels]
+
+
+def evaluate_classifier(adapter, dataset: TextDataset | None, model_name: str | None, batch_size: int,
+                        limits: tuple[int | None, int | None]) -> dict:
+    """Accuracy of a classification adapter (labels matched by name)."""
+    task = adapter.task
+    if dataset is None:
+        dataset = dataset_of(task, adapter.path).limited(*limits, seed=0)
+    if not isinstance(dataset, TextDataset):
+        raise UniLoraError(f"'{adapter.path}' is a classifier; evaluate it on labelled data (text and label columns)")
+    mapping = label_mapping(task["label_names"], dataset.label_names)
+    notes = []
+    if mapping != list(range(len(mapping))):
+        pairs = ", ".join(f"{name}->{task['label_names'][i]}" for name, i in zip(dataset.label_names, mapping))
+        notes.append(f"labels matched by name ({pairs})")
+    tokenizer, classifier = build_classifier(model_name or task["model"], len(task["label_names"]), 0)
+    model = AdaptedModel.from_pretrained(classifier, adapter)
+    encoded = encode(tokenizer, dataset.test_texts, fitted_max_length(task["max_length"], tokenizer, classifier.encoder))
+    labels = [mapping[label] for label in dataset.test_labels]
+    return {"test_accuracy": accuracy(model, tokenizer, encoded, labels, batch_size),
+            "test_examples": len(encoded), "dataset": dataset.name,
+            "method": adapter.config.method, "notes": notes}
