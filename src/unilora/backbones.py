@@ -90,10 +90,9 @@ def is_causal_lm(name: str) -> bool:
         return False
     from transformers import AutoConfig
 
-    path = _local_or_hub(name)
     try:
-        architectures = AutoConfig.from_pretrained(path).architectures or []
-    except (OSError, ValueError):
+        architectures = AutoConfig.from_pretrained(_local_or_hub(name)).architectures or []
+    except (OSError, ValueError, UniLoraError):
         return False  # the load itself reports what is wrong
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 

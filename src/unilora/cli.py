@@ -172,14 +172,14 @@ def cmd_finetune(args) -> int:
     from .train import RUN_FILES, TrainSettings, finetune
     from .writing import check_writable
 
+    out = Path(args.out or f"runs/{args.method}-{Path(args.data or 'rotten_tomatoes').stem}-seed{args.seed}")
+    check_writable(out, RUN_FILES, args.overwrite, "run")  # before any data is read or model loaded
     task = _resolve_task(args)
     classify = task == "seq-cls"
     if args.head_lr is not None and not classify:
         raise UniLoraError("--head-lr sets the classifier head's rate; a causal LM has no head to train")
     config = _adapter_config(args, _targets(args.targets), modules_to_save=["classifier"] if classify else [],
                              auto_vector_length=not is_embedded(args.model))
-    out = Path(args.out or f"runs/{args.method}-{Path(args.data).stem}-seed{args.seed}")
-    check_writable(out, RUN_FILES, args.overwrite, "run")  # before any data is read or model loaded
     group_lrs = {**GROUP_LRS[args.method], **({"head": args.head_lr or HEAD_LR} if classify else {})}
     if args.lr is not None:
         group_lrs = {k: (v if k == "head" else args.lr) for k, v in group_lrs.items()}

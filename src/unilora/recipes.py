@@ -46,9 +46,9 @@ PAPER_DEFAULTS: dict[str, dict] = {
 # the loss falls per step by about rate x d x (typical gradient), against LoRA's rate x D, so a
 # larger D/d needs a proportionally larger rate to train as fast. On SmolLM2-135M (all linear,
 # D/d = 135.7; BBC headlines, 12 steps, seeds 100 and 101, not in the reported table) eval loss
-# went 4.24 / 3.42 / 2.96 / 2.96 at 2e-2 / 5.4e-2 / 1.2e-1 / 1.47e-1, against LoRA's 2.81. The default keeps the
-# tuned rate per unit of D/d: rate x (D/d) / 18.4. It never lowers the tuned rate (at D/d below
-# 18.4 there is no evidence for less; on MiniLM twice the rate scored the same).
+# went 4.24 / 3.42 / 2.96 / 2.96 at 2e-2 / 5e-2 / 1.2e-1 / 1.47e-1, against LoRA's 2.81. The
+# default keeps the tuned rate per unit of D/d: rate x (D/d) / 18.4. It never lowers the tuned
+# rate (at D/d below 18.4 there is no evidence for less; on MiniLM twice the rate scored the same).
 TUNED_SHARING = {"unilora": 165_888 / 9_000}
 
 
