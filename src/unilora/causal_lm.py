@@ -234,12 +234,6 @@ class CausalLMTask(Task):
         self.keep_logits = accepts_logits_to_keep(lm)
         return lm
 
-    def train_size(self) -> int:
-        return len(self.train_examples)
-
-    def test_size(self) -> int:
-        return len(self.test_examples)
-
     def batch(self, indices: list[int]) -> dict:
         return collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
 

@@ -43,24 +43,18 @@ class ClassificationTask(Task):
     def build(self, model_name: str, settings: TrainSettings) -> torch.nn.Module:
         self.tokenizer, classifier = build_classifier(model_name, len(self.dataset.label_names), settings.seed)
         self.max_length = fitted_max_length(settings.max_length, self.tokenizer, classifier.encoder)
-        self.train_ids = encode(self.tokenizer, self.dataset.train_texts, self.max_length)
-        self.test_ids = encode(self.tokenizer, self.dataset.test_texts, self.max_length)
+        self.train_examples = encode(self.tokenizer, self.dataset.train_texts, self.max_length)
+        self.test_examples = encode(self.tokenizer, self.dataset.test_texts, self.max_length)
         self.eval_batch_size = settings.eval_batch_size
         return classifier
 
-    def train_size(self) -> int:
-        return len(self.train_ids)
-
-    def test_size(self) -> int:
-        return len(self.test_ids)
-
     def batch(self, indices: list[int]) -> dict:
-        batch = collate(self.tokenizer, [self.train_ids[i] for i in indices])
+        batch = collate(self.tokenizer, [self.train_examples[i] for i in indices])
         batch["labels"] = torch.tensor([self.dataset.train_labels[i] for i in indices])
         return batch
 
     def evaluate(self, model, final: bool) -> dict:
-        return {"test_accuracy": accuracy(model, self.tokenizer, self.test_ids, self.dataset.test_labels,
+        return {"test_accuracy": accuracy(model, self.tokenizer, self.test_examples, self.dataset.test_labels,
                                           self.eval_batch_size)}
 
     def summary(self, result: dict) -> str:

@@ -77,11 +77,14 @@ class Task:
         """Load the tokenizer and the base model, encode the data; return the base model."""
         raise NotImplementedError
 
+    train_examples: list  # encoded by `build`, indexed by `batch`
+    test_examples: list
+
     def train_size(self) -> int:
-        raise NotImplementedError
+        return len(self.train_examples)
 
     def test_size(self) -> int:
-        raise NotImplementedError
+        return len(self.test_examples)
 
     def batch(self, indices: list[int]) -> dict:
         """The model inputs, labels included, for these training examples."""
