@@ -79,10 +79,10 @@ def adapt(method: str, lm: torch.nn.Module, seed: int, lr_factor: float = 1.0):
     return model, model.parameter_groups(1e-3, group_lrs), model.stored_param_count()
 
 
-def run_one(task_name: str, method: str, seed: int, lr_factor: float = 1.0) -> dict:
+def run_one(task_name: str, method: str, seed: int, lr_factor: float = 1.0, epochs: int = 1) -> dict:
     spec = TASKS[task_name]
     data = load_lm_dataset(task_name, seed=0).limited(spec["train"], spec["test"], seed=0)
-    settings = TrainSettings(max_length=spec["max_length"], seed=seed, progress=False, **SETTINGS)
+    settings = TrainSettings(max_length=spec["max_length"], seed=seed, progress=False, **{**SETTINGS, "epochs": epochs})
     task = CausalLMTask(data)
     torch.manual_seed(seed)
     lm = task.build(MODEL, settings)
@@ -92,19 +92,20 @@ def run_one(task_name: str, method: str, seed: int, lr_factor: float = 1.0) -> d
     else:
         model, groups, stored = adapt(method, lm, seed, lr_factor)
         result = train(model, task, settings, groups)[-1]
-    return {"task": task_name, "method": method, "seed": seed, "lr_factor": lr_factor, "stored_params": stored,
+    return {"task": task_name, "method": method, "seed": seed, "lr_factor": lr_factor, "epochs": epochs, "stored_params": stored,
             "train_examples": task.train_size(), "test_examples": task.test_size(),
             "seconds": round(time.time() - started, 1), **result}
 
 
-def table(out: Path) -> str:
+def table(out: Path, epochs: int = 1) -> str:
     runs = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*.json")))
-            if r.get("lr_factor", 1.0) == 1.0 and r["seed"] < 100]  # sweeps (seed >= 100) stay out
+            if r.get("lr_factor", 1.0) == 1.0 and r["seed"] < 100  # sweeps (seed >= 100) stay out
+            and r.get("epochs", 1) in (epochs, 1 if r["method"] == "base" else epochs)]  # the base model trains no epochs
     lines = []
     for task_name, spec in TASKS.items():
         metric = spec["metric"]
         lines += [f"\n**{task_name}** ({spec['train']} training / {spec['test']} test examples, max length "
-                  f"{spec['max_length']}, 1 epoch, batch 8; median over seeds, min-max in brackets)\n",
+                  f"{spec['max_length']}, {epochs} epoch{'s' if epochs > 1 else ''}, batch 8; median over seeds, min-max in brackets)\n",
                   f"| method | stored params | share of LoRA's | {metric} | eval loss | seeds | seconds per run |",
                   "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
         lora = [r for r in runs if r["task"] == task_name and r["method"] == "lora"]
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="docs/results-generative")
+    parser.add_argument("--epochs", type=int, default=1, help="a longer schedule: the same data seen EPOCHS times")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--lr-factor", type=float, default=1.0,
                         help="scale every adapter learning rate (for sweeps on seeds kept out of the table)")
@@ -145,15 +147,16 @@ def main() -> None:
             plan = [("base", 0)] + [(m, int(s)) for s in args.seeds.split(",") for m in args.methods.split(",")]
             for method, seed in plan:
                 factor = "" if args.lr_factor == 1.0 else f"-lr{args.lr_factor:g}"
-                path = out / f"{task_name}-{method}-seed{seed}{factor}.json"
+                schedule = "" if args.epochs == 1 or method == "base" else f"-ep{args.epochs}"
+                path = out / f"{task_name}-{method}-seed{seed}{factor}{schedule}.json"
                 if path.exists():
                     continue
-                result = run_one(task_name, method, seed, args.lr_factor)
+                result = run_one(task_name, method, seed, args.lr_factor, args.epochs if method != "base" else 1)
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 metric = TASKS[task_name]["metric"]
                 print(f"{task_name} {method} seed {seed} lr x{args.lr_factor:g}: {metric} {result[metric]:.4f}, eval loss "
                       f"{result['eval_loss']:.4f}, {result['seconds']} s", flush=True)
-    print(table(out))
+    print(table(out, args.epochs))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_ddp_matches_single_process_full_batch(method, tmp_path):
     assert ddp_params.keys() == single.keys()
     for name in single:
         assert torch.allclose(ddp_params[name], single[name], atol=1e-5), name
-    assert not torch.equal(single["projection.theta_d" if method == "unilora" else "projection.bank"],
+    assert not torch.equal(single["projections.default.theta_d" if method == "unilora" else "projections.default.bank"],
                            make_model(method).projection.theta), "training must have moved the shared vector"
 
 

@@ -241,3 +241,13 @@ class FactorBinder:
 
     def invalidate(self) -> None:
         self._cache = None
+
+    def cached_bytes(self) -> int:
+        """Bytes the inference cache holds beyond the projection's own tensors (views of one
+        reconstruction counted once)."""
+        cache = self._cache
+        if cache is None:
+            return 0
+        own = {t.untyped_storage().data_ptr() for t in (*self.projection.parameters(), *self.projection.buffers())}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for f in cache[2] for t in f}
+        return sum(n for ptr, n in storages.items() if ptr not in own)

@@ -40,15 +40,39 @@ def name_matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: linear module} in model order. A layer that already carries adapters counts as its
+    base layer, under its own name; the inside of a saved head (modules_to_save) is never a target."""
+    found, wrappers = {}, []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(w + ".") for w in wrappers):
+            continue
+        if getattr(module, "is_saved_head", False):
+            wrappers.append(name)
+        elif getattr(module, "wraps_base_layer", False):
+            wrappers.append(name)
+            found[name] = module.base_layer
+        elif is_adaptable(module):
+            found[name] = module
+    return found
+
+
+def base_module(model: nn.Module, name: str) -> nn.Module:
+    """The module at `name`, looking through an adapted layer to its base layer."""
+    module = model.get_submodule(name)
+    return module.base_layer if getattr(module, "wraps_base_layer", False) else module
+
+
 def find_targets(model: nn.Module, targets, exclude: list[str] = ()) -> list[str]:
     """Names of the linear modules to adapt, in model order."""
-    linear_names = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+    linear = linear_modules(model)
+    linear_names = list(linear)
     if targets == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         chosen = [
             n
             for n in linear_names
-            if model.get_submodule(n) is not output and not any(p in n.split(".") for p in _HEAD_NAMES)
+            if linear[n] is not output and not any(p in n.split(".") for p in _HEAD_NAMES)
         ]
     else:
         if isinstance(targets, str):
@@ -57,7 +81,8 @@ def find_targets(model: nn.Module, targets, exclude: list[str] = ()) -> list[str
             except re.error as err:
                 raise UniLoraError(f"target_modules regex '{targets}' is invalid: {err}") from None
         chosen = [n for n in linear_names if name_matches(n, targets)]
-        wrong_type = [n for n, m in model.named_modules() if n and name_matches(n, targets) and not is_adaptable(m)]
+        wrong_type = [n for n, m in model.named_modules()
+                      if n and name_matches(n, targets) and n not in linear and not is_adaptable(m)]
         if wrong_type and not chosen:
             raise UniLoraError(
                 f"target_modules {targets!r} matched {wrong_type[:3]}, which are not nn.Linear or Conv1D layers"

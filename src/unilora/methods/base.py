@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import threading
+import weakref
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +28,30 @@ class ScaledFactors(NamedTuple):
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.d.unsqueeze(1) * self.a, self.bt * self.b
+
+
+class FixedParts:
+    """The seeded, never-trained tensors of a projection (Uni-LoRA's index vector and scales,
+    VeRA's matrices, Fastfood's transform) and what was derived from the draw."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+_FIXED_PARTS: "weakref.WeakValueDictionary[tuple, FixedParts]" = weakref.WeakValueDictionary()
+_FIXED_PARTS_LOCK = threading.Lock()
+
+
+def shared_fixed_parts(key: tuple, draw: Callable[[], dict]) -> FixedParts:
+    """Draw the fixed parts for `key` once while any projection holds them: adapters of the same
+    method, layout and seed then share one copy (an extra adapter costs its trained tensors only).
+    Every projection registers these same tensors as its buffers and never writes into them."""
+    with _FIXED_PARTS_LOCK:
+        parts = _FIXED_PARTS.get(key)
+        if parts is None:
+            parts = FixedParts(**draw())
+            _FIXED_PARTS[key] = parts
+        return parts
 
 
 class Projection(nn.Module):

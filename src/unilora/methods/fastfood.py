@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UniLoraError
 from ..rng import SeededStream
-from .base import Projection
+from .base import Projection, shared_fixed_parts
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -39,14 +39,22 @@ class FastfoodProjection(Projection):
             raise UniLoraError(f"theta_dim d={d} exceeds D={D}; choose d <= {D}")
         self.padded = 1 << max(0, math.ceil(math.log2(D)))
         L = self.padded
-        signs = SeededStream(config.seed, "fastfood-signs").signs(L)
-        permutation = SeededStream(config.seed, "fastfood-permutation").permutation(L)
-        gauss = SeededStream(config.seed, "fastfood-gauss").normal(L)
-        self._gauss_summary = [round(float(gauss.sum()), 6)] + [round(float(g), 6) for g in gauss[:4]]
-        self.register_buffer("signs", torch.from_numpy(signs).float(), persistent=False)
-        self.register_buffer("permutation", torch.from_numpy(permutation), persistent=False)
-        self.register_buffer("gauss", torch.from_numpy(gauss).float(), persistent=False)
-        self.scale = 1.0 / (math.sqrt(L) * float(np.linalg.norm(gauss)))
+        def draw() -> dict:
+            gauss = SeededStream(config.seed, "fastfood-gauss").normal(L)
+            return dict(
+                signs=torch.from_numpy(SeededStream(config.seed, "fastfood-signs").signs(L)).float(),
+                permutation=torch.from_numpy(SeededStream(config.seed, "fastfood-permutation").permutation(L)),
+                gauss=torch.from_numpy(gauss).float(),
+                summary=[round(float(gauss.sum()), 6)] + [round(float(g), 6) for g in gauss[:4]],
+                norm=float(np.linalg.norm(gauss)),
+            )
+
+        self.fixed = shared_fixed_parts(("fastfood", config.seed, L), draw)
+        self._gauss_summary = list(self.fixed.summary)
+        self.register_buffer("signs", self.fixed.signs, persistent=False)
+        self.register_buffer("permutation", self.fixed.permutation, persistent=False)
+        self.register_buffer("gauss", self.fixed.gauss, persistent=False)
+        self.scale = 1.0 / (math.sqrt(L) * self.fixed.norm)
         generator = torch.Generator().manual_seed(config.seed)
         # Not zero: A and B both come from θ_d, so θ_d = 0 would give zero gradients.
         s = config.init_scale

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UniLoraError
 from ..rng import SeededStream
-from .base import Projection
+from .base import Projection, shared_fixed_parts
 
 
 def balanced_assignment(D: int, d: int, seed: int, b_mask: np.ndarray | None = None) -> np.ndarray:
@@ -50,20 +50,25 @@ class UniLoRAProjection(Projection):
             raise UniLoraError(f"theta_dim d={d} exceeds D={D} (the LoRA parameter count); choose d <= {D}")
         if zero_delta and d < 2:
             raise UniLoraError("init='zero_delta' needs theta_dim >= 2 (one slot pool for A, one for B)")
-        assignment = balanced_assignment(D, d, config.seed, layout.b_entry_mask() if zero_delta else None)
-        counts = np.bincount(assignment, minlength=d)
-        self._index_digest = hashlib.sha256(assignment.astype("<i8").tobytes()).hexdigest()[:16]
-        index_dtype = torch.int32 if D < 2**31 else torch.int64
-        self.register_buffer("indices", torch.from_numpy(assignment).to(index_dtype), persistent=False)
-        self.register_buffer(
-            "slot_scale", torch.from_numpy(1.0 / np.sqrt(counts)).to(torch.float32), persistent=False
-        )
+        def draw() -> dict:
+            assignment = balanced_assignment(D, d, config.seed, layout.b_entry_mask() if zero_delta else None)
+            counts = np.bincount(assignment, minlength=d)
+            return dict(
+                digest=hashlib.sha256(assignment.astype("<i8").tobytes()).hexdigest()[:16],
+                indices=torch.from_numpy(assignment).to(torch.int32 if D < 2**31 else torch.int64),
+                slot_scale=torch.from_numpy(1.0 / np.sqrt(counts)).to(torch.float32),
+                first_b_slot=int(assignment[layout.b_entry_mask()].min()) if zero_delta else None,
+            )
+
+        self.fixed = shared_fixed_parts(("unilora", layout.fingerprint(), d, config.seed, zero_delta), draw)
+        self._index_digest = self.fixed.digest
+        self.register_buffer("indices", self.fixed.indices, persistent=False)
+        self.register_buffer("slot_scale", self.fixed.slot_scale, persistent=False)
         generator = torch.Generator().manual_seed(config.seed)
         s = config.init_scale
         init = torch.rand(d, generator=generator) * 2 * s - s
         if zero_delta:
-            first_b_slot = int(assignment[layout.b_entry_mask()].min())
-            init[first_b_slot:] = 0.0
+            init[self.fixed.first_b_slot:] = 0.0
         self.theta_d = nn.Parameter(init)
 
     @property

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..rng import SeededStream
-from .base import Projection, ScaledFactors
+from .base import Projection, ScaledFactors, shared_fixed_parts
 
 
 def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) -> torch.Tensor:
@@ -30,12 +30,17 @@ class VeRAProjection(Projection):
         r = config.rank
         max_in = max(s.in_features for s in layout.slots)
         max_out = max(s.out_features for s in layout.slots)
-        # kaiming-uniform bounds for the shared matrices (fan-in of A is `in`, of B is r)
-        shared_a = _seeded_uniform(config.seed, "vera-A", (r, max_in), math.sqrt(6.0 / max_in))
-        shared_bt = _seeded_uniform(config.seed, "vera-B", (r, max_out), math.sqrt(6.0 / r))
-        self._digest = hashlib.sha256(shared_a.numpy().tobytes() + shared_bt.numpy().tobytes()).hexdigest()[:16]
-        self.register_buffer("shared_a", shared_a, persistent=False)
-        self.register_buffer("shared_bt", shared_bt, persistent=False)
+        def draw() -> dict:
+            # kaiming-uniform bounds for the shared matrices (fan-in of A is `in`, of B is r)
+            shared_a = _seeded_uniform(config.seed, "vera-A", (r, max_in), math.sqrt(6.0 / max_in))
+            shared_bt = _seeded_uniform(config.seed, "vera-B", (r, max_out), math.sqrt(6.0 / r))
+            digest = hashlib.sha256(shared_a.numpy().tobytes() + shared_bt.numpy().tobytes()).hexdigest()[:16]
+            return dict(shared_a=shared_a, shared_bt=shared_bt, digest=digest)
+
+        self.fixed = shared_fixed_parts(("vera", config.seed, r, max_in, max_out), draw)
+        self._digest = self.fixed.digest
+        self.register_buffer("shared_a", self.fixed.shared_a, persistent=False)
+        self.register_buffer("shared_bt", self.fixed.shared_bt, persistent=False)
         self.sizes = [n for s in layout.slots for n in (s.rank, s.out_features)]
         init = torch.cat(
             [torch.cat([torch.full((s.rank,), config.vera_d_init), torch.zeros(s.out_features)]) for s in layout.slots]

@@ -1,0 +1,173 @@
+"""Which adapter runs where: the active adapter for whole batches, or one adapter per row.
+
+An `AdapterRouter` is shared by the model wrapper, every adapted layer and every saved head. It
+holds one `FactorBinder` per adapter, the active adapter's name, the on/off switch of
+`disable_adapter()`, and, for the length of one mixed-batch forward, the adapter of each row
+(per thread, so concurrent no-grad forwards do not see each other's rows).
+
+The root forward hooks go through the router: it opens a forward on the binders of the adapters
+that this forward uses (the active one, or those named by the rows) and no other, so a model
+holding a thousand adapters pays only for the ones a batch asks for. Factors rebuilt for
+inference are cached per adapter; the router keeps the caches of the most recently used
+adapters within `cache_limit_bytes` and drops the oldest beyond it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from typing import Iterator
+
+import torch
+
+from .binder import FactorBinder
+from .errors import UniLoraError
+
+BASE = "__base__"  # a row that runs the base model alone
+DEFAULT_CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+class RowAdapters:
+    """The adapter of each row of one mixed-batch forward, grouped into row indices once per
+    batch size and device."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.distinct = list(dict.fromkeys(self.names))
+        self._cache: dict[tuple, object] = {}
+
+    def _repeat(self, batch: int) -> int:
+        count = len(self.names)
+        if batch % count:
+            raise UniLoraError(
+                f"adapter_names has {count} entries but the batch has {batch} rows; give one adapter name per row"
+            )
+        return batch // count
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """{adapter name: indices of its rows}. A batch k times as long as the names (generate
+        with num_beams or num_return_sequences repeats each input row k times in place) gives
+        each name its k consecutive rows."""
+        key = ("groups", batch, device)
+        found = self._cache.get(key)
+        if found is None:
+            repeat = self._repeat(batch)
+            rows: dict[str, list[int]] = {}
+            for row, name in enumerate(self.names):
+                rows.setdefault(name, []).extend(range(row * repeat, (row + 1) * repeat))
+            found = self._cache[key] = {name: torch.tensor(indices, device=device) for name, indices in rows.items()}
+        return found
+
+    def positions(self, batch: int, device: torch.device) -> torch.Tensor:
+        """For each row, the position of its adapter in `distinct`."""
+        key = ("positions", batch, device)
+        found = self._cache.get(key)
+        if found is None:
+            repeat = self._repeat(batch)
+            where = {name: i for i, name in enumerate(self.distinct)}
+            found = self._cache[key] = torch.tensor([where[n] for n in self.names], device=device).repeat_interleave(repeat)
+        return found
+
+
+class AdapterRouter:
+    def __init__(self):
+        self.active: str | None = None
+        self.enabled = True
+        self.binders: dict[str, FactorBinder] = {}
+        self.cache_limit_bytes = DEFAULT_CACHE_LIMIT_BYTES
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        self._local = threading.local()  # this thread's rows and open forwards
+        self._lock = threading.Lock()
+        self.mixing = 0  # threads inside a mixed-batch forward: layers look up rows only when nonzero
+        self._recent: OrderedDict[str, None] = OrderedDict()  # adapters whose inference cache may be live
+
+    # copies and pickles carry the adapters, never a forward in progress
+    def __getstate__(self) -> dict:
+        return {k: self.__dict__[k] for k in ("active", "enabled", "binders", "cache_limit_bytes")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_transient()
+
+    # --- rows ------------------------------------------------------------------------------
+    def rows(self) -> RowAdapters | None:
+        """This thread's per-row adapters, inside a mixed-batch forward."""
+        return getattr(self._local, "rows", None)
+
+    @contextlib.contextmanager
+    def mixed_rows(self, names: list[str]) -> Iterator[None]:
+        if self.rows() is not None:
+            raise UniLoraError("adapter_names given inside a forward that already has adapter_names")
+        self._local.rows = RowAdapters(names)
+        with self._lock:
+            self.mixing += 1
+        try:
+            yield
+        finally:
+            self._local.rows = None
+            with self._lock:
+                self.mixing -= 1
+
+    # --- hooks on the root modules ---------------------------------------------------------
+    def _in_use(self) -> list[str]:
+        if not self.enabled:
+            return []
+        rows = self.rows()
+        names = rows.distinct if rows is not None else [self.active]
+        return [n for n in names if n in self.binders]
+
+    def begin_forward(self, module=None, args=None, kwargs=None) -> None:
+        opened = getattr(self._local, "opened", None)
+        if opened is None:
+            opened = self._local.opened = []
+        # The wrapper's own call with adapter_names: its rows are set inside forward, where the
+        # wrapped model's call opens the adapters they name.
+        names = [] if kwargs and kwargs.get("adapter_names") is not None else self._in_use()
+        opened.append(names)
+        for name in names:
+            self.binders[name].begin_forward(module, args)
+        if names and not any(opened[:-1]) and not torch.is_grad_enabled():  # once per outermost forward
+            self._bound_caches(names)
+
+    def end_forward(self, module=None, args=None, output=None) -> None:
+        opened = getattr(self._local, "opened", None)
+        if not opened:
+            return
+        for name in opened.pop():
+            binder = self.binders.get(name)
+            if binder is not None:
+                binder.end_forward(module, args, output)
+
+    def tie_hook(self, module, args, output):
+        """Only the active adapter trains, so only its reconstruction is tied to the embeddings."""
+        binder = self.binders.get(self.active) if self.enabled and self.rows() is None else None
+        return binder.tie_hook(module, args, output) if binder is not None else None
+
+    def _bound_caches(self, in_use: list[str]) -> None:
+        for name in in_use:
+            self._recent[name] = None
+            self._recent.move_to_end(name)
+        total = sum(self.binders[n].cached_bytes() for n in self._recent if n in self.binders)
+        for name in list(self._recent):
+            if total <= self.cache_limit_bytes:
+                break
+            if name in in_use:
+                continue
+            binder = self.binders.get(name)
+            if binder is not None:
+                total -= binder.cached_bytes()
+                binder.invalidate()
+            del self._recent[name]
+
+    # --- adapters --------------------------------------------------------------------------
+    def add(self, name: str, binder: FactorBinder) -> None:
+        self.binders[name] = binder
+        if self.active is None:
+            self.active = name
+
+    def remove(self, name: str) -> None:
+        self.binders.pop(name, None)
+        self._recent.pop(name, None)
