@@ -1,4 +1,4 @@
-"""The `unilora` command: finetune, evaluate, generate, inspect, export, compress, count, demo."""
+"""The `unilora` command: finetune, evaluate, generate, inspect, export, convert, compress, count, demo."""
 
 from __future__ import annotations
 
@@ -267,6 +267,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .peft_native import from_peft, is_peft_dir, to_peft
+
+    convert = from_peft if is_peft_dir(args.source) else to_peft
+    for line in convert(args.source, args.out, overwrite=args.overwrite):
+        print(line)
+    return 0
+
+
 def cmd_compress(args) -> int:
     from .compress import compress, from_checkpoints, from_peft_lora, peft_fan_in_fan_out, save_compressed
     from .io import ADAPTER_FILES
@@ -401,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "vLLM serves any rank up to its --max-lora-rank)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="our Uni-LoRA / VeRA / VB-LoRA adapter as PEFT's own UNILORA / VERA / VBLORA "
+                       "directory, or a PEFT VBLORA directory as ours (exact both ways)")
+    p.add_argument("source", help="a unilora adapter, or a PEFT VB-LoRA adapter directory")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT (only files unilora wrote)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compress", help="fit a compact adapter to a PEFT LoRA adapter or to a full fine-tune")
     p.add_argument("out")

@@ -48,6 +48,8 @@ def peft_task_type(meta: dict) -> str | None:
     relative to their encoder, i.e. feature extraction."""
     if _is_finetuned_classifier(meta):
         return "FEATURE_EXTRACTION"
+    if meta.get("peft_task_type") in {task for _, task in _TASK_TYPES}:  # an adapter converted from PEFT's
+        return meta["peft_task_type"]
     cls = (meta.get("base_model") or {}).get("class") or ""
     return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
 
@@ -98,29 +100,37 @@ def peft_lora_tensors(projection, rank: int | None = None, strip_prefix: str = "
     return out, r_out, names
 
 
-def _refuse_overlap(source: Path, out: Path) -> None:
+def refuse_overlap(source: Path, out: Path) -> None:
     source, out = source.resolve(), out.resolve()
     if out == source or source in out.parents or out in source.parents:
         raise UniLoraError(f"cannot export '{source}' into '{out}': the output would overwrite or nest in the "
                            "source adapter; choose a separate folder")
 
 
-def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False) -> list[str]:
-    _refuse_overlap(Path(adapter_dir), Path(out_dir))
-    meta, tensors, projection = rebuild_projection(adapter_dir)
-    # Adapters from `unilora finetune` wrap the encoder as `encoder.`: PEFT users load the encoder itself.
-    strip = "encoder." if _is_finetuned_classifier(meta) else ""
-    lora, r_out, names = peft_lora_tensors(projection, rank, strip)
+def peft_heads(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[str | None, dict, list[str] | None, dict]:
+    """(task_type, head tensors for the PEFT file, its modules_to_save, head tensors kept apart).
+    PEFT's classification classes load their head from the adapter file (modules_to_save) and
+    fail without one; vLLM does not serve such heads, so other task types keep it apart."""
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-    task_type, modules_to_save = peft_task_type(meta), None
-    if task_type in _HEAD_TASKS:
-        # PEFT's classification classes load their head from the adapter file (modules_to_save)
-        # and fail without one; vLLM does not serve such heads, so the file keeps it for PEFT.
-        if head:
-            lora.update({f"base_model.model.{k}": v for k, v in head.items()})
-            modules_to_save, head = list(meta.get("head_modules") or []), {}
-        else:
-            task_type = None
+    task_type = peft_task_type(meta)
+    if task_type not in _HEAD_TASKS:
+        return task_type, {}, None, head
+    if not head:
+        return None, {}, None, {}
+    return task_type, {f"base_model.model.{k}": v for k, v in head.items()}, list(meta.get("head_modules") or []), {}
+
+
+def layer_prefix(meta: dict) -> str:
+    """Adapters from `unilora finetune` wrap the encoder as `encoder.`: PEFT users load the encoder itself."""
+    return "encoder." if _is_finetuned_classifier(meta) else ""
+
+
+def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False) -> list[str]:
+    refuse_overlap(Path(adapter_dir), Path(out_dir))
+    meta, tensors, projection = rebuild_projection(adapter_dir)
+    lora, r_out, names = peft_lora_tensors(projection, rank, layer_prefix(meta))
+    task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
+    lora.update(in_file)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,

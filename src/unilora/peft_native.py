@@ -1,0 +1,217 @@
+"""`unilora convert`: PEFT's own adapter formats for the methods PEFT 0.21.2 also has.
+
+Ours to PEFT (Uni-LoRA -> UNILORA, VeRA -> VERA, VB-LoRA -> VBLORA), exact: PEFT regenerates
+UniLora's indices and VeRA's matrices from torch's RNG, so the directory stores ours instead
+(`save_indices` / `save_projection`), and PEFT's model gives our outputs.
+
+- Uni-LoRA: θ_d as is; each layer's entries of our index vector as PEFT's `indices_A` (r × in)
+  and `indices_B` (out × r, i.e. our Bᵀ's transposed), their 1/sqrt(n_j) as `scales_A` /
+  `scales_B` (our scaling folded into `scales_B`).
+- VeRA: our shared A, Bᵀ as `vera_A` (r × max in) and `vera_B` (max out × r); each layer's d and
+  b as `lambda_d` and `lambda_b` (scaling folded into `lambda_b`).
+- VB-LoRA: the bank as `vblora_vector_bank`; the logits per layer as `logits_A` (r × in/b × h) and
+  `logits_B` (out/b × r × h). An adapter stored as top-k gets logits whose top-k softmax is the
+  stored weights (as our own loader rebuilds them). PEFT has no scaling for VB-LoRA: a scaling
+  other than 1 is refused.
+
+PEFT to ours: VB-LoRA directories (full logits) become our adapters, stored as logits. PEFT's
+UniLora and VeRA draw their fixed parts from torch's RNG, which our format does not reproduce;
+they are refused with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import AdapterConfig
+from .errors import UniLoraError
+from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, refuse_overlap
+from .inspection import rebuild_projection
+from .io import save_tensors, write_adapter_dir
+from .layout import Layout, Slot
+from .methods import PROJECTIONS
+from .validation import check_finite
+from .writing import write_output_dir
+
+PEFT_TYPES = {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA"}
+_PREFIX = "base_model.model."
+
+
+def _module_tensors(projection, prefix: str) -> dict[str, torch.Tensor]:
+    """PEFT's state-dict entries for the projection's method (module names without `prefix`)."""
+    config, layout, s = projection.config, projection.layout, projection.config.scaling
+    names = [slot.name[len(prefix):] if prefix and slot.name.startswith(prefix) else slot.name for slot in layout.slots]
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if config.method == "unilora":
+            out["base_model.unilora_theta_d"] = projection.theta_d.detach().clone()
+            scales = projection.slot_scale[projection.indices.long()]
+            for name, (idx_a, idx_bt), (sc_a, sc_bt) in zip(names, layout.split(projection.indices.long()),
+                                                           layout.split(scales)):
+                out[f"{_PREFIX}{name}.unilora_indices_A"] = idx_a.clone()
+                out[f"{_PREFIX}{name}.unilora_indices_B"] = idx_bt.t().contiguous()
+                out[f"{_PREFIX}{name}.unilora_scales_A"] = sc_a.clone()
+                out[f"{_PREFIX}{name}.unilora_scales_B"] = (sc_bt.t() * s).contiguous()
+        elif config.method == "vera":
+            out["base_model.vera_A"] = projection.shared_a.clone()
+            out["base_model.vera_B"] = projection.shared_bt.t().contiguous()
+            for name, factors in zip(names, projection.layer_factors()):
+                out[f"{_PREFIX}{name}.vera_lambda_d"] = factors.d.detach().clone()
+                out[f"{_PREFIX}{name}.vera_lambda_b"] = (factors.b.detach() * s).clone()
+        else:
+            if s != 1.0:
+                raise UniLoraError(f"this VB-LoRA adapter scales its update by {s:g}; PEFT's VB-LoRA has no scaling, "
+                                   "so it cannot hold it exactly (export it as LoRA with `unilora export` instead)")
+            b, h = config.vector_length, config.num_vectors
+            out["base_model.vblora_vector_bank"] = projection.bank.detach().clone()
+            offset = 0
+            for name, slot in zip(names, layout.slots):
+                n_a, n_b = slot.rank * slot.in_features // b, slot.rank * slot.out_features // b
+                logits_a = projection.logits[offset: offset + n_a].reshape(slot.rank, slot.in_features // b, h)
+                logits_bt = projection.logits[offset + n_a: offset + n_a + n_b].reshape(slot.rank, slot.out_features // b, h)
+                out[f"{_PREFIX}{name}.vblora_logits_A"] = logits_a.clone()
+                out[f"{_PREFIX}{name}.vblora_logits_B"] = logits_bt.transpose(0, 1).contiguous()
+                offset += n_a + n_b
+    return out
+
+
+def _peft_config(meta: dict, projection, task_type, modules_to_save, targets: list[str]) -> dict:
+    config = projection.config
+    common = {
+        "peft_type": PEFT_TYPES[config.method],
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name(meta),
+        "r": config.rank,
+        "target_modules": targets,
+        "fan_in_fan_out": bool(meta.get("fan_in_fan_out", False)),
+        "bias": "none",
+        "modules_to_save": modules_to_save,
+        "inference_mode": True,
+    }
+    if config.method == "unilora":
+        return {**common, "theta_d_length": config.theta_dim, "proj_seed": config.seed, "unilora_dropout": 0.0,
+                "save_indices": True, "init_weights": True}
+    if config.method == "vera":
+        return {**common, "projection_prng_key": config.seed, "save_projection": True, "vera_dropout": 0.0,
+                "d_initial": config.vera_d_init, "init_weights": True}
+    return {**common, "num_vectors": config.num_vectors, "vector_length": config.vector_length, "topk": config.topk,
+            "save_only_topk_weights": False, "vblora_dropout": 0.0}
+
+
+def to_peft(adapter_dir, out_dir, overwrite: bool = False) -> list[str]:
+    """Write our adapter as PEFT's own directory of the same method."""
+    refuse_overlap(Path(adapter_dir), Path(out_dir))
+    meta, tensors, projection = rebuild_projection(adapter_dir)
+    method = projection.config.method
+    if method not in PEFT_TYPES:
+        raise UniLoraError(f"PEFT 0.21.2 has no {method} adapter type; `unilora export` writes any adapter as PEFT LoRA")
+    prefix = layer_prefix(meta)
+    state = _module_tensors(projection, prefix)
+    task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
+    state.update(in_file)
+    names = sorted({s.name[len(prefix):] if prefix else s.name for s in projection.layout.slots})
+    targets = sorted(projection.config.target_modules) if isinstance(projection.config.target_modules, (list, tuple)) \
+        else names
+    config = _peft_config(meta, projection, task_type, modules_to_save, targets)
+    check_finite({k: v for k, v in {**state, **head}.items() if v.is_floating_point()}, "refusing to convert",
+                 "the adapter holds non-finite values")
+
+    def write(staging: Path) -> None:
+        save_tensors(state, staging / "adapter_model.safetensors")
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if head:
+            save_tensors(head, staging / "head.safetensors")
+
+    write_output_dir(out_dir, write, EXPORT_FILES, overwrite, what="PEFT adapter", last=("adapter_config.json",))
+    report = [f"wrote PEFT {config['peft_type']} adapter {out_dir}: {len(projection.layout)} layers, r={config['r']}, "
+              f"task_type={task_type}"]
+    if head:
+        report.append(f"the trained head ({', '.join(sorted(head))}) is in {Path(out_dir) / 'head.safetensors'}: "
+                      "load it into your model separately")
+    return report
+
+
+# --- PEFT to ours ---------------------------------------------------------------------------
+def is_peft_dir(directory) -> bool:
+    path = Path(directory) / "adapter_config.json"
+    try:
+        return path.is_file() and isinstance(json.loads(path.read_text()).get("peft_type"), str)
+    except (OSError, ValueError):
+        return False
+
+
+def _natural(name: str) -> list:
+    """Sort key putting layers.2 before layers.10 (model order for numbered blocks)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def from_peft(peft_dir, out_dir, overwrite: bool = False) -> list[str]:
+    """Write PEFT's VB-LoRA directory as our adapter (logits kept, so the result is exact)."""
+    peft_dir = Path(peft_dir)
+    refuse_overlap(peft_dir, Path(out_dir))
+    try:
+        peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UniLoraError(f"'{peft_dir}/adapter_config.json' cannot be read as JSON: {err}") from None
+    kind = peft_config.get("peft_type")
+    if kind in ("UNILORA", "VERA"):
+        raise UniLoraError(f"PEFT {kind} adapters draw their fixed parts from torch's RNG, which unilora's format does not "
+                           "reproduce; convert it to LoRA with PEFT, then `unilora compress`, or train with unilora")
+    if kind != "VBLORA":
+        raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads PEFT VBLORA directories (and writes "
+                           "UNILORA, VERA and VBLORA ones from unilora adapters)")
+    if peft_config.get("save_only_topk_weights"):
+        raise UniLoraError("this PEFT VB-LoRA adapter keeps only top-k weights; save it with save_only_topk_weights=False "
+                           "to convert it")
+    weights = peft_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UniLoraError(f"'{peft_dir}' lacks adapter_model.safetensors (only safetensors adapters are read)")
+    try:
+        r, h, b, k = (int(peft_config[key]) for key in ("r", "num_vectors", "vector_length", "topk"))
+    except (KeyError, TypeError, ValueError):
+        raise UniLoraError(f"'{peft_dir}/adapter_config.json' lacks an integer r, num_vectors, vector_length or topk") from None
+    with safe_open(str(weights), framework="pt") as handle:
+        keys = list(handle.keys())
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+        modules = sorted({key[len(_PREFIX):-len(".vblora_logits_A")] for key in keys
+                          if key.startswith(_PREFIX) and key.endswith(".vblora_logits_A")}, key=_natural)
+        if "base_model.vblora_vector_bank" not in shapes or shapes["base_model.vblora_vector_bank"] != (h, b) or not modules:
+            raise UniLoraError(f"'{weights}' does not hold a VB-LoRA bank of shape ({h}, {b}) and per-layer logits")
+        slots = []
+        for name in modules:
+            shape_a, shape_b = shapes.get(f"{_PREFIX}{name}.vblora_logits_A"), shapes.get(f"{_PREFIX}{name}.vblora_logits_B")
+            if (shape_a is None or shape_b is None or len(shape_a) != 3 or len(shape_b) != 3 or shape_a[0] != r
+                    or shape_b[1] != r or shape_a[2] != h or shape_b[2] != h):
+                raise UniLoraError(f"'{weights}': the logits of '{name}' have shapes {shape_a}, {shape_b}; expected "
+                                   f"({r}, in/{b}, {h}) and (out/{b}, {r}, {h})")
+            slots.append(Slot(name, shape_a[1] * b, shape_b[0] * b, r))
+        layout = Layout(slots)
+        config = AdapterConfig(method="vblora", rank=r, num_vectors=h, vector_length=b, topk=k, store="logits",
+                               target_modules=[s.name for s in slots],
+                               modules_to_save=list(peft_config.get("modules_to_save") or []))
+        projection = PROJECTIONS["vblora"](layout, config)
+        logits = []
+        for name in modules:
+            logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_A").reshape(-1, h))
+            logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_B").transpose(0, 1).reshape(-1, h))
+        tensors = {"vblora.bank": handle.get_tensor("base_model.vblora_vector_bank"), "vblora.logits": torch.cat(logits)}
+        head_keys = [key for key in keys if key.startswith(_PREFIX) and "vblora_" not in key]
+        tensors.update({"head." + key[len(_PREFIX):].replace(".modules_to_save.default.", "."): handle.get_tensor(key)
+                        for key in head_keys})
+    check_finite(tensors, "refusing to convert", "the PEFT adapter holds non-finite values")
+    projection.load_stored_tensors(tensors)
+    from .model import adapter_metadata
+
+    heads = sorted({key.split(".", 1)[1].rsplit(".", 1)[0] for key in tensors if key.startswith("head.")})
+    meta = adapter_metadata(config, layout, projection, head_modules=list(peft_config.get("modules_to_save") or []) if heads else [],
+                            fan_in_fan_out=bool(peft_config.get("fan_in_fan_out", False)),
+                            base_model={"class": None, "name_or_path": peft_config.get("base_model_name_or_path")},
+                            peft_task_type=peft_config.get("task_type"))
+    write_adapter_dir(out_dir, meta, tensors, overwrite=overwrite)
+    return [f"wrote unilora VB-LoRA adapter {out_dir}: {len(slots)} layers, r={r}, h={h}, b={b}, top-{k}"
+            + (f", heads {heads}" if heads else "")]

@@ -1,0 +1,94 @@
+"""`unilora convert`: our Uni-LoRA / VeRA / VB-LoRA adapters as PEFT 0.21.2's own directories, and
+PEFT's VB-LoRA directories as ours; PeftModel and our model give the same logits."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, VBLoRAConfig, get_peft_model
+
+import unilora
+from unilora import AdapterConfig, UniLoraError, get_model
+from unilora.cli import main as cli_main
+
+from conftest import HEADS, VOCAB, build, method_options
+
+
+@pytest.fixture
+def rows():
+    return torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(7))
+
+
+def trained_adapter(arch, method, folder, **overrides):
+    options = {**method_options(method), "target_modules": "all-linear", "modules_to_save": HEADS[arch], **overrides}
+    model = get_model(build(arch), AdapterConfig(**options))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.eval().save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("method", ["unilora", "vera", "vblora"])
+def test_ours_to_peft_gives_our_logits(arch, method, rows, tmp_path, capsys):
+    ours = trained_adapter(arch, method, tmp_path / "ours")
+    assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft")]) == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA"}[method]
+    peft_model = PeftModel.from_pretrained(build(arch), tmp_path / "peft").eval()
+    with torch.no_grad():
+        expected = ours(input_ids=rows).logits
+        torch.testing.assert_close(peft_model(input_ids=rows).logits, expected, atol=1e-5, rtol=0)
+        with ours.disable_adapter():  # the adapter changes the output, so the comparison means something
+            assert not torch.allclose(ours(input_ids=rows).logits, expected, atol=1e-3)
+
+
+def test_ours_to_peft_keeps_a_scaling_where_peft_can(rows, tmp_path):
+    ours = trained_adapter("llama", "unilora", tmp_path / "ours", alpha=8.0)  # scaling 2 at rank 4
+    cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft")])
+    peft_model = PeftModel.from_pretrained(build("llama"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=rows).logits, ours(input_ids=rows).logits, atol=1e-5, rtol=0)
+    trained_adapter("llama", "vblora", tmp_path / "scaled-vblora", alpha=8.0)
+    with pytest.raises(UniLoraError, match="no scaling"):
+        unilora.peft_native.to_peft(tmp_path / "scaled-vblora", tmp_path / "out")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_peft_vblora_to_ours_gives_peft_logits(arch, rows, tmp_path, capsys):
+    torch.manual_seed(0)
+    config = VBLoRAConfig(r=4, num_vectors=12, vector_length=16, topk=2, target_modules=["q_proj", "v_proj", "up_proj"]
+                          if arch == "llama" else ["query", "value", "dense"], modules_to_save=HEADS[arch] or None,
+                          task_type="CAUSAL_LM" if arch == "llama" else "SEQ_CLS")
+    peft_model = get_peft_model(build(arch), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert cli_main(["convert", str(tmp_path / "peft"), str(tmp_path / "ours")]) == 0
+    ours = unilora.from_pretrained(build(arch), tmp_path / "ours")
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=rows).logits
+        torch.testing.assert_close(ours(input_ids=rows).logits, expected, atol=1e-5, rtol=0)
+    # and back again: PEFT reads our conversion of its own adapter
+    assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft-again")]) == 0
+    again = PeftModel.from_pretrained(build(arch), tmp_path / "peft-again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=rows).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_convert_refuses_what_it_cannot_do_exactly(tmp_path, capsys):
+    trained_adapter("llama", "lora", tmp_path / "lora")
+    assert cli_main(["convert", str(tmp_path / "lora"), str(tmp_path / "out")]) == 2
+    assert "no lora adapter type" in capsys.readouterr().err
+    (tmp_path / "peft-unilora").mkdir()
+    (tmp_path / "peft-unilora" / "adapter_config.json").write_text(json.dumps({"peft_type": "UNILORA"}))
+    assert cli_main(["convert", str(tmp_path / "peft-unilora"), str(tmp_path / "out")]) == 2
+    assert "torch's RNG" in capsys.readouterr().err
+    trained_adapter("llama", "vera", tmp_path / "vera")
+    assert cli_main(["convert", str(tmp_path / "vera"), str(tmp_path / "vera" / "inside")]) == 2
+    assert "overwrite or nest" in capsys.readouterr().err
