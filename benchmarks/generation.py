@@ -7,6 +7,8 @@ prompt. Tokens/s is new tokens over wall time (prefill included); speed ratios t
 
     python benchmarks/generation.py                       # CPU, Uni-LoRA on all linear layers
     python benchmarks/generation.py --method vblora --targets q_proj,v_proj
+
+PEFT's LoRA (same layers, same rank, unmerged) runs beside them as the peer's reference.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from unilora.backbones import load_causal_lm  # noqa: E402
 from unilora.recipes import METHOD_DEFAULTS  # noqa: E402
 
 
-def build(method: str, targets, seed: int = 0):
+def build(method: str, targets, seed: int = 0, peft_reference: bool = True):
     tokenizer, base = load_causal_lm("SmolLM2-135M-Instruct")
     base.eval()
     options = {k: v for k, v in METHOD_DEFAULTS[method].items() if k != "vector_length"}
@@ -41,7 +43,13 @@ def build(method: str, targets, seed: int = 0):
             p.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
     merged = copy.deepcopy(unmerged)
     merged.merge()
-    return tokenizer, {"base": base, "unmerged": unmerged, "merged": merged}
+    models = {"base": base, "unmerged": unmerged, "merged": merged}
+    if peft_reference:  # PEFT's LoRA on the same layers at the same rank, unmerged: the peer's overhead
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.rank, lora_alpha=config.rank, target_modules=targets, init_lora_weights=False)
+        models["PEFT LoRA unmerged"] = get_peft_model(copy.deepcopy(base), lora).eval()
+    return tokenizer, models
 
 
 @torch.no_grad()
