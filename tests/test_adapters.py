@@ -252,3 +252,17 @@ def test_adapter_names_are_checked():
             model.add_adapter(bad, AdapterConfig(**{**method_options("lora"), "target_modules": ["q_proj"]}))
     with pytest.raises(UniLoraError, match="already holds"):
         model.add_adapter("default", AdapterConfig(**{**method_options("lora"), "target_modules": ["q_proj"]}))
+
+
+def test_readme_many_adapters_snippet_runs(tmp_path, monkeypatch):
+    """The README's "Many adapters on one base" snippet, run as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = readme.split("### Many adapters on one base", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.adapters == ["alice", "carol"] and (tmp_path / "adapters" / "carol" / "adapter_config.json").is_file()
+    assert namespace["logits"].shape == (3, 8, 96) and namespace["out"].shape == (3, 16)

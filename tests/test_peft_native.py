@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel, VBLoRAConfig, get_peft_model
+from peft import PeftModel, UniLoraConfig, VBLoRAConfig, get_peft_model
 
 import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
@@ -57,12 +57,20 @@ def test_ours_to_peft_keeps_a_scaling_where_peft_can(rows, tmp_path):
         unilora.peft_native.to_peft(tmp_path / "scaled-vblora", tmp_path / "out")
 
 
+def peft_config(kind, arch, **options):
+    targets = ["q_proj", "v_proj", "up_proj"] if arch == "llama" else ["query", "value", "dense"]
+    common = dict(r=4, target_modules=targets, modules_to_save=HEADS[arch] or None,
+                  task_type="CAUSAL_LM" if arch == "llama" else "SEQ_CLS", **options)
+    if kind == "vblora":
+        return VBLoRAConfig(num_vectors=12, vector_length=16, topk=2, **common)
+    return UniLoraConfig(**{"theta_d_length": 300, "save_indices": True, **common})
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_peft_vblora_to_ours_gives_peft_logits(arch, rows, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["vblora", "unilora"])
+def test_peft_to_ours_gives_peft_logits(kind, arch, rows, tmp_path, capsys):
     torch.manual_seed(0)
-    config = VBLoRAConfig(r=4, num_vectors=12, vector_length=16, topk=2, target_modules=["q_proj", "v_proj", "up_proj"]
-                          if arch == "llama" else ["query", "value", "dense"], modules_to_save=HEADS[arch] or None,
-                          task_type="CAUSAL_LM" if arch == "llama" else "SEQ_CLS")
+    config = peft_config(kind, arch)
     peft_model = get_peft_model(build(arch), config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -85,10 +93,24 @@ def test_convert_refuses_what_it_cannot_do_exactly(tmp_path, capsys):
     trained_adapter("llama", "lora", tmp_path / "lora")
     assert cli_main(["convert", str(tmp_path / "lora"), str(tmp_path / "out")]) == 2
     assert "no lora adapter type" in capsys.readouterr().err
-    (tmp_path / "peft-unilora").mkdir()
-    (tmp_path / "peft-unilora" / "adapter_config.json").write_text(json.dumps({"peft_type": "UNILORA"}))
-    assert cli_main(["convert", str(tmp_path / "peft-unilora"), str(tmp_path / "out")]) == 2
-    assert "torch's RNG" in capsys.readouterr().err
+    # a damaged PEFT file: an index beyond θ_d
+    from safetensors.torch import load_file, save_file
+
+    get_peft_model(build("llama"), peft_config("unilora", "llama")).save_pretrained(tmp_path / "damaged")
+    state = load_file(tmp_path / "damaged" / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("unilora_indices_A"))
+    state[key][0, 0] = 300
+    save_file(state, tmp_path / "damaged" / "adapter_model.safetensors")
+    assert cli_main(["convert", str(tmp_path / "damaged"), str(tmp_path / "out")]) == 2
+    assert "must lie in [0, 300)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "peft-vera").mkdir()
+    (tmp_path / "peft-vera" / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA"}))
+    assert cli_main(["convert", str(tmp_path / "peft-vera"), str(tmp_path / "out")]) == 2
+    assert "input size" in capsys.readouterr().err
+    get_peft_model(build("llama"), peft_config("unilora", "llama", save_indices=False)).save_pretrained(tmp_path / "redraw")
+    assert cli_main(["convert", str(tmp_path / "redraw"), str(tmp_path / "out")]) == 2
+    assert "save_indices=True" in capsys.readouterr().err
     trained_adapter("llama", "vera", tmp_path / "vera")
     assert cli_main(["convert", str(tmp_path / "vera"), str(tmp_path / "vera" / "inside")]) == 2
     assert "overwrite or nest" in capsys.readouterr().err

@@ -412,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="our Uni-LoRA / VeRA / VB-LoRA adapter as PEFT's own UNILORA / VERA / VBLORA "
-                       "directory, or a PEFT VBLORA directory as ours (exact both ways)")
-    p.add_argument("source", help="a unilora adapter, or a PEFT VB-LoRA adapter directory")
+                       "directory, or a PEFT VBLORA / UNILORA directory as ours (exact both ways)")
+    p.add_argument("source", help="a unilora adapter, or a PEFT VB-LoRA or UniLora (save_indices=True) directory")
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_convert)

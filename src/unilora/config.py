@@ -32,6 +32,9 @@ class AdapterConfig:
     # Uni-LoRA and Fastfood: length of the one trainable vector θ_d
     theta_dim: int = 23040
     init: str = "uniform"  # Uni-LoRA: "uniform" (U(-s, s)) or "zero_delta" (ΔW = 0 at step 0)
+    # Uni-LoRA: "seeded" (the index vector is drawn from `seed`, the file holds θ_d only) or
+    # "stored" (the file holds the index vector too: adapters converted from PEFT's UniLora)
+    indices: str = "seeded"
     init_scale: float = 0.02
     # VB-LoRA
     num_vectors: int = 90
@@ -87,6 +90,8 @@ class AdapterConfig:
         integer("theta_dim", 1)
         need(isinstance(self.init, str) and self.init in UNILORA_INITS, f"init must be one of {UNILORA_INITS}, got {self.init!r}")
         number("init_scale", 0.0)
+        need(isinstance(self.indices, str) and self.indices in ("seeded", "stored"),
+             f"indices must be 'seeded' or 'stored', got {self.indices!r}")
         integer("num_vectors", 1, 2**31 - 1)
         if self.vector_length is not None:
             integer("vector_length", 1, 2**31 - 1)

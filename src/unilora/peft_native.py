@@ -14,9 +14,10 @@ UniLora's indices and VeRA's matrices from torch's RNG, so the directory stores 
   stored weights (as our own loader rebuilds them). PEFT has no scaling for VB-LoRA: a scaling
   other than 1 is refused.
 
-PEFT to ours: VB-LoRA directories (full logits) become our adapters, stored as logits. PEFT's
-UniLora and VeRA draw their fixed parts from torch's RNG, which our format does not reproduce;
-they are refused with that reason.
+PEFT to ours, exact: VB-LoRA directories (full logits) become our adapters stored as logits;
+UniLora directories saved with `save_indices=True` become Uni-LoRA adapters that store their
+index vector (`indices="stored"`; the scales 1/sqrt(n_j) are recomputed from it, as PEFT computes
+them). PEFT's VeRA files do not record each layer's input size, so they are refused.
 """
 
 from __future__ import annotations
@@ -150,68 +151,118 @@ def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def from_peft(peft_dir, out_dir, overwrite: bool = False) -> list[str]:
-    """Write PEFT's VB-LoRA directory as our adapter (logits kept, so the result is exact)."""
-    peft_dir = Path(peft_dir)
-    refuse_overlap(peft_dir, Path(out_dir))
+def _read_peft_config(peft_dir: Path) -> dict:
     try:
-        peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
+        config = json.loads((peft_dir / "adapter_config.json").read_text())
     except (OSError, ValueError) as err:
         raise UniLoraError(f"'{peft_dir}/adapter_config.json' cannot be read as JSON: {err}") from None
-    kind = peft_config.get("peft_type")
-    if kind in ("UNILORA", "VERA"):
-        raise UniLoraError(f"PEFT {kind} adapters draw their fixed parts from torch's RNG, which unilora's format does not "
-                           "reproduce; convert it to LoRA with PEFT, then `unilora compress`, or train with unilora")
-    if kind != "VBLORA":
-        raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads PEFT VBLORA directories (and writes "
-                           "UNILORA, VERA and VBLORA ones from unilora adapters)")
+    if not isinstance(config, dict):
+        raise UniLoraError(f"'{peft_dir}/adapter_config.json' is not a JSON object")
+    return config
+
+
+def _integers(peft_dir: Path, config: dict, keys: tuple[str, ...]) -> list[int]:
+    values = [config.get(key) for key in keys]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise UniLoraError(f"'{peft_dir}/adapter_config.json' lacks a positive integer {' / '.join(keys)}")
+    return values
+
+
+def _modules(keys: list[str], suffix: str) -> list[str]:
+    return sorted({key[len(_PREFIX):-len(suffix)] for key in keys if key.startswith(_PREFIX) and key.endswith(suffix)},
+                  key=_natural)
+
+
+def _vblora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, weights: Path):
     if peft_config.get("save_only_topk_weights"):
         raise UniLoraError("this PEFT VB-LoRA adapter keeps only top-k weights; save it with save_only_topk_weights=False "
                            "to convert it")
+    r, h, b, k = _integers(peft_dir, peft_config, ("r", "num_vectors", "vector_length", "topk"))
+    modules = _modules(list(shapes), ".vblora_logits_A")
+    if shapes.get("base_model.vblora_vector_bank") != (h, b) or not modules:
+        raise UniLoraError(f"'{weights}' does not hold a VB-LoRA bank of shape ({h}, {b}) and per-layer logits")
+    slots = []
+    for name in modules:
+        shape_a, shape_b = shapes.get(f"{_PREFIX}{name}.vblora_logits_A"), shapes.get(f"{_PREFIX}{name}.vblora_logits_B")
+        if (shape_a is None or shape_b is None or len(shape_a) != 3 or len(shape_b) != 3 or shape_a[0] != r
+                or shape_b[1] != r or shape_a[2] != h or shape_b[2] != h):
+            raise UniLoraError(f"'{weights}': the logits of '{name}' have shapes {shape_a}, {shape_b}; expected "
+                               f"({r}, in/{b}, {h}) and (out/{b}, {r}, {h})")
+        slots.append(Slot(name, shape_a[1] * b, shape_b[0] * b, r))
+    config = dict(method="vblora", rank=r, num_vectors=h, vector_length=b, topk=k, store="logits")
+    logits = []
+    for name in modules:
+        logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_A").reshape(-1, h))
+        logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_B").transpose(0, 1).reshape(-1, h))
+    tensors = {"vblora.bank": handle.get_tensor("base_model.vblora_vector_bank"), "vblora.logits": torch.cat(logits)}
+    return slots, config, tensors
+
+
+def _unilora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, weights: Path):
+    r, d = _integers(peft_dir, peft_config, ("r", "theta_d_length"))
+    modules = _modules(list(shapes), ".unilora_indices_A")
+    if not modules:
+        raise UniLoraError(f"'{weights}' holds no UniLora indices: PEFT saved it without save_indices=True and would "
+                           "redraw them from torch's RNG; re-save it with save_indices=True to convert it exactly")
+    if shapes.get("base_model.unilora_theta_d") != (d,):
+        raise UniLoraError(f"'{weights}' does not hold a theta_d of length {d}")
+    slots, indices = [], []
+    for name in modules:
+        shape_a, shape_b = shapes.get(f"{_PREFIX}{name}.unilora_indices_A"), shapes.get(f"{_PREFIX}{name}.unilora_indices_B")
+        if shape_a is None or shape_b is None or len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != r or shape_b[1] != r:
+            raise UniLoraError(f"'{weights}': the indices of '{name}' have shapes {shape_a}, {shape_b}; expected "
+                               f"({r}, in) and (out, {r})")
+        slots.append(Slot(name, shape_a[1], shape_b[0], r))
+        indices.append(handle.get_tensor(f"{_PREFIX}{name}.unilora_indices_A").reshape(-1))
+        indices.append(handle.get_tensor(f"{_PREFIX}{name}.unilora_indices_B").t().reshape(-1))  # our Bᵀ, row-major
+    config = dict(method="unilora", rank=r, theta_dim=d, indices="stored", seed=int(peft_config.get("proj_seed") or 0))
+    flat = torch.cat(indices)
+    tensors = {"unilora.theta_d": handle.get_tensor("base_model.unilora_theta_d"),
+               "unilora.indices": flat.to(torch.int32 if flat.numel() < 2**31 else torch.int64)}
+    return slots, config, tensors
+
+
+_FROM_PEFT = {"VBLORA": _vblora_from_peft, "UNILORA": _unilora_from_peft}
+
+
+def from_peft(peft_dir, out_dir, overwrite: bool = False) -> list[str]:
+    """Write PEFT's VB-LoRA or UniLora directory as our adapter, exactly (VB-LoRA's logits and
+    UniLora's stored indices are kept)."""
+    peft_dir = Path(peft_dir)
+    refuse_overlap(peft_dir, Path(out_dir))
+    peft_config = _read_peft_config(peft_dir)
+    kind = peft_config.get("peft_type")
+    if kind == "VERA":
+        raise UniLoraError("PEFT VERA files do not record each layer's input size, so the adapter cannot be rebuilt "
+                           "without the model; export it from PEFT as LoRA and use `unilora compress`")
+    if kind not in _FROM_PEFT:
+        raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads PEFT VBLORA and UNILORA directories "
+                           "(and writes UNILORA, VERA and VBLORA ones from unilora adapters)")
     weights = peft_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise UniLoraError(f"'{peft_dir}' lacks adapter_model.safetensors (only safetensors adapters are read)")
-    try:
-        r, h, b, k = (int(peft_config[key]) for key in ("r", "num_vectors", "vector_length", "topk"))
-    except (KeyError, TypeError, ValueError):
-        raise UniLoraError(f"'{peft_dir}/adapter_config.json' lacks an integer r, num_vectors, vector_length or topk") from None
     with safe_open(str(weights), framework="pt") as handle:
         keys = list(handle.keys())
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
-        modules = sorted({key[len(_PREFIX):-len(".vblora_logits_A")] for key in keys
-                          if key.startswith(_PREFIX) and key.endswith(".vblora_logits_A")}, key=_natural)
-        if "base_model.vblora_vector_bank" not in shapes or shapes["base_model.vblora_vector_bank"] != (h, b) or not modules:
-            raise UniLoraError(f"'{weights}' does not hold a VB-LoRA bank of shape ({h}, {b}) and per-layer logits")
-        slots = []
-        for name in modules:
-            shape_a, shape_b = shapes.get(f"{_PREFIX}{name}.vblora_logits_A"), shapes.get(f"{_PREFIX}{name}.vblora_logits_B")
-            if (shape_a is None or shape_b is None or len(shape_a) != 3 or len(shape_b) != 3 or shape_a[0] != r
-                    or shape_b[1] != r or shape_a[2] != h or shape_b[2] != h):
-                raise UniLoraError(f"'{weights}': the logits of '{name}' have shapes {shape_a}, {shape_b}; expected "
-                                   f"({r}, in/{b}, {h}) and (out/{b}, {r}, {h})")
-            slots.append(Slot(name, shape_a[1] * b, shape_b[0] * b, r))
-        layout = Layout(slots)
-        config = AdapterConfig(method="vblora", rank=r, num_vectors=h, vector_length=b, topk=k, store="logits",
-                               target_modules=[s.name for s in slots],
-                               modules_to_save=list(peft_config.get("modules_to_save") or []))
-        projection = PROJECTIONS["vblora"](layout, config)
-        logits = []
-        for name in modules:
-            logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_A").reshape(-1, h))
-            logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_B").transpose(0, 1).reshape(-1, h))
-        tensors = {"vblora.bank": handle.get_tensor("base_model.vblora_vector_bank"), "vblora.logits": torch.cat(logits)}
-        head_keys = [key for key in keys if key.startswith(_PREFIX) and "vblora_" not in key]
+        slots, options, tensors = _FROM_PEFT[kind](peft_dir, peft_config, handle, shapes, weights)
+        head_keys = [key for key in keys if key.startswith(_PREFIX) and f".{kind.lower()}_" not in key]
         tensors.update({"head." + key[len(_PREFIX):].replace(".modules_to_save.default.", "."): handle.get_tensor(key)
                         for key in head_keys})
-    check_finite(tensors, "refusing to convert", "the PEFT adapter holds non-finite values")
+    modules_to_save = list(peft_config.get("modules_to_save") or [])
+    config = AdapterConfig(**options, target_modules=[s.name for s in slots], modules_to_save=modules_to_save)
+    layout = Layout(slots)
+    check_finite({k: v for k, v in tensors.items() if v.is_floating_point()}, "refusing to convert",
+                 "the PEFT adapter holds non-finite values")
+    projection = PROJECTIONS[config.method](layout, config)
+    projection.check_stored_values(tensors, config)
     projection.load_stored_tensors(tensors)
     from .model import adapter_metadata
 
-    heads = sorted({key.split(".", 1)[1].rsplit(".", 1)[0] for key in tensors if key.startswith("head.")})
-    meta = adapter_metadata(config, layout, projection, head_modules=list(peft_config.get("modules_to_save") or []) if heads else [],
+    heads = sorted({key[len("head."):].rsplit(".", 1)[0] for key in tensors if key.startswith("head.")})
+    meta = adapter_metadata(config, layout, projection, head_modules=modules_to_save if heads else [],
                             fan_in_fan_out=bool(peft_config.get("fan_in_fan_out", False)),
                             base_model={"class": None, "name_or_path": peft_config.get("base_model_name_or_path")},
                             peft_task_type=peft_config.get("task_type"))
     write_adapter_dir(out_dir, meta, tensors, overwrite=overwrite)
-    return [f"wrote unilora VB-LoRA adapter {out_dir}: {len(slots)} layers, r={r}, h={h}, b={b}, top-{k}"
+    return [f"wrote unilora {config.method} adapter {out_dir} from PEFT {kind}: {len(slots)} layers, r={config.rank}"
             + (f", heads {heads}" if heads else "")]

@@ -50,12 +50,21 @@ class UniLoRAProjection(Projection):
             raise UniLoraError(f"theta_dim d={d} exceeds D={D} (the LoRA parameter count); choose d <= {D}")
         if zero_delta and d < 2:
             raise UniLoraError("init='zero_delta' needs theta_dim >= 2 (one slot pool for A, one for B)")
+        index_dtype = torch.int32 if D < 2**31 else torch.int64
+        if config.indices == "stored":  # filled by load_stored_tensors (nothing to draw, nothing shared)
+            self.fixed = None
+            self._index_digest = None
+            self.register_buffer("indices", torch.zeros(D, dtype=index_dtype), persistent=False)
+            self.register_buffer("slot_scale", torch.zeros(d), persistent=False)
+            self.theta_d = nn.Parameter(torch.zeros(d))
+            return
+
         def draw() -> dict:
             assignment = balanced_assignment(D, d, config.seed, layout.b_entry_mask() if zero_delta else None)
             counts = np.bincount(assignment, minlength=d)
             return dict(
                 digest=hashlib.sha256(assignment.astype("<i8").tobytes()).hexdigest()[:16],
-                indices=torch.from_numpy(assignment).to(torch.int32 if D < 2**31 else torch.int64),
+                indices=torch.from_numpy(assignment).to(index_dtype),
                 slot_scale=torch.from_numpy(1.0 / np.sqrt(counts)).to(torch.float32),
                 first_b_slot=int(assignment[layout.b_entry_mask()].min()) if zero_delta else None,
             )
@@ -82,7 +91,17 @@ class UniLoRAProjection(Projection):
 
     @classmethod
     def stored_spec(cls, layout, config):
-        return {"unilora.theta_d": ((config.theta_dim,), "float")}
+        spec = {"unilora.theta_d": ((config.theta_dim,), "float")}
+        if config.indices == "stored":
+            spec["unilora.indices"] = ((layout.D,), "index")
+        return spec
+
+    @classmethod
+    def check_stored_values(cls, tensors, config):
+        indices = tensors.get("unilora.indices")
+        if indices is not None and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= config.theta_dim):
+            raise UniLoraError(f"Uni-LoRA indices must lie in [0, {config.theta_dim}) (the length of θ_d), found "
+                               f"{int(indices.min())}..{int(indices.max())}; the adapter file is damaged")
 
     @classmethod
     def build_bytes(cls, layout, config):
@@ -93,11 +112,31 @@ class UniLoRAProjection(Projection):
         return {"theta": [self.theta_d]}
 
     def stored_tensors(self, store=None):
-        return {"unilora.theta_d": self.theta_d.detach()}
+        tensors = {"unilora.theta_d": self.theta_d.detach()}
+        if self.config.indices == "stored":
+            tensors["unilora.indices"] = self.indices
+        return tensors
+
+    def stored_param_count(self):
+        """θ_d, plus a stored index vector counted as float32 fractions (as VB-LoRA's indices)."""
+        count = self.theta_d.numel()
+        if self.config.indices == "stored":
+            count += self.indices.numel() * self.indices.element_size() // 4
+        return count
 
     def load_stored_tensors(self, tensors):
         self._require_tensors(tensors, ["unilora.theta_d"])
         self._copy_into(self.theta_d, tensors["unilora.theta_d"], "unilora.theta_d")
+        if self.config.indices == "stored":
+            self._require_tensors(tensors, ["unilora.indices"])
+            indices = tensors["unilora.indices"].long()
+            self.check_stored_values({"unilora.indices": indices}, self.config)
+            self._copy_into(self.indices, indices, "unilora.indices")
+            counts = torch.bincount(indices, minlength=self.config.theta_dim).to(torch.float64)
+            # 1/sqrt(n_j) keeps PᵀP = I on the slots in use; an unused slot scales by 0 (never read)
+            scale = torch.where(counts > 0, counts.clamp_min(1).rsqrt(), torch.zeros_like(counts))
+            with torch.no_grad():
+                self.slot_scale.copy_(scale.to(self.slot_scale.dtype))
 
     def metadata(self):
-        return {"index_sha256": self._index_digest}
+        return {} if self._index_digest is None else {"index_sha256": self._index_digest}
