@@ -111,6 +111,8 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        if data["indices"] == "seeded":  # left out by default, so that earlier versions read these adapters
+            del data["indices"]
         if isinstance(data["target_modules"], tuple):
             data["target_modules"] = list(data["target_modules"])
         return data

@@ -361,6 +361,9 @@ class AdaptedModel(nn.Module):
                     setattr(self.model.get_submodule(parent_name), child,
                             head.copies[active] if active in head.copies else head.original)
         self._adapters = {active: dataclasses.replace(self._active, layers=[], head_modules=[])}
+        for name in [n for n in self.projections if n != active]:
+            del self.projections[name]
+            self.router.remove(name)
         for hook in self._hooks:  # the plain model must not pay for (or reach) the projection
             hook.remove()
         self._hooks = []
