@@ -86,7 +86,8 @@ class AdaptedLayer(nn.Module):
         for name in rows.distinct:
             entry = self.adapters.get(name)
             if entry is None:
-                stacked_a.append(None), stacked_bt.append(None)
+                stacked_a.append(None)
+                stacked_bt.append(None)
                 continue
             factors = entry.binder.factors(entry.slot)
             a, bt = factors.dense() if isinstance(factors, ScaledFactors) else factors
