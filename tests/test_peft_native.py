@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel, UniLoraConfig, VBLoRAConfig, get_peft_model
+from peft import PeftModel, UniLoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
 
 import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
@@ -63,11 +63,13 @@ def peft_config(kind, arch, **options):
                   task_type="CAUSAL_LM" if arch == "llama" else "SEQ_CLS", **options)
     if kind == "vblora":
         return VBLoRAConfig(num_vectors=12, vector_length=16, topk=2, **common)
+    if kind == "vera":
+        return VeraConfig(**{"save_projection": True, "projection_prng_key": 3, **common})
     return UniLoraConfig(**{"theta_d_length": 300, "save_indices": True, **common})
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-@pytest.mark.parametrize("kind", ["vblora", "unilora"])
+@pytest.mark.parametrize("kind", ["vblora", "unilora", "vera"])
 def test_peft_to_ours_gives_peft_logits(kind, arch, rows, tmp_path, capsys):
     torch.manual_seed(0)
     config = peft_config(kind, arch)
@@ -77,7 +79,9 @@ def test_peft_to_ours_gives_peft_logits(kind, arch, rows, tmp_path, capsys):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape) * 0.3)
     peft_model.save_pretrained(tmp_path / "peft")
-    assert cli_main(["convert", str(tmp_path / "peft"), str(tmp_path / "ours")]) == 0
+    build(arch).save_pretrained(tmp_path / "base")  # VeRA: the layers' input sizes come from the model's config
+    model = ["--model", str(tmp_path / "base")] if kind == "vera" else []
+    assert cli_main(["convert", str(tmp_path / "peft"), str(tmp_path / "ours"), *model]) == 0
     ours = unilora.from_pretrained(build(arch), tmp_path / "ours")
     with torch.no_grad():
         expected = peft_model.eval()(input_ids=rows).logits
@@ -104,10 +108,16 @@ def test_convert_refuses_what_it_cannot_do_exactly(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "damaged"), str(tmp_path / "out")]) == 2
     assert "must lie in [0, 300)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    (tmp_path / "peft-vera").mkdir()
-    (tmp_path / "peft-vera" / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA"}))
+    get_peft_model(build("llama"), peft_config("vera", "llama")).save_pretrained(tmp_path / "peft-vera")
     assert cli_main(["convert", str(tmp_path / "peft-vera"), str(tmp_path / "out")]) == 2
-    assert "input size" in capsys.readouterr().err
+    assert "--model" in capsys.readouterr().err
+    assert cli_main(["convert", str(tmp_path / "peft-vera"), str(tmp_path / "out"), "--model", str(tmp_path / "nothing")]) == 2
+    assert "no model config" in capsys.readouterr().err
+    tiny_bert = tmp_path / "bert"
+    build("bert").save_pretrained(tiny_bert)
+    assert cli_main(["convert", str(tmp_path / "peft-vera"), str(tmp_path / "out"), "--model", str(tiny_bert)]) == 2
+    assert "lacks" in capsys.readouterr().err  # the wrong model: its layers have other names
+    assert not (tmp_path / "out").exists()
     get_peft_model(build("llama"), peft_config("unilora", "llama", save_indices=False)).save_pretrained(tmp_path / "redraw")
     assert cli_main(["convert", str(tmp_path / "redraw"), str(tmp_path / "out")]) == 2
     assert "save_indices=True" in capsys.readouterr().err

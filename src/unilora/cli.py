@@ -270,8 +270,14 @@ def cmd_export(args) -> int:
 def cmd_convert(args) -> int:
     from .peft_native import from_peft, is_peft_dir, to_peft
 
-    convert = from_peft if is_peft_dir(args.source) else to_peft
-    for line in convert(args.source, args.out, overwrite=args.overwrite):
+    if is_peft_dir(args.source):
+        report = from_peft(args.source, args.out, overwrite=args.overwrite, model=args.model)
+    else:
+        if args.model:
+            raise UniLoraError("--model goes with a PEFT VeRA source (its layers' input sizes); a unilora adapter "
+                               "records its own layout")
+        report = to_peft(args.source, args.out, overwrite=args.overwrite)
+    for line in report:
         print(line)
     return 0
 
@@ -412,9 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="our Uni-LoRA / VeRA / VB-LoRA adapter as PEFT's own UNILORA / VERA / VBLORA "
-                       "directory, or a PEFT VBLORA / UNILORA directory as ours (exact both ways)")
-    p.add_argument("source", help="a unilora adapter, or a PEFT VB-LoRA or UniLora (save_indices=True) directory")
+                       "directory, or a PEFT one as ours (exact both ways)")
+    p.add_argument("source", help="a unilora adapter, or a PEFT VBLORA, UNILORA (save_indices=True) or VERA "
+                   "(save_projection=True, with --model) directory")
     p.add_argument("out")
+    p.add_argument("--model", help="PEFT VeRA source only: the base model (name or path) it was trained on")
     p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_convert)
 

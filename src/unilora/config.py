@@ -32,9 +32,10 @@ class AdapterConfig:
     # Uni-LoRA and Fastfood: length of the one trainable vector θ_d
     theta_dim: int = 23040
     init: str = "uniform"  # Uni-LoRA: "uniform" (U(-s, s)) or "zero_delta" (ΔW = 0 at step 0)
-    # Uni-LoRA: "seeded" (the index vector is drawn from `seed`, the file holds θ_d only) or
-    # "stored" (the file holds the index vector too: adapters converted from PEFT's UniLora)
-    indices: str = "seeded"
+    # Uni-LoRA and VeRA: "seeded" (the fixed parts, Uni-LoRA's index vector or VeRA's matrices, are
+    # drawn from `seed`; the file holds the trained tensors only) or "stored" (the file holds the
+    # fixed parts too: adapters converted from PEFT, whose parts come from torch's RNG)
+    fixed_parts: str = "seeded"
     init_scale: float = 0.02
     # VB-LoRA
     num_vectors: int = 90
@@ -90,8 +91,8 @@ class AdapterConfig:
         integer("theta_dim", 1)
         need(isinstance(self.init, str) and self.init in UNILORA_INITS, f"init must be one of {UNILORA_INITS}, got {self.init!r}")
         number("init_scale", 0.0)
-        need(isinstance(self.indices, str) and self.indices in ("seeded", "stored"),
-             f"indices must be 'seeded' or 'stored', got {self.indices!r}")
+        need(isinstance(self.fixed_parts, str) and self.fixed_parts in ("seeded", "stored"),
+             f"fixed_parts must be 'seeded' or 'stored', got {self.fixed_parts!r}")
         integer("num_vectors", 1, 2**31 - 1)
         if self.vector_length is not None:
             integer("vector_length", 1, 2**31 - 1)
@@ -111,8 +112,8 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if data["indices"] == "seeded":  # left out by default, so that earlier versions read these adapters
-            del data["indices"]
+        if data["fixed_parts"] == "seeded":  # left out by default, so that earlier versions read these adapters
+            del data["fixed_parts"]
         if isinstance(data["target_modules"], tuple):
             data["target_modules"] = list(data["target_modules"])
         return data

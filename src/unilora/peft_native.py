@@ -15,9 +15,11 @@ UniLora's indices and VeRA's matrices from torch's RNG, so the directory stores 
   other than 1 is refused.
 
 PEFT to ours, exact: VB-LoRA directories (full logits) become our adapters stored as logits;
-UniLora directories saved with `save_indices=True` become Uni-LoRA adapters that store their
-index vector (`indices="stored"`; the scales 1/sqrt(n_j) are recomputed from it, as PEFT computes
-them). PEFT's VeRA files do not record each layer's input size, so they are refused.
+UniLora directories saved with `save_indices=True` and VeRA directories saved with
+`save_projection=True` become adapters that store those fixed parts (`fixed_parts="stored"`;
+Uni-LoRA's scales 1/sqrt(n_j) are recomputed from the indices, as PEFT computes them). PEFT's
+VeRA files do not record each layer's input size, so VeRA needs the base model (`--model`; only
+its config is read, the modules are built on the meta device).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .inspection import rebuild_projection
 from .io import save_tensors, write_adapter_dir
 from .layout import Layout, Slot
 from .methods import PROJECTIONS
+from .targeting import base_module, is_adaptable, linear_shape
 from .validation import check_finite
 from .writing import write_output_dir
 
@@ -215,36 +218,91 @@ def _unilora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, 
         slots.append(Slot(name, shape_a[1], shape_b[0], r))
         indices.append(handle.get_tensor(f"{_PREFIX}{name}.unilora_indices_A").reshape(-1))
         indices.append(handle.get_tensor(f"{_PREFIX}{name}.unilora_indices_B").t().reshape(-1))  # our Bᵀ, row-major
-    config = dict(method="unilora", rank=r, theta_dim=d, indices="stored", seed=int(peft_config.get("proj_seed") or 0))
+    config = dict(method="unilora", rank=r, theta_dim=d, fixed_parts="stored", seed=int(peft_config.get("proj_seed") or 0))
     flat = torch.cat(indices)
     tensors = {"unilora.theta_d": handle.get_tensor("base_model.unilora_theta_d"),
                "unilora.indices": flat.to(torch.int32 if flat.numel() < 2**31 else torch.int64)}
     return slots, config, tensors
 
 
-_FROM_PEFT = {"VBLORA": _vblora_from_peft, "UNILORA": _unilora_from_peft}
+def _vera_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, weights: Path, model):
+    if model is None:
+        raise UniLoraError("PEFT VERA files do not record each layer's input size: give the base model it was trained on "
+                           "(unilora convert ... --model NAME_OR_PATH)")
+    (r,) = _integers(peft_dir, peft_config, ("r",))
+    modules = _modules(list(shapes), ".vera_lambda_d")
+    shape_a, shape_b = shapes.get("base_model.vera_A"), shapes.get("base_model.vera_B")
+    if not modules or shape_a is None or shape_b is None:
+        raise UniLoraError(f"'{weights}' holds no VeRA matrices: PEFT saved it without save_projection=True and would "
+                           "redraw them from torch's RNG; re-save it with save_projection=True to convert it exactly")
+    slots = []
+    for name in modules:
+        try:
+            layer = base_module(model, name)
+        except AttributeError:
+            raise UniLoraError(f"the PEFT adapter adapts '{name}', which the given model lacks; give the model it was "
+                               "trained on") from None
+        if not is_adaptable(layer):
+            raise UniLoraError(f"the PEFT adapter adapts '{name}', which is not a linear layer in the given model")
+        n_in, n_out = linear_shape(layer)
+        if (shapes.get(f"{_PREFIX}{name}.vera_lambda_d") != (r,)
+                or shapes.get(f"{_PREFIX}{name}.vera_lambda_b") != (n_out,)):
+            raise UniLoraError(f"'{weights}': the vectors of '{name}' do not fit r={r} and the model's {n_out} outputs; "
+                               "give the model the adapter was trained on")
+        slots.append(Slot(name, n_in, n_out, r))
+    expected = ((r, max(s.in_features for s in slots)), (max(s.out_features for s in slots), r))
+    if (shape_a, shape_b) != expected:
+        raise UniLoraError(f"'{weights}': vera_A / vera_B have shapes {shape_a}, {shape_b}; these layers need {expected}")
+    scales = [handle.get_tensor(f"{_PREFIX}{name}.vera_lambda_{part}") for name in modules for part in ("d", "b")]
+    config = dict(method="vera", rank=r, fixed_parts="stored", seed=int(peft_config.get("projection_prng_key") or 0),
+                  vera_d_init=float(peft_config.get("d_initial", 0.1)))
+    tensors = {"vera.scales": torch.cat(scales), "vera.shared_a": handle.get_tensor("base_model.vera_A"),
+               "vera.shared_bt": handle.get_tensor("base_model.vera_B").t().contiguous()}
+    return slots, config, tensors
 
 
-def from_peft(peft_dir, out_dir, overwrite: bool = False) -> list[str]:
-    """Write PEFT's VB-LoRA or UniLora directory as our adapter, exactly (VB-LoRA's logits and
-    UniLora's stored indices are kept)."""
+def model_skeleton(name_or_path: str, task_type: str | None) -> torch.nn.Module:
+    """The model's modules and shapes, without weights (built on the meta device from its config)."""
+    import transformers
+
+    from .backbones import _local_or_hub
+
+    classes = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+               "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
+               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+    try:
+        config = transformers.AutoConfig.from_pretrained(_local_or_hub(name_or_path))
+    except (OSError, ValueError) as err:
+        raise UniLoraError(f"--model '{name_or_path}': no model config found there ({str(err).splitlines()[0]})") from None
+    with torch.device("meta"):
+        return getattr(transformers, classes.get(task_type, "AutoModel")).from_config(config)
+
+
+_FROM_PEFT = {"VBLORA": _vblora_from_peft, "UNILORA": _unilora_from_peft, "VERA": _vera_from_peft}
+
+
+def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[str]:
+    """Write PEFT's VB-LoRA, UniLora or VeRA directory as our adapter, exactly (VB-LoRA's logits,
+    UniLora's stored indices and VeRA's stored matrices are kept). VeRA needs the base model
+    (`model`: a module or a name or path), whose layers give the input sizes PEFT does not record."""
     peft_dir = Path(peft_dir)
     refuse_overlap(peft_dir, Path(out_dir))
     peft_config = _read_peft_config(peft_dir)
     kind = peft_config.get("peft_type")
-    if kind == "VERA":
-        raise UniLoraError("PEFT VERA files do not record each layer's input size, so the adapter cannot be rebuilt "
-                           "without the model; export it from PEFT as LoRA and use `unilora compress`")
+    if isinstance(model, (str, Path)):
+        model = model_skeleton(str(model), peft_config.get("task_type"))
     if kind not in _FROM_PEFT:
-        raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads PEFT VBLORA and UNILORA directories "
-                           "(and writes UNILORA, VERA and VBLORA ones from unilora adapters)")
+        raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads and writes PEFT UNILORA, VERA and "
+                           "VBLORA directories")
     weights = peft_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise UniLoraError(f"'{peft_dir}' lacks adapter_model.safetensors (only safetensors adapters are read)")
     with safe_open(str(weights), framework="pt") as handle:
         keys = list(handle.keys())
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
-        slots, options, tensors = _FROM_PEFT[kind](peft_dir, peft_config, handle, shapes, weights)
+        read = _FROM_PEFT[kind]
+        extra = (model,) if kind == "VERA" else ()
+        slots, options, tensors = read(peft_dir, peft_config, handle, shapes, weights, *extra)
         head_keys = [key for key in keys if key.startswith(_PREFIX) and f".{kind.lower()}_" not in key]
         tensors.update({"head." + key[len(_PREFIX):].replace(".modules_to_save.default.", "."): handle.get_tensor(key)
                         for key in head_keys})

@@ -51,7 +51,7 @@ class UniLoRAProjection(Projection):
         if zero_delta and d < 2:
             raise UniLoraError("init='zero_delta' needs theta_dim >= 2 (one slot pool for A, one for B)")
         index_dtype = torch.int32 if D < 2**31 else torch.int64
-        if config.indices == "stored":  # filled by load_stored_tensors (nothing to draw, nothing shared)
+        if config.fixed_parts == "stored":  # filled by load_stored_tensors (nothing to draw, nothing shared)
             self.fixed = None
             self._index_digest = None
             self.register_buffer("indices", torch.zeros(D, dtype=index_dtype), persistent=False)
@@ -92,7 +92,7 @@ class UniLoRAProjection(Projection):
     @classmethod
     def stored_spec(cls, layout, config):
         spec = {"unilora.theta_d": ((config.theta_dim,), "float")}
-        if config.indices == "stored":
+        if config.fixed_parts == "stored":
             spec["unilora.indices"] = ((layout.D,), "index")
         return spec
 
@@ -113,21 +113,21 @@ class UniLoRAProjection(Projection):
 
     def stored_tensors(self, store=None):
         tensors = {"unilora.theta_d": self.theta_d.detach()}
-        if self.config.indices == "stored":
+        if self.config.fixed_parts == "stored":
             tensors["unilora.indices"] = self.indices
         return tensors
 
     def stored_param_count(self):
         """θ_d, plus a stored index vector counted as float32 fractions (as VB-LoRA's indices)."""
         count = self.theta_d.numel()
-        if self.config.indices == "stored":
+        if self.config.fixed_parts == "stored":
             count += self.indices.numel() * self.indices.element_size() // 4
         return count
 
     def load_stored_tensors(self, tensors):
         self._require_tensors(tensors, ["unilora.theta_d"])
         self._copy_into(self.theta_d, tensors["unilora.theta_d"], "unilora.theta_d")
-        if self.config.indices == "stored":
+        if self.config.fixed_parts == "stored":
             self._require_tensors(tensors, ["unilora.indices"])
             indices = tensors["unilora.indices"].long()
             self.check_stored_values({"unilora.indices": indices}, self.config)

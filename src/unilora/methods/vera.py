@@ -30,6 +30,7 @@ class VeRAProjection(Projection):
         r = config.rank
         max_in = max(s.in_features for s in layout.slots)
         max_out = max(s.out_features for s in layout.slots)
+
         def draw() -> dict:
             # kaiming-uniform bounds for the shared matrices (fan-in of A is `in`, of B is r)
             shared_a = _seeded_uniform(config.seed, "vera-A", (r, max_in), math.sqrt(6.0 / max_in))
@@ -37,10 +38,15 @@ class VeRAProjection(Projection):
             digest = hashlib.sha256(shared_a.numpy().tobytes() + shared_bt.numpy().tobytes()).hexdigest()[:16]
             return dict(shared_a=shared_a, shared_bt=shared_bt, digest=digest)
 
-        self.fixed = shared_fixed_parts(("vera", config.seed, r, max_in, max_out), draw)
-        self._digest = self.fixed.digest
-        self.register_buffer("shared_a", self.fixed.shared_a, persistent=False)
-        self.register_buffer("shared_bt", self.fixed.shared_bt, persistent=False)
+        if config.fixed_parts == "stored":  # filled by load_stored_tensors (adapters converted from PEFT)
+            self.fixed, self._digest = None, None
+            self.register_buffer("shared_a", torch.zeros(r, max_in), persistent=False)
+            self.register_buffer("shared_bt", torch.zeros(r, max_out), persistent=False)
+        else:
+            self.fixed = shared_fixed_parts(("vera", config.seed, r, max_in, max_out), draw)
+            self._digest = self.fixed.digest
+            self.register_buffer("shared_a", self.fixed.shared_a, persistent=False)
+            self.register_buffer("shared_bt", self.fixed.shared_bt, persistent=False)
         self.sizes = [n for s in layout.slots for n in (s.rank, s.out_features)]
         init = torch.cat(
             [torch.cat([torch.full((s.rank,), config.vera_d_init), torch.zeros(s.out_features)]) for s in layout.slots]
@@ -66,7 +72,12 @@ class VeRAProjection(Projection):
 
     @classmethod
     def stored_spec(cls, layout, config):
-        return {"vera.scales": ((sum(s.rank + s.out_features for s in layout.slots),), "float")}
+        spec = {"vera.scales": ((sum(s.rank + s.out_features for s in layout.slots),), "float")}
+        if config.fixed_parts == "stored":
+            r = config.rank
+            spec["vera.shared_a"] = ((r, max(s.in_features for s in layout.slots)), "float")
+            spec["vera.shared_bt"] = ((r, max(s.out_features for s in layout.slots)), "float")
+        return spec
 
     @classmethod
     def build_bytes(cls, layout, config):
@@ -78,11 +89,18 @@ class VeRAProjection(Projection):
         return {"scales": [self.scales]}
 
     def stored_tensors(self, store=None):
-        return {"vera.scales": self.scales.detach()}
+        tensors = {"vera.scales": self.scales.detach()}
+        if self.config.fixed_parts == "stored":
+            tensors.update({"vera.shared_a": self.shared_a, "vera.shared_bt": self.shared_bt})
+        return tensors
 
     def load_stored_tensors(self, tensors):
         self._require_tensors(tensors, ["vera.scales"])
         self._copy_into(self.scales, tensors["vera.scales"], "vera.scales")
+        if self.config.fixed_parts == "stored":
+            self._require_tensors(tensors, ["vera.shared_a", "vera.shared_bt"])
+            self._copy_into(self.shared_a, tensors["vera.shared_a"], "vera.shared_a")
+            self._copy_into(self.shared_bt, tensors["vera.shared_bt"], "vera.shared_bt")
 
     def metadata(self):
-        return {"shared_sha256": self._digest}
+        return {} if self._digest is None else {"shared_sha256": self._digest}
