@@ -43,14 +43,14 @@ def name_matches(name: str, targets) -> bool:
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """{name: linear module} in model order. A layer that already carries adapters counts as its
     base layer, under its own name; the inside of a saved head (modules_to_save) is never a target."""
-    found, wrappers = {}, []
+    found, inside = {}, None  # named_modules walks depth first: a wrapper's modules follow it
     for name, module in model.named_modules():
-        if not name or any(name.startswith(w + ".") for w in wrappers):
+        if not name or (inside is not None and name.startswith(inside)):
             continue
         if getattr(module, "is_saved_head", False):
-            wrappers.append(name)
+            inside = name + "."
         elif getattr(module, "wraps_base_layer", False):
-            wrappers.append(name)
+            inside = name + "."
             found[name] = module.base_layer
         elif is_adaptable(module):
             found[name] = module
