@@ -266,3 +266,20 @@ def test_readme_many_adapters_snippet_runs(tmp_path, monkeypatch):
     model = namespace["model"]
     assert model.adapters == ["alice", "carol"] and (tmp_path / "adapters" / "carol" / "adapter_config.json").is_file()
     assert namespace["logits"].shape == (3, 8, 96) and namespace["out"].shape == (3, 16)
+
+
+def test_a_failed_load_adapter_leaves_the_model_as_it_was(rows, tmp_path):
+    from conftest import edit_adapter_config
+
+    options = {**method_options("unilora"), "target_modules": "all-linear"}
+    get_model(build("llama"), AdapterConfig(**options)).save_pretrained(tmp_path / "other")
+    edit_adapter_config(tmp_path / "other", lambda meta: meta["projection"].update(index_sha256="0" * 16))
+    model = get_model(build("llama"), AdapterConfig(**{**method_options("lora"), "target_modules": ["q_proj"]}))
+    with torch.no_grad():
+        before = model(input_ids=rows).logits
+    with pytest.raises(UniLoraError, match="seeded projection differs"):
+        model.load_adapter(tmp_path / "other", "other")
+    assert model.adapters == ["default"] and list(model.projections) == ["default"]
+    assert sum(isinstance(m, AdaptedLayer) for m in model.modules()) == 2
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=rows).logits, before)
