@@ -74,7 +74,7 @@ def base_model_name(meta: dict) -> str | None:
     return EMBEDDED_LLM_HUB_NAME if name and is_embedded_llm(name) else name
 
 
-def _target_modules(config, names: list[str]) -> list[str]:
+def peft_target_modules(config, names: list[str]) -> list[str]:
     """The adapter's own name suffixes (PEFT matches them the same way), else the full names."""
     if isinstance(config.target_modules, (list, tuple)):
         return sorted(config.target_modules)
@@ -138,7 +138,7 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
         "r": r_out,
         # PEFT scales by lora_alpha / r: keep the adapter's own scaling at the padded rank
         "lora_alpha": projection.config.scaling * r_out,
-        "target_modules": _target_modules(projection.config, names),
+        "target_modules": peft_target_modules(projection.config, names),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": bool(meta.get("fan_in_fan_out", False)),

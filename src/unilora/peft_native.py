@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from .config import AdapterConfig
 from .errors import UniLoraError
-from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, refuse_overlap
+from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap
 from .inspection import rebuild_projection
 from .io import save_tensors, write_adapter_dir
 from .layout import Layout, Slot
@@ -118,10 +118,8 @@ def to_peft(adapter_dir, out_dir, overwrite: bool = False) -> list[str]:
     state = _module_tensors(projection, prefix)
     task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
     state.update(in_file)
-    names = sorted({s.name[len(prefix):] if prefix else s.name for s in projection.layout.slots})
-    targets = sorted(projection.config.target_modules) if isinstance(projection.config.target_modules, (list, tuple)) \
-        else names
-    config = _peft_config(meta, projection, task_type, modules_to_save, targets)
+    names = [s.name[len(prefix):] if prefix else s.name for s in projection.layout.slots]
+    config = _peft_config(meta, projection, task_type, modules_to_save, peft_target_modules(projection.config, names))
     check_finite({k: v for k, v in {**state, **head}.items() if v.is_floating_point()}, "refusing to convert",
                  "the adapter holds non-finite values")
 
