@@ -230,7 +230,7 @@ class CausalLMTask(Task):
         if not self.train_examples or not self.test_examples:
             raise UniLoraError(f"the {'training' if not self.train_examples else 'test'} split of '{self.data_name}' "
                                "holds no token to learn or score; give it more text")
-        self.batch_size, self.max_new_tokens = settings.batch_size, settings.max_new_tokens
+        self.settings = settings  # its batch size is chosen after the data is encoded (plan.plan_run)
         self.keep_logits = accepts_logits_to_keep(lm)
         return lm
 
@@ -241,11 +241,12 @@ class CausalLMTask(Task):
         return token_loss(model, batch, keep_logits=self.keep_logits)
 
     def evaluate(self, model, final: bool) -> dict:
-        loss = eval_loss(model, self.test_examples, self.tokenizer.pad_token_id, self.batch_size, self.keep_logits)
+        batch_size = self.settings.batch_size
+        loss = eval_loss(model, self.test_examples, self.tokenizer.pad_token_id, batch_size, self.keep_logits)
         result = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if final and self.dataset.metric:
             result.update(score_generations(model, self.tokenizer, self.dataset, self.max_length,
-                                            self.batch_size, self.max_new_tokens))
+                                            batch_size, self.settings.max_new_tokens))
         return result
 
     def summary(self, result: dict) -> str:

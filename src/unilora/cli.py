@@ -29,12 +29,33 @@ def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
@@ -101,14 +122,14 @@ def _load_data(args, task: str):
     else:
         from .data import load_dataset
 
-        if args.metric:
+        if getattr(args, "metric", None):
             raise UniLoraError("--metric scores generated answers and goes with --task causal-lm")
         dataset = load_dataset(args.data, args.text_column, args.label_column, args.test_data, seed=0)
     return dataset.limited(args.train_limit, args.test_limit, seed=0)
 
 
-# per task: (default model, max length, batch size)
-TASK_DEFAULTS = {"seq-cls": ("all-MiniLM-L6-v2", 64, 32), "causal-lm": ("SmolLM2-135M-Instruct", 256, 8)}
+# per task: (default model, max length)
+TASK_DEFAULTS = {"seq-cls": ("all-MiniLM-L6-v2", 64), "causal-lm": ("SmolLM2-135M-Instruct", 256)}
 
 
 def _resolve_task(args) -> str:
@@ -138,10 +159,9 @@ def _resolve_task(args) -> str:
             raise UniLoraError("--task causal-lm needs --data (bbc_headlines, rotten_tomatoes_instruct, a .txt "
                                "file, or JSONL with text, prompt/completion or chat messages)")
         args.data = "rotten_tomatoes"
-    default_model, max_length, batch_size = TASK_DEFAULTS[task]
+    default_model, max_length = TASK_DEFAULTS[task]
     args.model = args.model or default_model
     args.max_length = args.max_length or max_length
-    args.batch_size = args.batch_size or batch_size
     return task
 
 
@@ -192,6 +212,7 @@ def cmd_finetune(args) -> int:
         _warn(f"few training examples for {', '.join(small[:5])}: under 10 per class, expect a weak or "
               "majority-class model")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                             warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                              lr=args.lr or 1e-3, group_lrs=group_lrs, seed=args.seed, progress=not args.no_progress,
                              packing=args.packing, max_new_tokens=args.max_new_tokens, fit_rates=fit_rates)
     metrics = finetune(args.model, dataset, config, settings, out, overwrite=args.overwrite)
@@ -288,7 +309,8 @@ def cmd_compress(args) -> int:
     from .writing import check_writable
 
     check_writable(Path(args.out), ADAPTER_FILES, args.overwrite, "adapter")
-
+    if args.adapter or args.data:
+        return _compress_by_distillation(args)
     if bool(args.peft_lora) == bool(args.base_weights or args.finetuned_weights):
         raise UniLoraError("give either --peft-lora DIR or both --base-weights and --finetuned-weights")
     if args.peft_lora:
@@ -316,6 +338,44 @@ def cmd_compress(args) -> int:
         _warn(f"relative error {error:.2f} > {COMPRESS_ERROR_WARNING}: the compressed adapter keeps little of the "
               "source's update, so it will behave much like the base model; a larger --theta-dim keeps more "
               "(d = D is exact), or train a small adapter on the task itself with `unilora finetune`")
+    return 0
+
+
+def _compress_by_distillation(args) -> int:
+    from .classification import dataset_of
+    from .distill import distill, read_teacher
+    from .recipes import GROUP_LRS
+    from .train import TrainSettings
+
+    if bool(args.adapter) == bool(args.peft_lora) or args.base_weights or args.finetuned_weights:
+        raise UniLoraError("distillation takes one teacher: --adapter DIR (a classifier from `unilora finetune`) "
+                           "or --peft-lora DIR (its `unilora export`, with head.safetensors)")
+    if args.data is None and args.peft_lora:
+        raise UniLoraError("--peft-lora with distillation needs --data: the texts to match the teacher on")
+    dataset = _load_data(args, "seq-cls") if args.data else None
+    tokenizer, teacher = read_teacher(args.adapter, args.peft_lora, dataset.label_names if dataset else None,
+                                      args.model)
+    if dataset is None:
+        dataset = dataset_of(teacher.record, args.adapter).limited(args.train_limit, args.test_limit, seed=0)
+    if args.rank is None:
+        args.rank = teacher.updates[0].a.shape[0]
+    config = _adapter_config(args, [u.name for u in teacher.updates], auto_vector_length=True)
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, group_lrs=dict(GROUP_LRS[args.method]),
+                             seed=args.seed, progress=not args.no_progress)
+    student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
+                              temperature=args.temperature)
+    record = {**teacher.record, "max_length": report["max_length"], "compressed_from": teacher.source}
+    student.save_pretrained(args.out, task=record, overwrite=args.overwrite)
+    before, after = report["before"], report["after"]
+    print(f"wrote {student.adapter_config.method} adapter {args.out}: {student.stored_param_count():,} stored params "
+          f"vs the teacher's {sum(u.a.numel() + u.b.numel() for u in teacher.updates):,} (head carried)")
+    print(f"agreement with the teacher on {len(dataset.test_texts):,} held-out texts: weight-space fit "
+          f"{before['agreement']:.4f}, after distillation {after['agreement']:.4f}")
+    print(f"KL(teacher || student), nats per text: weight-space fit {before['kl_to_teacher']:.3e}, after "
+          f"distillation {after['kl_to_teacher']:.3e}")
+    if "student_accuracy" in after:
+        print(f"accuracy: teacher {after['teacher_accuracy']:.4f}, student {after['student_accuracy']:.4f} "
+              f"(weight-space fit {before['student_accuracy']:.4f})")
     return 0
 
 
@@ -372,8 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LM, plain text: pack documents into full --max-length blocks")
     _add_adapter_options(p)
     p.add_argument("--targets", default="all-linear", help="comma-separated name suffixes, a regex, or all-linear")
-    p.add_argument("--epochs", type=_positive_int, default=2)
-    p.add_argument("--batch-size", type=_positive_int, help="default 32 (seq-cls), 8 (causal-lm)")
+    p.add_argument("--epochs", type=_positive_int, help="default: seq-cls, enough for about 120 optimizer steps "
+                   "(1 to 40 epochs); causal-lm, 2")
+    p.add_argument("--batch-size", type=_positive_int, help="default: seq-cls, 32 from 1,000 training examples, 16 "
+                   "from 300, else 8; causal-lm, 8")
+    p.add_argument("--warmup-ratio", type=_ratio, default=0.06, help="share of the steps spent warming up the "
+                   "learning rate, then linear decay (default 0.06)")
+    p.add_argument("--eval-every", type=_positive_int, help="epochs between evaluations on the test split; the "
+                   "last epoch is always evaluated (default: every epoch up to 4 epochs, else about 4 in all)")
+    p.add_argument("--max-grad-norm", type=_non_negative_float, help="clip the gradient norm (0: off; default: "
+                   "1.0 for vblora, off for the others)")
     p.add_argument("--max-length", type=_positive_int, help="tokens per example, clamped to the model's limit "
                    "(default 64 for seq-cls, 256 for causal-lm)")
     p.add_argument("--lr", type=_positive_float, help="one learning rate for every adapter group (default: per method)")
@@ -426,9 +494,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("compress", help="fit a compact adapter to a PEFT LoRA adapter or to a full fine-tune")
+    p = sub.add_parser("compress", help="fit a compact adapter to a PEFT LoRA adapter or to a full fine-tune; with "
+                       "--adapter or --data, train it to match the source classifier's outputs (distillation)")
     p.add_argument("out")
-    p.add_argument("--peft-lora", help="a PEFT LoRA adapter directory")
+    p.add_argument("--adapter", help="teacher: a classifier adapter of ours (any method) saved by `finetune`")
+    p.add_argument("--peft-lora", help="a PEFT LoRA adapter directory (a teacher with --data: its export with "
+                   "head.safetensors)")
+    p.add_argument("--model", help="distillation: the teacher's base model (default: the one it records)")
+    p.add_argument("--temperature", type=_positive_float, default=2.0, help="distillation: softening of the "
+                   "teacher's class probabilities")
+    p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
+    p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    _add_data_options(p, data_help="distillation: the texts to match the teacher on (its training data by default "
+                      "for --adapter); labels, where present, only score teacher and student")
     p.add_argument("--base-weights", help="base model .safetensors (with --finetuned-weights: ΔW by truncated SVD)")
     p.add_argument("--finetuned-weights", help="fully fine-tuned .safetensors of the same model")
     p.add_argument("--targets", default="query,value", help="with checkpoints: module-name suffixes to compress")

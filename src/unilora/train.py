@@ -24,6 +24,7 @@ from .config import AdapterConfig
 from .errors import UniLoraError
 from .io import AdapterFile, is_adapter_dir, read_adapter
 from .model import AdaptedModel, get_model
+from .plan import plan_run, short_run_warning
 from .validation import read_json_object
 from .writing import check_writable, write_json_atomic, write_output_dir
 
@@ -41,12 +42,15 @@ RUN_FILES = {"adapter": is_adapter_dir, "metrics.json": _is_our_metrics}
 
 @dataclass
 class TrainSettings:
-    epochs: int = 1
-    batch_size: int = 32
+    # None: chosen from the run (the task, the method, the number of training examples) by plan.plan_run
+    epochs: int | None = None
+    batch_size: int | None = None
     max_length: int = 64
     lr: float = 1e-3  # for any group without its own rate
     group_lrs: dict = field(default_factory=dict)
     warmup_ratio: float = 0.06
+    max_grad_norm: float | None = None  # 0: no clipping
+    eval_every: int | None = None  # epochs between evaluations; the last epoch is always evaluated
     weight_decay: float = 0.0
     seed: int = 0
     eval_batch_size: int = 128
@@ -56,12 +60,19 @@ class TrainSettings:
     max_new_tokens: int | None = None  # causal LM metric: tokens generated per answer (None: from the answers)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "eval_every"):
             value = getattr(self, name)
+            if value is None and name in ("epochs", "batch_size", "eval_every"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UniLoraError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise UniLoraError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
+                or not 0.0 <= self.warmup_ratio < 1.0:
+            raise UniLoraError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float))
+                                 or not math.isfinite(norm) or norm < 0):
+            raise UniLoraError(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {norm!r}")
 
 
 class Task:
@@ -143,6 +154,12 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
     base = task.build(model_name, settings)
     model: AdaptedModel = get_model(base, adapter)
     n_train = task.train_size()
+    plan = plan_run(settings, task.kind, n_train, world)
+    if plan and rank == 0:
+        print(f"note: {'; '.join(plan.values())} (each can be set: see 'unilora finetune --help')", file=sys.stderr)
+    short = short_run_warning(settings, task.kind, n_train, world)
+    if short and rank == 0:
+        print(f"warning: {short}", file=sys.stderr)
     if settings.fit_rates:
         from .recipes import fitted_group_lrs
 
@@ -163,7 +180,7 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
             "method": adapter.method,
             "dataset": task.data_name,
             "model": model_name,
-            **{k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss")},
+            **{k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss", "grad_norm_median", "grad_norm_max")},
             "history": history,
             "stored_params": model.stored_param_count(),
             "adapter_bytes": model.stored_bytes(),
@@ -175,6 +192,7 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
             "world_size": world,
             "adapter": model.adapter_config.to_dict(),  # with any value chosen from the model (VB-LoRA b)
             "settings": asdict(settings),
+            "plan": plan,  # the settings chosen from the run, and why
         }
 
         def write(staging: Path) -> None:
@@ -193,8 +211,10 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
     Any model that returns `.logits` / `.loss` trains here (the results scripts train PEFT's too)."""
     rank, world = _distributed()
     trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(param_groups, lr=settings.lr)
     n_train = task.train_size()
+    plan_run(settings, task.kind, n_train, world)  # callers other than finetune may leave fields open
+    optimizer = torch.optim.AdamW(param_groups, lr=settings.lr)
+    parameters = [p for group in param_groups for p in group["params"]]
     per_rank = math.ceil(n_train / world)
     steps_per_epoch = math.ceil(per_rank / settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -209,25 +229,37 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
         random.Random(settings.seed * 7919 + epoch).shuffle(order)
         order = order[rank::world][:per_rank]
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings.epochs}", disable=not settings.progress or rank)
-        running = 0.0
+        running, norms = 0.0, []
         for step in bar:
             idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
             if not idx:
                 break
             loss = task.loss(trainer, task.batch(idx))
             loss.backward()
+            # the norm before clipping is recorded, so a run that did not learn shows why
+            norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf).item()
+            norms.append(norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
             bar.set_postfix(loss=f"{running:.4f}")
-        if rank == 0:
-            result = task.evaluate(model, final=epoch == settings.epochs)
-            history.append({"epoch": epoch, **result, "train_loss": running})
+        last = epoch == settings.epochs
+        if rank == 0 and (last or epoch % settings.eval_every == 0):
+            result = task.evaluate(model, final=last)
+            history.append({"epoch": epoch, **result, "train_loss": running, "grad_norm_median": _median(norms),
+                            "grad_norm_max": max(norms, default=0.0)})
             print(f"epoch {epoch}: {task.summary(result)}, train loss {running:.4f}", flush=True)
+        elif rank == 0:
+            print(f"epoch {epoch}: train loss {running:.4f}", flush=True)
         if world > 1:
             dist.barrier()
     return history
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else 0.0
 
 
 def task_for(data) -> Task:

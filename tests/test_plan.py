@@ -1,0 +1,178 @@
+"""The schedule chosen from the run (unilora.plan) and the training loop's use of it: batch size
+and epochs from the dataset size, evaluations, gradient clipping when asked, overrides, the record."""
+
+import json
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from conftest import VOCAB, build, method_options
+from unilora import AdapterConfig, get_model
+from unilora.cli import main
+from unilora.errors import UniLoraError
+from unilora.plan import TARGET_STEPS, plan_run, short_run_warning
+from unilora.train import Task, TrainSettings, train
+
+from test_demo import small_bert
+from test_hostile import one_line_error
+
+
+@pytest.mark.parametrize("n_train, batch, epochs", [
+    (150, 8, 7),  # 19 steps per epoch
+    (500, 16, 4),  # 32
+    (2_000, 32, 2),  # 63: the budget the rates were tuned on
+    (10_162, 32, 1),  # 318
+    (12, 8, 40),  # 2 steps per epoch: capped
+])
+def test_classification_runs_get_about_the_tuned_number_of_steps(n_train, batch, epochs):
+    settings = TrainSettings()
+    chosen = plan_run(settings, "seq-cls", n_train)
+    assert (settings.batch_size, settings.epochs) == (batch, epochs)
+    assert {"batch_size", "epochs"} <= set(chosen)
+    steps = settings.epochs * -(-n_train // batch)
+    assert steps >= TARGET_STEPS or settings.epochs == 40
+
+
+def test_what_the_user_sets_is_kept_and_not_reported_as_chosen():
+    settings = TrainSettings(epochs=3, batch_size=4, max_grad_norm=0.0, eval_every=1)
+    assert plan_run(settings, "seq-cls", 150) == {}
+    assert (settings.epochs, settings.batch_size, settings.max_grad_norm, settings.eval_every) == (3, 4, 0.0, 1)
+    # a given batch size still sets the epochs: 150 / 50 = 3 steps per epoch
+    settings = TrainSettings(batch_size=50)
+    assert set(plan_run(settings, "seq-cls", 150)) == {"epochs", "eval_every"}
+    assert settings.epochs == 40
+
+
+def test_no_clipping_unless_asked_and_causal_lm_keeps_its_defaults():
+    settings = TrainSettings()
+    assert "max_grad_norm" not in plan_run(settings, "seq-cls", 2_000)
+    assert settings.max_grad_norm == 0.0
+    causal = TrainSettings()
+    plan_run(causal, "causal-lm", 96)
+    assert (causal.batch_size, causal.epochs, causal.eval_every) == (8, 2, 1)
+
+
+def test_a_short_run_set_by_the_user_is_warned_about():
+    given = TrainSettings(epochs=3, batch_size=32)  # the finding: 150 examples, 3 epochs = 15 steps
+    plan_run(given, "seq-cls", 150)
+    assert "15 optimizer steps" in short_run_warning(given, "seq-cls", 150)
+    chosen = TrainSettings()
+    plan_run(chosen, "seq-cls", 150)
+    assert short_run_warning(chosen, "seq-cls", 150) is None
+    assert short_run_warning(given, "causal-lm", 150) is None
+    assert short_run_warning(TrainSettings(epochs=2, batch_size=32), "seq-cls", 2_000) is None
+
+
+def test_ranks_share_the_data_so_each_needs_more_epochs():
+    one, two = TrainSettings(), TrainSettings()
+    plan_run(one, "seq-cls", 2_000, world=1)
+    plan_run(two, "seq-cls", 2_000, world=2)
+    assert (one.epochs, two.epochs) == (2, 4)
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 2.0), ("eval_every", -1),
+                                          ("warmup_ratio", 1.0), ("max_grad_norm", -1.0),
+                                          ("max_grad_norm", float("nan")), ("max_grad_norm", True)])
+def test_bad_settings_are_refused(field, value):
+    with pytest.raises(UniLoraError, match=field):
+        TrainSettings(**{field: value})
+
+
+class _ScaledLossTask(Task):
+    """Tiny causal-LM task whose loss is multiplied by `scale`, so gradient norms are large."""
+
+    kind = "causal-lm"
+
+    def __init__(self, scale: float):
+        self.scale, self.evaluations = scale, 0
+        generator = torch.Generator().manual_seed(0)
+        self.train_examples = list(torch.randint(0, VOCAB, (16, 8), generator=generator))
+        self.test_examples = []
+
+    def batch(self, indices):
+        ids = torch.stack([self.train_examples[i] for i in indices])
+        return {"input_ids": ids, "labels": ids}
+
+    def loss(self, model, batch):
+        return self.scale * model(**batch).loss
+
+    def evaluate(self, model, final):
+        self.evaluations += 1
+        return {}
+
+    def summary(self, result):
+        return "-"
+
+
+def _train_and_watch_gradients(max_grad_norm: float, epochs: int = 1, eval_every: int | None = None):
+    model = get_model(build("llama"), AdapterConfig(**method_options("vblora"), target_modules=["q_proj", "v_proj"]))
+    task = _ScaledLossTask(scale=100.0)
+    settings = TrainSettings(epochs=epochs, batch_size=4, max_grad_norm=max_grad_norm, eval_every=eval_every,
+                             progress=False)
+    seen = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record_norm)
+    try:
+        history = train(model, task, settings, model.parameter_groups(1e-3, {}, 0.0))
+    finally:
+        handle.remove()
+    return seen, history, task
+
+
+def test_clipping_bounds_the_gradient_the_optimizer_sees_and_the_norm_is_recorded():
+    clipped, history, _ = _train_and_watch_gradients(max_grad_norm=0.5)
+    free, free_history, _ = _train_and_watch_gradients(max_grad_norm=0.0)
+    assert len(clipped) == len(free) == 4
+    assert max(clipped) <= 0.5 * (1 + 1e-4)
+    assert min(free) > 0.5  # so the bound above did something
+    # the recorded norm is the one before clipping, the same in both runs at the first step
+    assert history[0]["grad_norm_max"] >= free[0] * (1 - 1e-4)
+    assert free_history[0]["grad_norm_max"] == pytest.approx(max(free), rel=1e-5)
+
+
+def test_evaluations_follow_eval_every_and_the_last_epoch_is_always_evaluated():
+    _, history, task = _train_and_watch_gradients(max_grad_norm=0.0, epochs=5, eval_every=2)
+    assert [h["epoch"] for h in history] == [2, 4, 5] and task.evaluations == 3
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    return str(small_bert(tmp_path_factory.mktemp("model") / "small-bert"))
+
+
+def test_finetune_prints_and_records_what_it_chose(small_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", small_model, "--method", "vblora", "--train-limit", "40", "--test-limit", "16",
+                 "--eval-every", "100", "--no-progress", "--out", str(out)]) == 0
+    note = capsys.readouterr().err
+    assert "batch size 8" in note and "24 epochs = 120 optimizer steps" in note
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["plan"]) == {"batch_size", "epochs"}
+    assert (metrics["settings"]["batch_size"], metrics["settings"]["epochs"]) == (8, 24)
+    assert [h["epoch"] for h in metrics["history"]] == [24]  # --eval-every 100: the last epoch only
+    assert metrics["history"][-1]["grad_norm_median"] > 0
+
+
+def test_finetune_options_override_the_plan(small_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", small_model, "--method", "vblora", "--train-limit", "40", "--test-limit", "16",
+                 "--epochs", "1", "--batch-size", "20", "--max-grad-norm", "0.5", "--warmup-ratio", "0.5",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert "note: batch size" not in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["plan"] == {}
+    settings = metrics["settings"]
+    assert (settings["epochs"], settings["batch_size"], settings["max_grad_norm"], settings["warmup_ratio"]) == \
+        (1, 20, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("flag, value, says", [("--warmup-ratio", "1.5", "[0, 1)"), ("--warmup-ratio", "x", "number"),
+                                               ("--max-grad-norm", "-1", ">= 0"), ("--max-grad-norm", "inf", "finite"),
+                                               ("--eval-every", "0", "positive integer")])
+def test_bad_schedule_options_get_one_line(flag, value, says, tmp_path, capsys):
+    one_line_error(["finetune", flag, value, "--out", str(tmp_path / "o")], capsys, flag, says)
