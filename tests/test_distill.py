@@ -19,6 +19,7 @@ def teacher_run(tmp_path_factory):
     learns little in seconds, so its LoRA and head are then replaced by large random values: a
     teacher whose outputs differ clearly from the base model's."""
     root = tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)  # the random BERT, so the teacher is the same on every run
     model = small_bert(root / "small-bert")
     run = root / "lora"
     assert main(["finetune", "--model", str(model), "--method", "lora", "--train-limit", "96", "--test-limit", "64",
@@ -57,6 +58,10 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
         assert torch.equal(student.head[key], value), key
     assert student.task["label_names"] == teacher.task["label_names"]
     assert student.task["compressed_from"].startswith("adapter:")
+    recorded = student.task["distillation"]  # what was measured travels with the adapter
+    assert recorded["distilled"]["kl_to_teacher"] == pytest.approx(after, rel=1e-3)
+    assert recorded["weight_space_fit"]["kl_to_teacher"] == pytest.approx(fit, rel=1e-3)
+    assert "student_accuracy" in recorded["base_model"] and recorded["settings"]["epochs"] == 10
     # used like any adapter: evaluate finds its model, data and labels in what it recorded
     capsys.readouterr()
     assert main(["evaluate", str(out), "--test-limit", "64"]) == 0
@@ -85,6 +90,28 @@ def test_a_peft_export_with_its_head_is_a_teacher_too(teacher_run, tmp_path, cap
     assert all(torch.equal(student.head[k], v) for k, v in head.items())
 
 
+def test_unlabelled_texts_are_enough(teacher_run, tmp_path, capsys):
+    from unilora.data import rotten_tomatoes
+
+    model, run = teacher_run
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(rotten_tomatoes().train_texts[:120]) + "\n")
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert main(["compress", str(out), "--adapter", str(run / "adapter"), "--data", str(texts), "--method", "unilora",
+                 "--theta-dim", "200", "--epochs", "6", "--batch-size", "8", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "on 12 held-out texts" in printed and "accuracy:" not in printed  # 10 % held out; no labels to score
+    fit, after = _before_after(printed, "KL(teacher || student)")
+    assert after < fit, printed
+    exported = tmp_path / "peft"
+    assert main(["export", str(run / "adapter"), str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "p"), "--peft-lora", str(exported), "--data", str(texts), "--model",
+                 str(model), "--label-names", "0,1", "--method", "unilora", "--theta-dim", "200", "--epochs", "1",
+                 "--no-progress"]) == 0
+
+
 def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
     from test_hostile import one_line_error
 
@@ -94,3 +121,11 @@ def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
                     "unilora"], capsys, "one teacher")
     one_line_error(["compress", out, "--peft-lora", str(run / "adapter"), "--data", "rotten_tomatoes", "--method",
                     "unilora", "--model", str(model)], capsys, "head.safetensors")
+    exported = tmp_path / "peft"
+    assert main(["export", str(run / "adapter"), str(exported)]) == 0
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a good film\na bad film\n")
+    one_line_error(["compress", out, "--peft-lora", str(exported), "--data", str(texts), "--method", "unilora",
+                    "--model", str(model)], capsys, "--label-names")
+    one_line_error(["compress", out, "--peft-lora", str(exported), "--data", str(texts), "--method", "unilora",
+                    "--model", str(model), "--label-names", "a,b,c"], capsys, "head.safetensors")

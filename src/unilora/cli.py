@@ -343,7 +343,10 @@ def cmd_compress(args) -> int:
 
 def _compress_by_distillation(args) -> int:
     from .classification import dataset_of
+    from .data import has_labels, texts_dataset
     from .distill import distill, read_teacher
+    from dataclasses import asdict
+
     from .recipes import GROUP_LRS
     from .train import TrainSettings
 
@@ -352,11 +355,19 @@ def _compress_by_distillation(args) -> int:
                            "or --peft-lora DIR (its `unilora export`, with head.safetensors)")
     if args.data is None and args.peft_lora:
         raise UniLoraError("--peft-lora with distillation needs --data: the texts to match the teacher on")
-    dataset = _load_data(args, "seq-cls") if args.data else None
-    tokenizer, teacher = read_teacher(args.adapter, args.peft_lora, dataset.label_names if dataset else None,
-                                      args.model)
-    if dataset is None:
-        dataset = dataset_of(teacher.record, args.adapter).limited(args.train_limit, args.test_limit, seed=0)
+    labelled = args.data is not None and has_labels(args.data, args.label_column)
+    dataset = _load_data(args, "seq-cls") if labelled else None
+    label_names = dataset.label_names if dataset else None
+    if args.peft_lora and label_names is None:
+        if not args.label_names:
+            raise UniLoraError("a PEFT LoRA teacher with unlabelled texts needs --label-names A,B,... (its classes, "
+                               "in the order of its head's outputs)")
+        label_names = args.label_names.split(",")
+    tokenizer, teacher = read_teacher(args.adapter, args.peft_lora, label_names, args.model)
+    if dataset is None:  # unlabelled texts, or the data the teacher recorded
+        dataset = (texts_dataset(args.data, args.text_column, teacher.record["label_names"]) if args.data
+                   else dataset_of(teacher.record, args.adapter))
+        dataset = dataset.limited(args.train_limit, args.test_limit, seed=0)
     if args.rank is None:
         args.rank = teacher.updates[0].a.shape[0]
     config = _adapter_config(args, [u.name for u in teacher.updates], auto_vector_length=True)
@@ -364,9 +375,12 @@ def _compress_by_distillation(args) -> int:
                              seed=args.seed, progress=not args.no_progress)
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
                               temperature=args.temperature)
-    record = {**teacher.record, "max_length": report["max_length"], "compressed_from": teacher.source}
-    student.save_pretrained(args.out, task=record, overwrite=args.overwrite)
     before, after = report["before"], report["after"]
+    summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
+               "base_model": report["base"], "kept_gain": report.get("kept_gain"), "settings": asdict(settings)}
+    record = {**teacher.record, "max_length": report["max_length"], "compressed_from": teacher.source,
+              "distillation": summary}
+    student.save_pretrained(args.out, task=record, overwrite=args.overwrite)
     print(f"wrote {student.adapter_config.method} adapter {args.out}: {student.stored_param_count():,} stored params "
           f"vs the teacher's {sum(u.a.numel() + u.b.numel() for u in teacher.updates):,} (head carried)")
     print(f"agreement with the teacher on {len(dataset.test_texts):,} held-out texts: weight-space fit "
@@ -374,8 +388,11 @@ def _compress_by_distillation(args) -> int:
     print(f"KL(teacher || student), nats per text: weight-space fit {before['kl_to_teacher']:.3e}, after "
           f"distillation {after['kl_to_teacher']:.3e}")
     if "student_accuracy" in after:
+        kept = report["kept_gain"]
         print(f"accuracy: teacher {after['teacher_accuracy']:.4f}, student {after['student_accuracy']:.4f} "
-              f"(weight-space fit {before['student_accuracy']:.4f})")
+              f"(weight-space fit {before['student_accuracy']:.4f}, base model with the teacher's head "
+              f"{report['base']['student_accuracy']:.4f})"
+              + (f"; the student keeps {100 * kept:.1f} % of the teacher's gain over the base" if kept is not None else ""))
     return 0
 
 
@@ -501,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft-lora", help="a PEFT LoRA adapter directory (a teacher with --data: its export with "
                    "head.safetensors)")
     p.add_argument("--model", help="distillation: the teacher's base model (default: the one it records)")
+    p.add_argument("--label-names", help="distillation from --peft-lora on unlabelled texts: the teacher's classes, "
+                   "comma-separated, in the order of its head's outputs")
     p.add_argument("--temperature", type=_positive_float, default=2.0, help="distillation: softening of the "
                    "teacher's class probabilities")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")

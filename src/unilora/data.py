@@ -39,7 +39,7 @@ class TextDataset:
             if limit is None or limit >= len(texts):
                 return texts, labels
             order = random.Random(seed * 1000 + salt).sample(range(len(texts)), limit)
-            return [texts[i] for i in order], [labels[i] for i in order]
+            return [texts[i] for i in order], [labels[i] for i in order] if labels else []
 
         tr = take(self.train_texts, self.train_labels, train_limit, 1)
         te = take(self.test_texts, self.test_labels, test_limit, 2)
@@ -210,6 +210,34 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
     source = {"data": str(path.resolve()), "text_column": text_column, "label_column": label_column,
               "test_data": str(Path(test_path).resolve()) if test_path is not None else None}
     return TextDataset(path.stem, label_names, *columns(train), *columns(test), source=source)
+
+
+def texts_dataset(path: str | Path, text_column: str, label_names: list[str], seed: int = 0,
+                  test_fraction: float = 0.1) -> TextDataset:
+    """Unlabelled texts (a .txt file, one text per line, or CSV/JSONL rows with a text column) as a
+    dataset without labels, a seeded share held out: what distillation matches a teacher on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UniLoraError(f"data file '{path}' does not exist; pass a .txt, CSV or JSONL file or one of "
+                           f"{', '.join(BUILTIN_DATASETS)}")
+    if path.suffix == ".txt":
+        texts = [line.strip() for line in _decode(path).splitlines() if line.strip()]
+    else:
+        texts = [_field(path, n, row, text_column) for n, row in _read_table(path)]
+    train, test = seeded_split(texts, path, seed, test_fraction)
+    source = {"data": str(path.resolve()), "text_column": text_column, "label_column": None, "test_data": None}
+    return TextDataset(path.stem, list(label_names), train, [], test, [], source=source)
+
+
+def has_labels(spec: str, label_column: str) -> bool:
+    """Whether a data spec holds labels (built-in datasets do; a file, if its first row has the column)."""
+    if spec in BUILTIN_DATASETS:
+        return True
+    path = Path(spec)
+    if not path.is_file() or path.suffix == ".txt":
+        return False
+    rows = _read_table(path)
+    return bool(rows) and label_column in rows[0][1]
 
 
 def small_classes(dataset: TextDataset, minimum: int = 10) -> list[str]:

@@ -158,6 +158,11 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
     names = [u.name for u in teacher.updates]
     config = AdapterConfig(**{**config.to_dict(), "target_modules": names, "modules_to_save": [HEAD_MODULE]})
     _, classifier = build_classifier(teacher.record["model"], len(teacher.record["label_names"]), 0)
+    max_length = fitted_max_length(teacher.record.get("max_length", settings.max_length), tokenizer, classifier.encoder)
+    task = DistillTask(teacher, tokenizer, dataset, max_length, temperature)
+    with torch.no_grad():
+        classifier.classifier.load_state_dict(teacher.head)
+    base = task.evaluate(classifier, final=False)  # the teacher's head on the base encoder: the gain's zero
     torch.manual_seed(settings.seed)
     student = get_model(classifier, config)
     order = {slot.name: i for i, slot in enumerate(student.layout.slots)}
@@ -165,15 +170,17 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
     fitted, _, fit_report = compress(updates, student.projection.config, steps=fit_steps)
     student.projection.load_state_dict(fitted.state_dict())
     _carry_head(student, teacher.head)
-    max_length = fitted_max_length(teacher.record.get("max_length", settings.max_length), tokenizer, classifier.encoder)
-    task = DistillTask(teacher, tokenizer, dataset, max_length, temperature)
     before = task.evaluate(student, final=False)
     groups = [g for g in student.parameter_groups(settings.lr, settings.group_lrs) if g.get("name") != "head"]
     for p in student.head_parameters().values():
         p.requires_grad_(False)  # the teacher's head, carried as it is
     history = train(student, task, settings, groups)
-    report = {"weight_space": fit_report, "before": before, "after": history[-1], "history": history,
+    after = history[-1]
+    report = {"weight_space": fit_report, "base": base, "before": before, "after": after, "history": history,
               "max_length": max_length}
+    if "student_accuracy" in after:
+        gain = after["teacher_accuracy"] - base["student_accuracy"]
+        report["kept_gain"] = (after["student_accuracy"] - base["student_accuracy"]) / gain if gain > 0 else None
     return student.eval(), report
 
 
@@ -188,8 +195,7 @@ def _carry_head(student: AdaptedModel, head: dict[str, torch.Tensor]) -> None:
 
 
 def read_teacher(adapter: str | None, peft_lora: str | None, label_names: list[str] | None, model_name: str | None):
+    """(tokenizer, teacher): our classifier adapter, else a PEFT LoRA export with its head."""
     if adapter:
         return teacher_from_adapter(adapter, model_name)
-    if label_names is None:
-        raise UniLoraError("a PEFT LoRA teacher needs --data with labels, or the label names")
     return teacher_from_peft_lora(peft_lora, label_names, model_name)
