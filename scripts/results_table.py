@@ -3,6 +3,7 @@
     python scripts/results_table.py runs/results          # DATASET/METHOD-seedN: median over seeds
     python scripts/results_table.py --sweep runs/tune     # NAME: one row per learning-rate setting
     python scripts/results_table.py --sizes runs/sizes    # DATASET-SIZE/METHOD-seedN: median over seeds
+    python scripts/results_table.py --compress runs/compress runs/sizes   # distilled students and their teachers
 """
 
 import json
@@ -79,10 +80,42 @@ def sizes_table(root: Path) -> None:
                   f"= {steps} | {loss:.3f} | {norms} |")
 
 
+def compress_table(root: Path, sizes: Path) -> None:
+    """One row per (dataset, method): teacher, base and student accuracy, the share of the teacher's
+    gain the student keeps, agreement, and the compute against the teacher's training."""
+    runs = defaultdict(list)
+    for path in sorted(root.glob("*/*/adapter_config.json")):
+        meta = json.loads(path.read_text())
+        task, seed = meta["task"], path.parent.name.rsplit("seed", 1)[1]
+        teacher = json.loads((sizes / path.parent.parent.name / f"lora-seed{seed}" / "metrics.json").read_text())
+        runs[(task["dataset"] if "dataset" in task else path.parent.parent.name, meta["adapter"]["method"])].append(
+            (task["distillation"], teacher, meta))
+    print("| data | student | % of the teacher's params | teacher accuracy | base (teacher's head) | weight-space fit "
+          "| distilled student | gain kept, median [min-max] | agreement | seconds, student / teacher | seeds |")
+    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | ---: |")
+    for (data, method), rows in sorted(runs.items()):
+        def median(get):
+            return statistics.median(get(d, t) for d, t, _ in rows)
+
+        kept = [d["kept_gain"] for d, _, _ in rows if d["kept_gain"] is not None]  # None: the teacher gained nothing
+        share = statistics.median(100 * m["stored_params"] / t["stored_params"] for _, t, m in rows) \
+            if all("stored_params" in m for _, _, m in rows) else None
+        print(f"| {data} | {method} | {'-' if share is None else f'{share:.1f}%'} "
+              f"| {100 * median(lambda d, t: d['distilled']['teacher_accuracy']):.2f} "
+              f"| {100 * median(lambda d, t: d['base_model']['student_accuracy']):.2f} "
+              f"| {100 * median(lambda d, t: d['weight_space_fit']['student_accuracy']):.2f} "
+              f"| {100 * median(lambda d, t: d['distilled']['student_accuracy']):.2f} "
+              + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
+              + f"| {100 * median(lambda d, t: d['distilled']['agreement']):.2f} "
+              f"| {median(lambda d, t: d['seconds']):.0f} / {median(lambda d, t: t['seconds']):.0f} | {len(rows)} |")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--sweep"]:
         sweep_table(Path(args[1] if len(args) > 1 else "runs/tune"))
+    elif args[:1] == ["--compress"]:
+        compress_table(Path(args[1] if len(args) > 1 else "runs/compress"), Path(args[2] if len(args) > 2 else "runs/sizes"))
     elif args[:1] == ["--sizes"]:
         sizes_table(Path(args[1] if len(args) > 1 else "runs/sizes"))
     else:

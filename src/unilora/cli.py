@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import METHODS, VBLORA_SELECTIONS, AdapterConfig
@@ -373,11 +374,13 @@ def _compress_by_distillation(args) -> int:
     config = _adapter_config(args, [u.name for u in teacher.updates], auto_vector_length=True)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, group_lrs=dict(GROUP_LRS[args.method]),
                              seed=args.seed, progress=not args.no_progress)
+    started = time.time()
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
                               temperature=args.temperature)
     before, after = report["before"], report["after"]
     summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
-               "base_model": report["base"], "kept_gain": report.get("kept_gain"), "settings": asdict(settings)}
+               "base_model": report["base"], "kept_gain": report.get("kept_gain"), "settings": asdict(settings),
+               "train_texts": len(dataset.train_texts), "seconds": round(time.time() - started, 1)}
     record = {**teacher.record, "max_length": report["max_length"], "compressed_from": teacher.source,
               "distillation": summary}
     student.save_pretrained(args.out, task=record, overwrite=args.overwrite)

@@ -14,6 +14,7 @@ The loop is the shared training core (train.train) with its run plan.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .config import AdapterConfig
 from .data import TextDataset
 from .errors import UniLoraError
 from .model import AdaptedModel, get_model
+from .plan import plan_run
 from .train import Task, TrainSettings, fitted_max_length, read_task_adapter, task_kind, train
 from .validation import check_finite, check_header, tensor_header
 
@@ -167,17 +169,21 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
     student = get_model(classifier, config)
     order = {slot.name: i for i, slot in enumerate(student.layout.slots)}
     updates = sorted(teacher.updates, key=lambda u: order[u.name])  # the fit's layout = the student's
-    fitted, _, fit_report = compress(updates, student.projection.config, steps=fit_steps)
+    fitted, layout, fit_report = compress(updates, student.projection.config, steps=fit_steps)
+    assert layout.slots == student.layout.slots, "the weight-space fit must share the student's layout"
     student.projection.load_state_dict(fitted.state_dict())
     _carry_head(student, teacher.head)
     before = task.evaluate(student, final=False)
     groups = [g for g in student.parameter_groups(settings.lr, settings.group_lrs) if g.get("name") != "head"]
     for p in student.head_parameters().values():
         p.requires_grad_(False)  # the teacher's head, carried as it is
+    chosen = plan_run(settings, task.kind, task.train_size())
+    if chosen:
+        print(f"note: {'; '.join(chosen.values())} (--epochs and --batch-size set them)", file=sys.stderr)
     history = train(student, task, settings, groups)
     after = history[-1]
     report = {"weight_space": fit_report, "base": base, "before": before, "after": after, "history": history,
-              "max_length": max_length}
+              "max_length": max_length, "plan": chosen}
     if "student_accuracy" in after:
         gain = after["teacher_accuracy"] - base["student_accuracy"]
         report["kept_gain"] = (after["student_accuracy"] - base["student_accuracy"]) / gain if gain > 0 else None

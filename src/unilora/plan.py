@@ -1,10 +1,10 @@
 """The schedule of a run, chosen from what the run is when the user leaves it open.
 
 `unilora.recipes` holds each method's learning rates, tuned on one budget: 126 optimizer steps
-(Rotten Tomatoes, 2,000 reviews x 2 epochs at batch 32). A fixed number of epochs gives a
-150-example dataset 10 steps, where Uni-LoRA barely leaves the base model, and a 10,000-example
-one 636. So for classification the schedule is chosen to give every run about that tuned number
-of steps: smaller batches for small data first (more steps per pass over the data), then as many
+(Rotten Tomatoes, 2,000 reviews x 2 epochs at batch 32). Fixed epochs and batch size give a
+150-example dataset 10 steps, too few for the small adapters to move, and a 10,000-example one
+636. So for classification the schedule is chosen to give every run about that tuned number of
+steps: smaller batches for small data first (more steps per pass over the data), then as many
 epochs as it takes. Evidence and the sweep over dataset sizes: docs/results.md, "Dataset size".
 
 Every choice can be overridden (TrainSettings fields / CLI options); what was chosen and why is
@@ -64,6 +64,6 @@ def short_run_warning(settings, kind: str, n_train: int, world: int = 1) -> str 
     steps = settings.epochs * math.ceil(math.ceil(n_train / world) / settings.batch_size)
     if kind == "causal-lm" or steps * 2 > TARGET_STEPS:
         return None
-    return (f"{steps} optimizer step{'s' * (steps != 1)}: the default rates were tuned for about {TARGET_STEPS}, and small adapters "
-            "(Uni-LoRA, VB-LoRA) may barely train; leave --epochs and --batch-size unset to have them chosen, "
-            "or raise them")
+    return (f"{steps} optimizer step{'s' * (steps != 1)}: the default rates were tuned for about {TARGET_STEPS}, "
+            "and small adapters (Uni-LoRA, VB-LoRA) may barely train; leave --epochs and --batch-size unset to "
+            "have them chosen, or raise them")

@@ -36,13 +36,16 @@ def _is_our_metrics(path: Path) -> bool:
         return False
 
 
+# history entries that describe an epoch rather than the run's result
+PER_EPOCH = ("epoch", "train_loss", "grad_norm_median", "grad_norm_max")
+
 # what `finetune` writes into OUT: replaced only as a whole, and only when we wrote it
 RUN_FILES = {"adapter": is_adapter_dir, "metrics.json": _is_our_metrics}
 
 
 @dataclass
 class TrainSettings:
-    # None: chosen from the run (the task, the method, the number of training examples) by plan.plan_run
+    # None: chosen from the run (the task and the number of training examples) by plan.plan_run
     epochs: int | None = None
     batch_size: int | None = None
     max_length: int = 64
@@ -180,7 +183,7 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
             "method": adapter.method,
             "dataset": task.data_name,
             "model": model_name,
-            **{k: v for k, v in history[-1].items() if k not in ("epoch", "train_loss", "grad_norm_median", "grad_norm_max")},
+            **{k: v for k, v in history[-1].items() if k not in PER_EPOCH},
             "history": history,
             "stored_params": model.stored_param_count(),
             "adapter_bytes": model.stored_bytes(),

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Distillation results of docs/results.md ("Compressing a LoRA classifier"): the LoRA adapters of the
+# dataset-size sweep (scripts/size_sweep.sh: Rotten Tomatoes 2,000 reviews and all of BBC News,
+# seeds 1-3) are the teachers; each is compressed into Uni-LoRA (d = 9,000) and VB-LoRA (the
+# recipe's bank) with `unilora compress --adapter`, on the teacher's own training texts (labels
+# unused) and the default schedule. Two workers with one thread each; finished runs are skipped.
+# Usage: bash scripts/compress_results.sh [SIZES_DIR] [OUT_DIR] [SEEDS]
+set -euo pipefail
+sizes=${1:-runs/sizes}
+out=${2:-runs/compress}
+seeds=${3:-1 2 3}
+mkdir -p "$out"
+run() {  # DATASET SIZE METHOD SEED
+  local teacher=$sizes/$1-$2/lora-seed$4/adapter dir=$out/$1-$2/$3-seed$4 limit=()
+  [ "$2" = all ] || limit=(--train-limit "$2")
+  [ -f "$dir/adapter_config.json" ] || OMP_NUM_THREADS=1 unilora compress "$dir" --adapter "$teacher" --method "$3" \
+    --data "$1" "${limit[@]}" --seed "$4" --no-progress > "$out/$1-$2-$3-seed$4.log" 2>&1
+}
+for seed in $seeds; do
+  for task in "rotten_tomatoes 2000" "bbc_news all"; do
+    for method in unilora vblora; do echo "$task $method $seed"; done
+  done
+done > "$out.jobs"
+export sizes out
+export -f run
+xargs -P 2 -L 1 bash -c 'run "$@"' _ < "$out.jobs"
+python scripts/results_table.py --compress "$out" "$sizes"
