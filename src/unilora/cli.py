@@ -348,6 +348,7 @@ def _compress_by_distillation(args) -> int:
     from .distill import distill, read_teacher
     from dataclasses import asdict
 
+    from .backbones import is_embedded
     from .recipes import GROUP_LRS
     from .train import TrainSettings
 
@@ -371,7 +372,9 @@ def _compress_by_distillation(args) -> int:
         dataset = dataset.limited(args.train_limit, args.test_limit, seed=0)
     if args.rank is None:
         args.rank = teacher.updates[0].a.shape[0]
-    config = _adapter_config(args, [u.name for u in teacher.updates], auto_vector_length=True)
+    # VB-LoRA's b as `finetune` picks it: the recipe's on the embedded model, else fitted to the model
+    config = _adapter_config(args, [u.name for u in teacher.updates],
+                             auto_vector_length=not is_embedded(teacher.record["model"]))
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, group_lrs=dict(GROUP_LRS[args.method]),
                              seed=args.seed, progress=not args.no_progress)
     started = time.time()
