@@ -370,8 +370,7 @@ def _compress_by_distillation(args) -> int:
         dataset = (texts_dataset(args.data, args.text_column, teacher.record["label_names"]) if args.data
                    else dataset_of(teacher.record, args.adapter))
         dataset = dataset.limited(args.train_limit, args.test_limit, seed=0)
-    if args.rank is None:
-        args.rank = teacher.updates[0].a.shape[0]
+    # the method's own defaults (its rank included), not the teacher's: the student is trained, not fitted
     # VB-LoRA's b as `finetune` picks it: the recipe's on the embedded model, else fitted to the model
     config = _adapter_config(args, [u.name for u in teacher.updates],
                              auto_vector_length=not is_embedded(teacher.record["model"]))
