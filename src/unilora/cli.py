@@ -343,12 +343,12 @@ def cmd_compress(args) -> int:
 
 
 def _compress_by_distillation(args) -> int:
-    from .classification import dataset_of
-    from .data import has_labels, texts_dataset
-    from .distill import distill, read_teacher
     from dataclasses import asdict
 
     from .backbones import is_embedded
+    from .classification import dataset_of
+    from .data import has_labels, texts_dataset
+    from .distill import distill, read_teacher
     from .recipes import GROUP_LRS
     from .train import TrainSettings
 
@@ -462,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "learning rate, then linear decay (default 0.06)")
     p.add_argument("--eval-every", type=_positive_int, help="epochs between evaluations on the test split; the "
                    "last epoch is always evaluated (default: every epoch up to 4 epochs, else about 4 in all)")
-    p.add_argument("--max-grad-norm", type=_non_negative_float, help="clip the gradient norm (0: off; default: "
-                   "1.0 for vblora, off for the others)")
+    p.add_argument("--max-grad-norm", type=_non_negative_float, help="clip the gradient norm at this value "
+                   "(default 0: off)")
     p.add_argument("--max-length", type=_positive_int, help="tokens per example, clamped to the model's limit "
                    "(default 64 for seq-cls, 256 for causal-lm)")
     p.add_argument("--lr", type=_positive_float, help="one learning rate for every adapter group (default: per method)")
