@@ -387,7 +387,7 @@ def _compress_by_distillation(args) -> int:
               "distillation": summary}
     student.save_pretrained(args.out, task=record, overwrite=args.overwrite)
     print(f"wrote {student.adapter_config.method} adapter {args.out}: {student.stored_param_count():,} stored params "
-          f"vs the teacher's {sum(u.a.numel() + u.b.numel() for u in teacher.updates):,} (head carried)")
+          f"vs {sum(u.a.numel() + u.b.numel() for u in teacher.updates):,} in the teacher's A and B (head carried)")
     print(f"agreement with the teacher on {len(dataset.test_texts):,} held-out texts: weight-space fit "
           f"{before['agreement']:.4f}, after distillation {after['agreement']:.4f}")
     print(f"KL(teacher || student), nats per text: weight-space fit {before['kl_to_teacher']:.3e}, after "
