@@ -20,16 +20,23 @@ def collate(tokenizer, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, encoded: list[list[int]], labels: list[int], batch_size: int) -> float:
+def predict_logits(model, tokenizer, encoded: list[list[int]], batch_size: int) -> torch.Tensor:
+    """Float logits of every example, in the given order (batched by length: little padding)."""
     model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding
-    correct = 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    logits = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate(tokenizer, [encoded[i] for i in idx])
-        predicted = model(**batch).logits.argmax(-1)
-        correct += int((predicted == torch.tensor([labels[i] for i in idx])).sum())
-    return correct / max(1, len(labels))
+        for i, row in zip(idx, model(**collate(tokenizer, [encoded[i] for i in idx])).logits.float()):
+            logits[i] = row
+    return torch.stack(logits) if logits else torch.zeros(0)
+
+
+def accuracy(model, tokenizer, encoded: list[list[int]], labels: list[int], batch_size: int) -> float:
+    if not encoded:
+        return 0.0
+    predicted = predict_logits(model, tokenizer, encoded, batch_size).argmax(-1)
+    return int((predicted == torch.tensor(labels)).sum()) / len(labels)
 
 
 def build_classifier(model_name: str, num_labels: int, seed: int):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .classification import accuracy, build_classifier, collate, encode
+from .classification import build_classifier, collate, encode, predict_logits
 from .compress import LowRankUpdate, compress, from_peft_lora
 from .config import AdapterConfig
 from .data import TextDataset
@@ -125,14 +125,10 @@ class DistillTask(Task):
         # KL(teacher || student), scaled by t² so its gradients keep their size across temperatures
         return F.kl_div(student, target, log_target=True, reduction="batchmean") * t * t
 
-    @torch.no_grad()
     def _logits(self, model, examples: list[list[int]]) -> torch.Tensor:
-        model.eval()
-        out = [model(**collate(self.tokenizer, examples[start : start + 128])).logits.float()
-               for start in range(0, len(examples), 128)]
-        if not out:
+        if not examples:
             raise UniLoraError("the held-out split holds no text to compare teacher and student on")
-        return torch.cat(out)
+        return predict_logits(model, self.tokenizer, examples, 128)
 
     def evaluate(self, model, final: bool) -> dict:
         logits = self._logits(model, self.test_examples)

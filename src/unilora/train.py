@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -250,7 +251,8 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
         last = epoch == settings.epochs
         if rank == 0 and (last or epoch % settings.eval_every == 0):
             result = task.evaluate(model, final=last)
-            history.append({"epoch": epoch, **result, "train_loss": running, "grad_norm_median": _median(norms),
+            history.append({"epoch": epoch, **result, "train_loss": running,
+                            "grad_norm_median": statistics.median(norms) if norms else 0.0,
                             "grad_norm_max": max(norms, default=0.0)})
             print(f"epoch {epoch}: {task.summary(result)}, train loss {running:.4f}", flush=True)
         elif rank == 0:
@@ -258,11 +260,6 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
         if world > 1:
             dist.barrier()
     return history
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else 0.0
 
 
 def task_for(data) -> Task:
