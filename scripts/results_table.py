@@ -4,6 +4,7 @@
     python scripts/results_table.py --sweep runs/tune     # NAME: one row per learning-rate setting
     python scripts/results_table.py --sizes runs/sizes    # DATASET-SIZE/METHOD-seedN: median over seeds
     python scripts/results_table.py --compress runs/compress runs/sizes   # distilled students and their teachers
+    python scripts/results_table.py --compress-lm runs/compress-lm        # the same for causal-LM teachers
 """
 
 import json
@@ -110,12 +111,47 @@ def compress_table(root: Path, sizes: Path) -> None:
               f"| {median(lambda d, t: d['seconds']):.0f} / {median(lambda d, t: t['seconds']):.0f} | {len(rows)} |")
 
 
+def compress_lm_table(root: Path) -> None:
+    """One row per (data, student): eval loss of teacher, base, fit and student, the share of the
+    teacher's eval-loss gain the student keeps, next-token agreement, the metric on generations, and
+    the compute against the teacher's training."""
+    runs = defaultdict(list)
+    for path in sorted(root.glob("*/*/adapter_config.json")):
+        if path.parent.parent.name == "teachers":
+            continue
+        meta = json.loads(path.read_text())
+        seed = path.parent.name.rsplit("seed", 1)[1]
+        teacher = json.loads((root / "teachers" / f"lora-seed{seed}" / "metrics.json").read_text())
+        runs[(path.parent.parent.name, meta["adapter"]["method"])].append((meta["task"]["distillation"], teacher, meta))
+    print("| data | student | % of the teacher's params | eval loss: teacher | base | weight-space fit | distilled "
+          "| gain kept, median [min-max] | next-token agreement | ROUGE-L, teacher / student "
+          "| seconds, student / teacher | seeds |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | ---: |")
+    for (data, method), rows in sorted(runs.items()):
+        def median(get):
+            return statistics.median(get(d, t, m) for d, t, m in rows)
+
+        kept = [d["kept_gain"] for d, _, _ in rows if d["kept_gain"] is not None]
+        print(f"| {data} | {method} | {median(lambda d, t, m: 100 * m['stored_params'] / t['stored_params']):.2f}% "
+              f"| {median(lambda d, t, m: d['distilled']['teacher_eval_loss']):.3f} "
+              f"| {median(lambda d, t, m: d['base_model']['eval_loss']):.3f} "
+              f"| {median(lambda d, t, m: d['weight_space_fit']['eval_loss']):.3f} "
+              f"| {median(lambda d, t, m: d['distilled']['eval_loss']):.3f} "
+              + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
+              + f"| {100 * median(lambda d, t, m: d['distilled']['agreement']):.2f} "
+              f"| {median(lambda d, t, m: d['distilled'].get('teacher_rougeL', float('nan'))):.1f} / "
+              f"{median(lambda d, t, m: d['distilled'].get('rougeL', float('nan'))):.1f} "
+              f"| {median(lambda d, t, m: d['seconds']):.0f} / {median(lambda d, t, m: t['seconds']):.0f} | {len(rows)} |")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--sweep"]:
         sweep_table(Path(args[1] if len(args) > 1 else "runs/tune"))
     elif args[:1] == ["--compress"]:
         compress_table(Path(args[1] if len(args) > 1 else "runs/compress"), Path(args[2] if len(args) > 2 else "runs/sizes"))
+    elif args[:1] == ["--compress-lm"]:
+        compress_lm_table(Path(args[1] if len(args) > 1 else "runs/compress-lm"))
     elif args[:1] == ["--sizes"]:
         sizes_table(Path(args[1] if len(args) > 1 else "runs/sizes"))
     else:

@@ -10,6 +10,7 @@ from unilora.cli import main
 from unilora.io import read_adapter
 
 from conftest import edit_adapter_weights
+from test_causal_lm import chat_rows, llama_dir, tokenizer, write_jsonl  # noqa: F401 (fixtures)
 from test_demo import small_bert
 
 
@@ -129,3 +130,160 @@ def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
                     "--model", str(model)], capsys, "--label-names")
     one_line_error(["compress", out, "--peft-lora", str(exported), "--data", str(texts), "--method", "unilora",
                     "--model", str(model), "--label-names", "a,b,c"], capsys, "head.safetensors")
+
+
+def test_the_teacher_runs_once_per_training_text(teacher_run):
+    """Its logits are cached by the first epoch's batches; a later batch of other composition reads
+    the same logits the teacher gives that text alone."""
+    from unilora.data import TextDataset, rotten_tomatoes
+    from unilora.distill import DistillTask, teacher_from_adapter
+
+    model, run = teacher_run
+    tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
+    texts = rotten_tomatoes().train_texts[:12]
+    task = DistillTask(teacher, tokenizer, TextDataset("t", ["0", "1"], texts, [], texts[:4], []), 64)
+    calls = []
+    teacher.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                            with_kwargs=True)
+    task.batch([0, 1, 2, 3])
+    mixed = task.batch([5, 0, 4, 3, 11])  # three new texts, two cached
+    assert calls == [4, 3]  # only the texts not seen before were run
+    task.batch([11, 1, 5])
+    assert calls == [4, 3]
+    with torch.no_grad():
+        for row, i in zip(mixed["teacher"], [5, 0, 4, 3, 11]):
+            alone = teacher.model(**tokenizer([texts[i]], truncation=True, max_length=64, return_tensors="pt"))
+            torch.testing.assert_close(row, alone.logits[0].float(), atol=1e-5, rtol=1e-4)
+
+
+# --- causal-LM teachers ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lm_teacher(llama_dir, tmp_path_factory):
+    """A LoRA on a tiny random Llama trained by `finetune` on chat data, its update then replaced by
+    large random values (a tiny random model learns little in seconds): a teacher whose outputs
+    differ clearly from the base model's."""
+    root = tmp_path_factory.mktemp("lm-teacher")
+    data = write_jsonl(root / "chat.jsonl", chat_rows(60))
+    run = root / "lora"
+    assert main(["finetune", "--model", str(llama_dir), "--data", str(data), "--method", "lora", "--epochs", "1",
+                 "--batch-size", "8", "--no-progress", "--out", str(run)]) == 0
+    generator = torch.Generator().manual_seed(1)
+
+    def strong(tensors):
+        tensors["lora.weights"] = torch.randn(tensors["lora.weights"].shape, generator=generator) * 0.5
+
+    edit_adapter_weights(run / "adapter", strong)
+    return run / "adapter"
+
+
+def test_a_causal_lm_adapter_is_distilled_on_its_own_data(lm_teacher, tmp_path, capsys):
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert main(["compress", str(out), "--adapter", str(lm_teacher), "--method", "unilora", "--theta-dim", "300",
+                 "--epochs", "6", "--batch-size", "8", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    fit, after = _before_after(printed, "KL(teacher || student), nats per predicted token")
+    assert after < 0.5 * fit, printed
+    assert "agreement with the teacher's most likely next token on 12 held-out examples" in printed
+    assert "eval loss: teacher" in printed and "head carried" not in printed
+    student = read_adapter(out)
+    assert student.config.method == "unilora" and student.task["task"] == "causal-lm"
+    assert student.config.modules_to_save in (None, [])
+    recorded = student.task["distillation"]
+    assert recorded["distilled"]["kl_to_teacher"] == pytest.approx(after, rel=1e-3)
+    teacher_loss = recorded["distilled"]["teacher_eval_loss"]  # the student's eval loss moves to the teacher's
+    assert abs(recorded["distilled"]["eval_loss"] - teacher_loss) < abs(recorded["weight_space_fit"]["eval_loss"]
+                                                                          - teacher_loss)
+    # evaluate finds the teacher's data and split in the record and scores what distillation scored
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["eval_loss"] == pytest.approx(recorded["distilled"]["eval_loss"], rel=1e-4)
+
+
+def test_teacher_and_data_of_different_tasks_are_refused(lm_teacher, teacher_run, tmp_path, capsys):
+    from test_hostile import one_line_error
+
+    out = tmp_path / "o"
+    one_line_error(["compress", str(out), "--adapter", str(lm_teacher), "--data", "rotten_tomatoes", "--method",
+                    "unilora"], capsys, "'rotten_tomatoes' is classification data and the teacher is a causal LM")
+    one_line_error(["compress", str(out), "--adapter", str(teacher_run[1] / "adapter"), "--data", "bbc_headlines",
+                    "--method", "unilora"], capsys, "'bbc_headlines' is causal-LM data and the teacher is a classifier")
+    assert not out.exists()
+
+
+def test_a_peft_lora_on_a_causal_lm_is_a_teacher(llama_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from unilora.distill import teacher_from_peft_lora
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(llama_dir), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_dir = tmp_path / "peft"
+    peft_model.save_pretrained(peft_dir)
+    _, teacher = teacher_from_peft_lora(peft_dir, None, str(llama_dir))
+    ids = torch.tensor([[1, 2, 3, 400, 5000, 60]])
+    with torch.no_grad():  # the LoRA merged into the teacher's copy of the base model gives PEFT's outputs
+        assert (teacher.model(input_ids=ids).logits - peft_model.eval()(input_ids=ids).logits).abs().max() < 1e-5
+    assert teacher.kind == "causal-lm" and teacher.updates[0].name == "model.layers.0.self_attn.q_proj"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: the river rose {i} inches before the bridge." for i in range(40)))
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert main(["compress", str(out), "--peft-lora", str(peft_dir), "--data", str(corpus), "--max-length", "32",
+                 "--method", "vblora", "--epochs", "3", "--batch-size", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    fit, after = _before_after(printed, "KL(teacher || student)")
+    assert after < fit, printed
+    student = read_adapter(out)
+    assert student.task["compressed_from"].startswith("peft-lora:") and student.task["kind"] == "text"
+    assert sorted(student.config.target_modules)[0] == "model.layers.0.self_attn.q_proj"
+
+
+def test_a_fully_fine_tuned_causal_lm_is_a_teacher(llama_dir, teacher_run, tmp_path, capsys):
+    from test_hostile import one_line_error
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from unilora.distill import teacher_from_finetuned
+
+    base, tuned = LlamaForCausalLM.from_pretrained(llama_dir), LlamaForCausalLM.from_pretrained(llama_dir)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # a "full fine-tune": every matrix changed, embeddings included
+        for p in tuned.parameters():
+            if p.dim() == 2:
+                p += torch.randn(p.shape, generator=generator) * 0.05
+    folder = tmp_path / "tuned"
+    tuned.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(folder)
+    _, teacher = teacher_from_finetuned(folder, str(llama_dir), "all-linear", 4)
+    ids = torch.tensor([[1, 2, 3, 400, 5000, 60]])
+    with torch.no_grad():  # the teacher is the fine-tuned model itself
+        torch.testing.assert_close(teacher.model(input_ids=ids).logits, tuned.eval()(input_ids=ids).logits)
+    assert len(teacher.updates) == 14  # 7 linear layers in each of 2 blocks; not the tied output layer
+    update = teacher.updates[0]
+    assert update.name == "model.layers.0.self_attn.q_proj"
+    delta = tuned.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight
+    singular = torch.linalg.svdvals(delta.detach())  # the best rank-4 approximation of the change
+    error = torch.linalg.matrix_norm(delta.detach() - update.b @ update.a)
+    assert error == pytest.approx(float(singular[4:].square().sum().sqrt()), rel=1e-3)
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: the river rose {i} inches before the bridge." for i in range(40)))
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert main(["compress", str(out), "--finetuned-model", str(folder), "--model", str(llama_dir), "--data",
+                 str(corpus), "--max-length", "32", "--method", "unilora", "--theta-dim", "300", "--epochs", "3",
+                 "--batch-size", "4", "--no-progress"]) == 0
+    fit, after = _before_after(capsys.readouterr().out, "KL(teacher || student)")
+    assert after < fit
+    student = read_adapter(out)
+    assert student.task["compressed_from"] == f"finetuned:{folder}" and student.task["model"] == str(llama_dir)
+    assert len(student.config.target_modules) == 14
+
+    one_line_error(["compress", str(tmp_path / "o"), "--finetuned-model", str(folder), "--data", str(corpus),
+                    "--method", "unilora"], capsys, "--finetuned-model needs --model BASE")
+    one_line_error(["compress", str(tmp_path / "o"), "--finetuned-model", str(teacher_run[0]), "--model",
+                    str(llama_dir), "--data", str(corpus), "--method", "unilora"], capsys, "is not a causal LM")

@@ -222,7 +222,13 @@ class CausalLMTask(Task):
     kind = "causal-lm"
 
     def build(self, model_name: str, settings: TrainSettings) -> torch.nn.Module:
-        self.tokenizer, lm = load_causal_lm(model_name)
+        tokenizer, lm = load_causal_lm(model_name)
+        self.prepare(tokenizer, lm, settings)
+        return lm
+
+    def prepare(self, tokenizer, lm, settings: TrainSettings) -> None:
+        """Encode the data for `lm` (what `build` does once the model is loaded)."""
+        self.tokenizer = tokenizer
         self.max_length = fitted_max_length(settings.max_length, self.tokenizer, lm)
         kind, packing = self.dataset.kind, settings.packing
         self.train_examples = encode_examples(self.tokenizer, kind, self.dataset.train, self.max_length, packing)
@@ -232,7 +238,6 @@ class CausalLMTask(Task):
                                "holds no token to learn or score; give it more text")
         self.settings = settings  # its batch size is chosen after the data is encoded (plan.plan_run)
         self.keep_logits = accepts_logits_to_keep(lm)
-        return lm
 
     def batch(self, indices: list[int]) -> dict:
         return collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)

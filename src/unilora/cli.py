@@ -119,7 +119,8 @@ def _load_data(args, task: str):
     if task == "causal-lm":
         from .lm_data import load_lm_dataset
 
-        dataset = load_lm_dataset(args.data, args.text_column, args.test_data, seed=0, metric=args.metric)
+        dataset = load_lm_dataset(args.data, args.text_column, args.test_data, seed=0,
+                                  metric=getattr(args, "metric", None))
     else:
         from .data import load_dataset
 
@@ -310,7 +311,7 @@ def cmd_compress(args) -> int:
     from .writing import check_writable
 
     check_writable(Path(args.out), ADAPTER_FILES, args.overwrite, "adapter")
-    if args.adapter or args.data:
+    if args.adapter or args.data or args.finetuned_model:
         return _compress_by_distillation(args)
     if bool(args.peft_lora) == bool(args.base_weights or args.finetuned_weights):
         raise UniLoraError("give either --peft-lora DIR or both --base-weights and --finetuned-weights")
@@ -322,7 +323,8 @@ def cmd_compress(args) -> int:
         if not (args.base_weights and args.finetuned_weights):
             raise UniLoraError("--base-weights and --finetuned-weights go together")
         rank = args.rank or 8
-        updates = from_checkpoints(args.base_weights, args.finetuned_weights, _targets(args.targets), rank)
+        updates = from_checkpoints(args.base_weights, args.finetuned_weights, _targets(args.targets or "query,value"),
+                                   rank)
         source, fan_in_fan_out = f"checkpoints:{args.base_weights}|{args.finetuned_weights}", False
     args.rank = rank
     config = _adapter_config(args, sorted({u.name for u in updates}), auto_vector_length=True)
@@ -346,59 +348,113 @@ def _compress_by_distillation(args) -> int:
     from dataclasses import asdict
 
     from .backbones import is_embedded
-    from .classification import dataset_of
-    from .data import has_labels, texts_dataset
-    from .distill import distill, read_teacher
-    from .recipes import GROUP_LRS
+    from .data import has_labels
+    from . import distill as teachers
+    from .distill import distill, peft_teacher_kind
+    from .recipes import GROUP_LRS, METHOD_DEFAULTS
     from .train import TrainSettings
 
-    if bool(args.adapter) == bool(args.peft_lora) or args.base_weights or args.finetuned_weights:
-        raise UniLoraError("distillation takes one teacher: --adapter DIR (a classifier from `unilora finetune`) "
-                           "or --peft-lora DIR (its `unilora export`, with head.safetensors)")
-    if args.data is None and args.peft_lora:
-        raise UniLoraError("--peft-lora with distillation needs --data: the texts to match the teacher on")
-    labelled = args.data is not None and has_labels(args.data, args.label_column)
-    dataset = _load_data(args, "seq-cls") if labelled else None
-    label_names = dataset.label_names if dataset else None
-    if args.peft_lora and label_names is None:
-        if not args.label_names:
+    if sum(map(bool, (args.adapter, args.peft_lora, args.finetuned_model))) != 1 or args.base_weights \
+            or args.finetuned_weights:
+        raise UniLoraError("distillation takes one teacher: --adapter DIR (an adapter from `unilora finetune`), "
+                           "--peft-lora DIR (a PEFT LoRA: on a causal LM, or a classifier's `unilora export` with "
+                           "head.safetensors) or --finetuned-model DIR (a fully fine-tuned causal LM, with --model BASE)")
+    if args.data is None and not args.adapter:
+        raise UniLoraError(f"{'--peft-lora' if args.peft_lora else '--finetuned-model'} with distillation needs "
+                           "--data: the texts to match the teacher on")
+    if args.finetuned_model and not args.model:
+        raise UniLoraError("--finetuned-model needs --model BASE: the model it was fine-tuned from, which the "
+                           "compact adapter is trained on")
+    dataset, label_names = None, None
+    if args.peft_lora and peft_teacher_kind(args.peft_lora) == "seq-cls":
+        # a PEFT classifier: its classes, in the order of its head's outputs, come from labelled data or the option
+        if has_labels(args.data, args.label_column):
+            dataset = _load_data(args, "seq-cls")
+            label_names = dataset.label_names
+        elif args.label_names:
+            label_names = args.label_names.split(",")
+        else:
             raise UniLoraError("a PEFT LoRA teacher with unlabelled texts needs --label-names A,B,... (its classes, "
                                "in the order of its head's outputs)")
-        label_names = args.label_names.split(",")
-    tokenizer, teacher = read_teacher(args.adapter, args.peft_lora, label_names, args.model)
-    if dataset is None:  # unlabelled texts, or the data the teacher recorded
-        dataset = (texts_dataset(args.data, args.text_column, teacher.record["label_names"]) if args.data
-                   else dataset_of(teacher.record, args.adapter))
-        dataset = dataset.limited(args.train_limit, args.test_limit, seed=0)
+    if args.adapter:
+        tokenizer, teacher = teachers.teacher_from_adapter(args.adapter, args.model)
+    elif args.peft_lora:
+        tokenizer, teacher = teachers.teacher_from_peft_lora(args.peft_lora, label_names, args.model)
+    else:  # the SVD of its change is the weight-space start, at the student's rank
+        rank = args.rank or METHOD_DEFAULTS[args.method].get("rank", 8)
+        tokenizer, teacher = teachers.teacher_from_finetuned(args.finetuned_model, args.model,
+                                                             _targets(args.targets or "all-linear"), rank)
+    dataset = dataset or _distillation_data(args, teacher)
     # the method's own defaults (its rank included), not the teacher's: the student is trained, not fitted
     # VB-LoRA's b as `finetune` picks it: the recipe's on the embedded model, else fitted to the model
     config = _adapter_config(args, [u.name for u in teacher.updates],
                              auto_vector_length=not is_embedded(teacher.record["model"]))
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, group_lrs=dict(GROUP_LRS[args.method]),
-                             seed=args.seed, progress=not args.no_progress)
+    given = dict(args.group_lr or [])
+    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size,
+                             group_lrs={**GROUP_LRS[args.method], **given},
+                             max_length=args.max_length or teacher.record.get("max_length")
+                             or TASK_DEFAULTS[teacher.kind][1],
+                             seed=args.seed, progress=not args.no_progress, fit_rates="theta" not in given)
+    causal = teacher.kind == "causal-lm"
     started = time.time()
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
                               temperature=args.temperature)
     before, after = report["before"], report["after"]
     summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
                "base_model": report["base"], "kept_gain": report.get("kept_gain"), "settings": asdict(settings),
-               "train_texts": len(dataset.train_texts), "seconds": round(time.time() - started, 1)}
-    record = {**teacher.record, "max_length": report["max_length"], "compressed_from": teacher.source,
-              "distillation": summary}
+               "train_examples": len(dataset.train if causal else dataset.train_texts),
+               "seconds": round(time.time() - started, 1)}
+    # the teacher's record first: `evaluate` then scores the student on the teacher's own task
+    record = {**report["record"], **teacher.record, "max_length": report["max_length"],
+              "compressed_from": teacher.source, "distillation": summary}
     student.save_pretrained(args.out, task=record, overwrite=args.overwrite)
+    unit, held_out = ("predicted token", "examples") if causal else ("text", "texts")
     print(f"wrote {student.adapter_config.method} adapter {args.out}: {student.stored_param_count():,} stored params "
-          f"vs {sum(u.a.numel() + u.b.numel() for u in teacher.updates):,} in the teacher's A and B (head carried)")
-    print(f"agreement with the teacher on {len(dataset.test_texts):,} held-out texts: weight-space fit "
+          f"vs {sum(u.a.numel() + u.b.numel() for u in teacher.updates):,} in the teacher's A and B"
+          + (" (head carried)" if teacher.head else ""))
+    what = "the teacher's most likely next token" if causal else "the teacher"
+    print(f"agreement with {what} on {report['test_examples']:,} held-out {held_out}: weight-space fit "
           f"{before['agreement']:.4f}, after distillation {after['agreement']:.4f}")
-    print(f"KL(teacher || student), nats per text: weight-space fit {before['kl_to_teacher']:.3e}, after "
+    print(f"KL(teacher || student), nats per {unit}: weight-space fit {before['kl_to_teacher']:.3e}, after "
           f"distillation {after['kl_to_teacher']:.3e}")
+    kept = report["kept_gain"]
+    kept_text = f"; the student keeps {100 * kept:.1f} % of the teacher's gain over the base" if kept is not None else ""
     if "student_accuracy" in after:
-        kept = report["kept_gain"]
         print(f"accuracy: teacher {after['teacher_accuracy']:.4f}, student {after['student_accuracy']:.4f} "
               f"(weight-space fit {before['student_accuracy']:.4f}, base model with the teacher's head "
-              f"{report['base']['student_accuracy']:.4f})"
-              + (f"; the student keeps {100 * kept:.1f} % of the teacher's gain over the base" if kept is not None else ""))
+              f"{report['base']['student_accuracy']:.4f}){kept_text}")
+    elif "eval_loss" in after:
+        print(f"eval loss: teacher {after['teacher_eval_loss']:.4f}, student {after['eval_loss']:.4f} (weight-space "
+              f"fit {before['eval_loss']:.4f}, base model {report['base']['eval_loss']:.4f}){kept_text}")
+        metric = (report["record"].get("metric") or "")
+        if metric in after:
+            print(f"{metric}: teacher {after[f'teacher_{metric}']:.4f}, student {after[metric]:.4f}")
     return 0
+
+
+def _distillation_data(args, teacher):
+    """The texts to match the teacher on: --data (labelled or not), else the data it was trained on."""
+    from .data import BUILTIN_DATASETS, has_labels, texts_dataset
+    from .lm_data import BUILTIN_LM_TASKS
+
+    causal = teacher.kind == "causal-lm"
+    if args.data in (BUILTIN_DATASETS if causal else BUILTIN_LM_TASKS):
+        raise UniLoraError(f"'{args.data}' is {'classification' if causal else 'causal-LM'} data and the teacher is a "
+                           f"{'causal LM' if causal else 'classifier'}; give it "
+                           f"{'text, prompt/completion or chat data' if causal else 'texts to classify'}")
+    if causal:
+        if args.data:
+            return _load_data(args, "causal-lm")
+        from .causal_lm import lm_dataset_of
+
+        return lm_dataset_of(teacher.record, args.adapter).limited(args.train_limit, args.test_limit, seed=0)
+    from .classification import dataset_of
+
+    if args.data is not None and has_labels(args.data, args.label_column):
+        return _load_data(args, "seq-cls")
+    dataset = (texts_dataset(args.data, args.text_column, teacher.record["label_names"]) if args.data
+               else dataset_of(teacher.record, args.adapter))
+    return dataset.limited(args.train_limit, args.test_limit, seed=0)
 
 
 # above this relative error of ΔW a weight-space fit keeps too little to be worth using
@@ -517,11 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compress", help="fit a compact adapter to a PEFT LoRA adapter or to a full fine-tune; with "
-                       "--adapter or --data, train it to match the source classifier's outputs (distillation)")
+                       "--adapter or --data, train it to match the source model's outputs (distillation)")
     p.add_argument("out")
-    p.add_argument("--adapter", help="teacher: a classifier adapter of ours (any method) saved by `finetune`")
-    p.add_argument("--peft-lora", help="a PEFT LoRA adapter directory (a teacher with --data: its export with "
-                   "head.safetensors)")
+    p.add_argument("--adapter", help="teacher: an adapter of ours (any method, a classifier or a causal LM) saved "
+                   "by `finetune`")
+    p.add_argument("--peft-lora", help="a PEFT LoRA adapter directory (a teacher with --data: on a causal LM, or a "
+                   "classifier's export with head.safetensors)")
+    p.add_argument("--finetuned-model", help="teacher: a fully fine-tuned causal LM (model folder or hub name), "
+                   "with --model BASE and --data")
     p.add_argument("--model", help="distillation: the teacher's base model (default: the one it records)")
     p.add_argument("--label-names", help="distillation from --peft-lora on unlabelled texts: the teacher's classes, "
                    "comma-separated, in the order of its head's outputs")
@@ -529,13 +588,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher's class probabilities")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
+    p.add_argument("--max-length", type=_positive_int, help="distillation: tokens per example (default: the "
+                   "teacher's, else 64 for a classifier and 256 for a causal LM)")
+    p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="distillation: one "
+                   "group's rate (default: the method's, as in finetune)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     _add_data_options(p, data_help="distillation: the texts to match the teacher on (its training data by default "
                       "for --adapter); labels, where present, only score teacher and student")
     p.add_argument("--base-weights", help="base model .safetensors (with --finetuned-weights: ΔW by truncated SVD)")
     p.add_argument("--finetuned-weights", help="fully fine-tuned .safetensors of the same model")
-    p.add_argument("--targets", default="query,value", help="with checkpoints: module-name suffixes to compress")
+    p.add_argument("--targets", help="with checkpoints: module-name suffixes to compress (default query,value); "
+                   "with --finetuned-model: the layers to adapt (default all-linear)")
     p.add_argument("--steps", type=_non_negative_int, default=0, help="least-squares refinement steps on ΔW (Adam)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous adapter in OUT (only files unilora wrote)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="refinement learning rate")

@@ -109,6 +109,13 @@ def _read_checkpoint(path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def truncated(name: str, delta: torch.Tensor, rank: int) -> LowRankUpdate:
+    """The best rank-r approximation of ΔW (out × in), its singular values split evenly over B and A."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    root = s[:rank].sqrt()
+    return LowRankUpdate(name, root[:, None] * vh[:rank], u[:, :rank] * root)
+
+
 def from_checkpoints(base_path, finetuned_path, targets: list[str], rank: int) -> list[LowRankUpdate]:
     """ΔW = W_ft − W_base of every 2-D weight whose module name ends in a target, truncated to rank r."""
     base, tuned = _read_checkpoint(base_path), _read_checkpoint(finetuned_path)
@@ -123,9 +130,7 @@ def from_checkpoints(base_path, finetuned_path, targets: list[str], rank: int) -
             raise UniLoraError(f"'{key}' is not a floating-point weight in both checkpoints")
         check_finite({key: w}, f"'{base_path}'", "the checkpoint is damaged")
         check_finite({key: tuned[key]}, f"'{finetuned_path}'", "the checkpoint is damaged")
-        u, s, vh = torch.linalg.svd(tuned[key].float() - w.float(), full_matrices=False)
-        root = s[:rank].sqrt()
-        updates.append(LowRankUpdate(module, root[:, None] * vh[:rank], u[:, :rank] * root))
+        updates.append(truncated(module, tuned[key].float() - w.float(), rank))
     if not updates:
         raise UniLoraError(f"no 2-D weight in '{base_path}' matches targets {targets}")
     return updates

@@ -1,55 +1,65 @@
-"""`unilora compress --data`: distil a classifier into a compact adapter by its behaviour.
+"""`unilora compress --adapter / --data`: distil a model into a compact adapter by its behaviour.
 
 A weight-space fit (compress.py) keeps about 1 % of a LoRA update at the sizes that make Uni-LoRA
 worth having: most directions of ΔW cannot be expressed with d << D numbers, and the fit spends
 them evenly, whether a direction matters for the outputs or not. Here the source model is the
-teacher and the compact adapter is trained to give its outputs (KL divergence of the softened
-class probabilities) on texts the user gives, without labels, starting from the weight-space fit.
-The teacher's trained head is carried over unchanged, so the student is used like any adapter.
+teacher and the compact adapter is trained to give its outputs on texts the user gives, without
+labels, starting from the weight-space fit: KL divergence of the softened class probabilities
+(a classifier, whose trained head is carried over unchanged, so the student is used like any
+adapter) or of the next-token distributions at every position that carries a loss (a causal LM).
 
-Teachers: a classifier adapter of ours (any method, from `finetune`), or a PEFT LoRA exported
-from one (`unilora export`: the LoRA on the encoder, the head in head.safetensors beside it).
+Teachers: an adapter of ours (any method, from `finetune`), or a PEFT LoRA (a classifier exported by
+`unilora export`, with its head in head.safetensors; or a causal LM), merged into a copy of the base.
 The loop is the shared training core (train.train) with its run plan.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .backbones import load_causal_lm
+from .causal_lm import IGNORE, CausalLMTask, collate as lm_collate, score_generations
 from .classification import build_classifier, collate, encode, predict_logits
 from .compress import LowRankUpdate, compress, from_peft_lora
 from .config import AdapterConfig
 from .data import TextDataset
 from .errors import UniLoraError
+from .lm_data import LMDataset
 from .model import AdaptedModel, get_model
 from .plan import plan_run
-from .train import Task, TrainSettings, fitted_max_length, read_task_adapter, task_kind, train
+from .train import Task, TrainSettings, fit_rates_to, fitted_max_length, read_task_adapter, task_kind, train
 from .validation import check_finite, check_header, tensor_header
 
 HEAD_MODULE = "classifier"
 
 
 class Teacher:
-    """A classifier whose outputs are matched: the model, its low-rank update per adapted layer
-    (names as in the classifier), its head tensors and what an adapter records about the task."""
+    """A model whose outputs are matched: the model, its low-rank update per adapted layer (names
+    as in the model), its head tensors (a classifier's) and what an adapter records about the task."""
 
     def __init__(self, model, updates: list[LowRankUpdate], head: dict[str, torch.Tensor], record: dict, source: str):
         self.model, self.updates, self.head, self.record, self.source = model.eval(), updates, head, record, source
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    @property
+    def kind(self) -> str:
+        return task_kind(self.record)
+
 
 def teacher_from_adapter(directory, model_name: str | None = None):
-    """(tokenizer, teacher) from a classifier adapter saved by `finetune`."""
+    """(tokenizer, teacher) from an adapter saved by `finetune`: a classifier or a causal LM."""
     adapter, task = read_task_adapter(directory)
-    if task_kind(task) != "seq-cls":
-        raise UniLoraError(f"'{directory}' is a {task_kind(task)} adapter; distillation takes classifier adapters")
-    tokenizer, classifier = build_classifier(model_name or task["model"], len(task["label_names"]), 0)
-    model = AdaptedModel.from_pretrained(classifier, adapter)
+    if task_kind(task) == "causal-lm":
+        tokenizer, model = load_causal_lm(model_name or task["model"])
+    else:
+        tokenizer, model = build_classifier(model_name or task["model"], len(task["label_names"]), 0)
+    model = AdaptedModel.from_pretrained(model, adapter)
     scaling = adapter.config.scaling
     with torch.no_grad():
         updates = [LowRankUpdate(slot.name, a.float().clone(), bt.t().float() * scaling)
@@ -58,9 +68,18 @@ def teacher_from_adapter(directory, model_name: str | None = None):
     return tokenizer, Teacher(model, updates, head, dict(task), f"adapter:{directory}")
 
 
-def teacher_from_peft_lora(directory, label_names: list[str], model_name: str | None = None):
-    """(tokenizer, teacher) from a PEFT LoRA on the encoder with the head in head.safetensors
-    (what `unilora export` writes for a classifier). The LoRA is merged into a copy of the encoder."""
+def peft_teacher_kind(directory) -> str:
+    """"causal-lm" for a PEFT LoRA saved from a causal LM (its task_type), else "seq-cls"."""
+    from .validation import read_json_object
+
+    meta = read_json_object(Path(directory) / "adapter_config.json", "a PEFT adapter config")
+    return "causal-lm" if meta.get("task_type") == "CAUSAL_LM" else "seq-cls"
+
+
+def teacher_from_peft_lora(directory, label_names: list[str] | None, model_name: str | None = None):
+    """(tokenizer, teacher) from a PEFT LoRA: on a causal LM (task_type CAUSAL_LM), or on the encoder
+    of a classifier with the head in head.safetensors (what `unilora export` writes for one). The
+    LoRA is merged into a copy of the base model."""
     from .validation import read_json_object
 
     directory = Path(directory)
@@ -68,14 +87,21 @@ def teacher_from_peft_lora(directory, label_names: list[str], model_name: str | 
     name = model_name or meta.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
         raise UniLoraError(f"'{directory}' does not name its base model; pass --model")
+    causal = peft_teacher_kind(directory) == "causal-lm"
     head_path = directory / "head.safetensors"
-    if not head_path.is_file():
+    if not causal and not head_path.is_file():
         raise UniLoraError(f"'{directory}' has no head.safetensors: distillation needs the trained classifier head "
                            "(`unilora export` of a `finetune` classifier writes it)")
-    tokenizer, classifier = build_classifier(name, len(label_names), 0)
-    head = _read_head(head_path, classifier)
     updates = from_peft_lora(directory)
-    modules = dict(classifier.encoder.named_modules())
+    if causal:
+        tokenizer, model = load_causal_lm(name)
+        target, head, prefix = model, {}, ""
+        record = {"task": "causal-lm", "model": name}
+    else:
+        tokenizer, model = build_classifier(name, len(label_names), 0)
+        target, head, prefix = model.encoder, _read_head(head_path, model), "encoder."
+        record = {"task": "seq-cls", "model": name, "label_names": list(label_names)}
+    modules = dict(target.named_modules())
     with torch.no_grad():
         for update in updates:
             module = modules.get(update.name)
@@ -83,10 +109,39 @@ def teacher_from_peft_lora(directory, label_names: list[str], model_name: str | 
                 raise UniLoraError(f"'{directory}': layer '{update.name}' is not a matching linear layer of "
                                    f"'{name}'; is this the model the adapter was trained on?")
             module.weight += update.b @ update.a
-        classifier.classifier.load_state_dict(head)
-    updates = [LowRankUpdate(f"encoder.{u.name}", u.a, u.b) for u in updates]
-    record = {"task": "seq-cls", "model": name, "label_names": list(label_names)}
-    return tokenizer, Teacher(classifier, updates, head, record, f"peft-lora:{directory}")
+        if head:
+            model.classifier.load_state_dict(head)
+    updates = [LowRankUpdate(prefix + u.name, u.a, u.b) for u in updates]
+    return tokenizer, Teacher(model, updates, head, record, f"peft-lora:{directory}")
+
+
+def teacher_from_finetuned(directory, base_name: str, targets, rank: int):
+    """(tokenizer, teacher) from a fully fine-tuned causal LM (a model folder) and its base model.
+    The weight-space start is the truncated SVD of W_ft − W_base of every targeted linear layer, at
+    the student's rank."""
+    from .backbones import is_causal_lm
+    from .compress import truncated
+    from .targeting import base_module, find_targets, is_conv1d
+
+    if not is_causal_lm(str(directory)):
+        raise UniLoraError(f"'{directory}' is not a causal LM: a fully fine-tuned teacher is taken for causal LMs "
+                           "(a fine-tuned classifier's own head cannot be carried into an adapter's)")
+    tokenizer, tuned = load_causal_lm(str(directory))
+    _, base = load_causal_lm(base_name)
+    tuned_modules = dict(tuned.named_modules())
+    updates = []
+    with torch.no_grad():
+        for name in find_targets(base, targets):
+            module, other = base_module(base, name), tuned_modules.get(name)
+            if other is None or getattr(other, "weight", None) is None or other.weight.shape != module.weight.shape:
+                raise UniLoraError(f"'{directory}' has no layer '{name}' shaped as in '{base_name}'; is it a fine-tune "
+                                   "of that model?")
+            delta = other.weight.float() - module.weight.float()
+            check_finite({name: delta}, f"'{directory}'", "the fine-tuned weights are damaged")
+            updates.append(truncated(name, delta.t() if is_conv1d(module) else delta, rank))  # Conv1D: in × out
+    del base
+    record = {"task": "causal-lm", "model": base_name}
+    return tokenizer, Teacher(tuned, updates, {}, record, f"finetuned:{directory}")
 
 
 def _read_head(path: Path, classifier) -> dict[str, torch.Tensor]:
@@ -100,6 +155,18 @@ def _read_head(path: Path, classifier) -> dict[str, torch.Tensor]:
     return {k[len(HEAD_MODULE) + 1:]: v.float() for k, v in tensors.items()}
 
 
+def kl_per_row(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(teacher || student) of the distributions in each row of two logit tensors: 0 when the
+    outputs are the same. Mean over rows ("batchmean") or their sum ("sum")."""
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction=reduction)
+
+
+def softened_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distillation loss: KL per row at a temperature, scaled by its square so that the
+    gradients keep their size across temperatures."""
+    return kl_per_row(student / temperature, teacher / temperature) * temperature**2
+
+
 class DistillTask(Task):
     """Match the teacher's class probabilities on unlabelled texts; score agreement (and accuracy
     where the held-out texts have labels)."""
@@ -108,22 +175,27 @@ class DistillTask(Task):
 
     def __init__(self, teacher: Teacher, tokenizer, dataset: TextDataset, max_length: int, temperature: float = 2.0):
         self.teacher, self.tokenizer, self.temperature = teacher, tokenizer, temperature
-        self.data_name = dataset.name
+        self.data_name, self.max_length = dataset.name, max_length
         self.train_examples = encode(tokenizer, dataset.train_texts, max_length)
         self.test_examples = encode(tokenizer, dataset.test_texts, max_length)
         self.test_labels = dataset.test_labels
         self.teacher_test = self._logits(teacher.model, self.test_examples)
+        # The teacher is frozen and runs without dropout, so its logits for a training text are the
+        # same every epoch: computed in the first epoch's batches, read from here after that.
+        self.teacher_train: dict[int, torch.Tensor] = {}
 
     def batch(self, indices: list[int]) -> dict:
-        return collate(self.tokenizer, [self.train_examples[i] for i in indices])
+        inputs = collate(self.tokenizer, [self.train_examples[i] for i in indices])
+        missing = [i for i in indices if i not in self.teacher_train]
+        if missing:
+            fresh = inputs if len(missing) == len(indices) else \
+                collate(self.tokenizer, [self.train_examples[i] for i in missing])
+            with torch.no_grad():
+                self.teacher_train.update(zip(missing, self.teacher.model(**fresh).logits.float()))
+        return {"inputs": inputs, "teacher": torch.stack([self.teacher_train[i] for i in indices])}
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        t = self.temperature
-        with torch.no_grad():
-            target = F.log_softmax(self.teacher.model(**batch).logits.float() / t, dim=-1)
-        student = F.log_softmax(model(**batch).logits.float() / t, dim=-1)
-        # KL(teacher || student), scaled by t² so its gradients keep their size across temperatures
-        return F.kl_div(student, target, log_target=True, reduction="batchmean") * t * t
+        return softened_kl(model(**batch["inputs"]).logits.float(), batch["teacher"], self.temperature)
 
     def _logits(self, model, examples: list[list[int]]) -> torch.Tensor:
         if not examples:
@@ -133,15 +205,16 @@ class DistillTask(Task):
     def evaluate(self, model, final: bool) -> dict:
         logits = self._logits(model, self.test_examples)
         predicted, teacher = logits.argmax(-1), self.teacher_test.argmax(-1)
-        # KL(teacher || student) at temperature 1, nats per text: 0 when the outputs are the same
-        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(self.teacher_test, -1), log_target=True,
-                      reduction="batchmean")
+        kl = kl_per_row(logits, self.teacher_test)  # at temperature 1, nats per text
         result = {"agreement": float((predicted == teacher).float().mean()), "kl_to_teacher": float(kl)}
         if self.test_labels:
             labels = torch.tensor(self.test_labels)
             result["student_accuracy"] = float((predicted == labels).float().mean())
             result["teacher_accuracy"] = float((teacher == labels).float().mean())
         return result
+
+    def record(self) -> dict:
+        return {"max_length": self.max_length}
 
     def summary(self, result: dict) -> str:
         text = f"agreement with the teacher {result['agreement']:.4f} (KL {result['kl_to_teacher']:.2e})"
@@ -150,40 +223,135 @@ class DistillTask(Task):
         return text
 
 
-def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDataset, settings: TrainSettings,
-            fit_steps: int = 0, temperature: float = 2.0):
+class LMDistillTask(CausalLMTask):
+    """Match the teacher's next-token distributions at every position that carries a loss (the
+    completion, the assistant turns, or every token of plain text); score the eval loss, the
+    agreement of the most likely next token and the KL, teacher beside student."""
+
+    def __init__(self, teacher: Teacher, tokenizer, dataset: LMDataset, settings: TrainSettings,
+                 temperature: float = 2.0):
+        super().__init__(dataset)
+        self.teacher, self.temperature = teacher, temperature
+        self.prepare(tokenizer, teacher.model, settings)
+        self.teacher_metric: float | None = None  # the teacher's score on generations, once
+
+    def _target_logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float logits, target token) of every position that predicts a target, one row each."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
+        if self.keep_logits:  # the vocabulary projection only where a target is predicted
+            keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
+            logits, targets = model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
+        else:
+            logits = model(**inputs).logits
+        mask = targets != IGNORE
+        return logits[mask].float(), targets[mask]
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            teacher, _ = self._target_logits(self.teacher.model, batch)
+        student, _ = self._target_logits(model, batch)
+        return softened_kl(student, teacher, self.temperature)
+
+    @torch.no_grad()
+    def evaluate(self, model, final: bool) -> dict:
+        model.eval()
+        examples, batch_size = self.test_examples, self.settings.batch_size
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        loss = teacher_loss = kl = agree = count = 0.0
+        for start in range(0, len(order), batch_size):
+            batch = lm_collate([examples[i] for i in order[start : start + batch_size]], self.tokenizer.pad_token_id)
+            student, targets = self._target_logits(model, batch)
+            teacher, _ = self._target_logits(self.teacher.model, batch)
+            loss += float(F.cross_entropy(student, targets, reduction="sum"))
+            teacher_loss += float(F.cross_entropy(teacher, targets, reduction="sum"))
+            kl += float(kl_per_row(student, teacher, "sum"))
+            agree += float((student.argmax(-1) == teacher.argmax(-1)).sum())
+            count += len(targets)
+        count = max(1.0, count)
+        result = {"agreement": agree / count, "kl_to_teacher": kl / count, "eval_loss": loss / count,
+                  "perplexity": math.exp(min(loss / count, 50.0)), "teacher_eval_loss": teacher_loss / count}
+        metric = self.dataset.metric
+        if final and metric:
+            result.update(self._scored_generations(model))
+            if self.teacher_metric is None:
+                self.teacher_metric = self._scored_generations(self.teacher.model)[metric]
+            result[f"teacher_{metric}"] = self.teacher_metric
+        return result
+
+    def _scored_generations(self, model) -> dict:
+        return score_generations(model, self.tokenizer, self.dataset, self.max_length, self.settings.batch_size,
+                                 self.settings.max_new_tokens)
+
+    def summary(self, result: dict) -> str:
+        text = (f"agreement with the teacher {result['agreement']:.4f} (KL {result['kl_to_teacher']:.2e}), "
+                f"eval loss {result['eval_loss']:.4f} (teacher {result['teacher_eval_loss']:.4f})")
+        metric = self.dataset.metric
+        if metric in result:
+            text += f", {metric} {result[metric]:.4f} (teacher {result[f'teacher_{metric}']:.4f})"
+        return text
+
+
+def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDataset | LMDataset,
+            settings: TrainSettings, fit_steps: int = 0, temperature: float = 2.0):
     """The compact adapter trained to match `teacher`. Returns (student model, report)."""
+    causal = teacher.kind == "causal-lm"
+    if causal != isinstance(dataset, LMDataset):
+        raise UniLoraError(f"a {teacher.kind} teacher is matched on "
+                           f"{'text, prompt/completion or chat data' if causal else 'texts to classify'}, "
+                           f"and '{dataset.name}' is not that")
     names = [u.name for u in teacher.updates]
-    config = AdapterConfig(**{**config.to_dict(), "target_modules": names, "modules_to_save": [HEAD_MODULE]})
-    _, classifier = build_classifier(teacher.record["model"], len(teacher.record["label_names"]), 0)
-    max_length = fitted_max_length(teacher.record.get("max_length", settings.max_length), tokenizer, classifier.encoder)
-    task = DistillTask(teacher, tokenizer, dataset, max_length, temperature)
-    with torch.no_grad():
-        classifier.classifier.load_state_dict(teacher.head)
-    base = task.evaluate(classifier, final=False)  # the teacher's head on the base encoder: the gain's zero
+    config = AdapterConfig(**{**config.to_dict(), "target_modules": names,
+                              "modules_to_save": [] if causal else [HEAD_MODULE]})
+    if causal:
+        _, model = load_causal_lm(teacher.record["model"])
+        task = LMDistillTask(teacher, tokenizer, dataset, settings, temperature)
+    else:
+        _, model = build_classifier(teacher.record["model"], len(teacher.record["label_names"]), 0)
+        max_length = fitted_max_length(settings.max_length, tokenizer, model.encoder)
+        task = DistillTask(teacher, tokenizer, dataset, max_length, temperature)
+        with torch.no_grad():
+            model.classifier.load_state_dict(teacher.head)  # on the base encoder: the gain's zero
+    chosen = plan_run(settings, task.kind, task.train_size())
+    if chosen:
+        print(f"note: {'; '.join(chosen.values())} (--epochs and --batch-size set them)", file=sys.stderr)
+    base = task.evaluate(model, final=False)
     torch.manual_seed(settings.seed)
-    student = get_model(classifier, config)
+    student = get_model(model, config)
     order = {slot.name: i for i, slot in enumerate(student.layout.slots)}
     updates = sorted(teacher.updates, key=lambda u: order[u.name])  # the fit's layout = the student's
     fitted, layout, fit_report = compress(updates, student.projection.config, steps=fit_steps)
     assert layout.slots == student.layout.slots, "the weight-space fit must share the student's layout"
     student.projection.load_state_dict(fitted.state_dict())
-    _carry_head(student, teacher.head)
+    if not causal:
+        _carry_head(student, teacher.head)
     before = task.evaluate(student, final=False)
+    note = fit_rates_to(student, settings)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     groups = [g for g in student.parameter_groups(settings.lr, settings.group_lrs) if g.get("name") != "head"]
     for p in student.head_parameters().values():
         p.requires_grad_(False)  # the teacher's head, carried as it is
-    chosen = plan_run(settings, task.kind, task.train_size())
-    if chosen:
-        print(f"note: {'; '.join(chosen.values())} (--epochs and --batch-size set them)", file=sys.stderr)
     history = train(student, task, settings, groups)
     after = history[-1]
     report = {"weight_space": fit_report, "base": base, "before": before, "after": after, "history": history,
-              "max_length": max_length, "plan": chosen}
-    if "student_accuracy" in after:
-        gain = after["teacher_accuracy"] - base["student_accuracy"]
-        report["kept_gain"] = (after["student_accuracy"] - base["student_accuracy"]) / gain if gain > 0 else None
+              "max_length": task.max_length, "plan": chosen, "record": task.record(),
+              "test_examples": task.test_size()}
+    report["kept_gain"] = _kept_gain(base, after)
     return student.eval(), report
+
+
+def _kept_gain(base: dict, after: dict) -> float | None:
+    """The share of the teacher's gain over the base model that the student has: in accuracy for a
+    classifier scored on labels, in eval loss for a causal LM. None: nothing to score, or no gain."""
+    if "student_accuracy" in after:
+        start, teacher, student = base["student_accuracy"], after["teacher_accuracy"], after["student_accuracy"]
+    elif "eval_loss" in after:
+        start, teacher, student = -base["eval_loss"], -after["teacher_eval_loss"], -after["eval_loss"]
+    else:
+        return None
+    gain = teacher - start
+    return (student - start) / gain if gain > 0 else None
 
 
 def _carry_head(student: AdaptedModel, head: dict[str, torch.Tensor]) -> None:
@@ -194,10 +362,3 @@ def _carry_head(student: AdaptedModel, head: dict[str, torch.Tensor]) -> None:
             if param is None or param.shape != value.shape:
                 raise UniLoraError(f"the teacher's head tensor '{key}' {tuple(value.shape)} has no match in the student")
             param.copy_(value)
-
-
-def read_teacher(adapter: str | None, peft_lora: str | None, label_names: list[str] | None, model_name: str | None):
-    """(tokenizer, teacher): our classifier adapter, else a PEFT LoRA export with its head."""
-    if adapter:
-        return teacher_from_adapter(adapter, model_name)
-    return teacher_from_peft_lora(peft_lora, label_names, model_name)

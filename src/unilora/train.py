@@ -144,6 +144,19 @@ def fitted_max_length(requested: int, tokenizer, model) -> int:
     return requested
 
 
+def fit_rates_to(model: AdaptedModel, settings: TrainSettings) -> str | None:
+    """With `settings.fit_rates`, the recipe's θ rate scaled to the adapted model (in place); the
+    note saying what changed, if anything did."""
+    if not settings.fit_rates:
+        return None
+    from .recipes import fitted_group_lrs
+
+    config = model.adapter_config
+    settings.group_lrs, note = fitted_group_lrs(config.method, settings.group_lrs, model.projection.layout.D,
+                                                config.theta_dim)
+    return note
+
+
 def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSettings,
              out_dir: str | Path, overwrite: bool = False) -> dict:
     """Train an adapter on `data` (a classification TextDataset or a causal-LM LMDataset); write
@@ -164,13 +177,9 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
     short = short_run_warning(settings, task.kind, n_train, world)
     if short and rank == 0:
         print(f"warning: {short}", file=sys.stderr)
-    if settings.fit_rates:
-        from .recipes import fitted_group_lrs
-
-        settings.group_lrs, note = fitted_group_lrs(adapter.method, settings.group_lrs, model.projection.layout.D,
-                                                    adapter.theta_dim)
-        if note and rank == 0:
-            print(f"note: {note}", file=sys.stderr)
+    note = fit_rates_to(model, settings)
+    if note and rank == 0:
+        print(f"note: {note}", file=sys.stderr)
 
     started = time.time()
     history = train(model, task, settings, model.parameter_groups(settings.lr, settings.group_lrs,
