@@ -1,10 +1,12 @@
 """Run a function on several gloo ranks (CPU processes) with a deadline instead of a hang."""
 
 import datetime
+import faulthandler
 import os
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -21,7 +23,12 @@ def _run_then_exit(rank: int, fn, *args) -> None:
     """Run the rank's work, then leave without interpreter teardown: the FSDP2 ranks (gloo) have
     been seen to abort in C++ destructors at exit ("terminate called without an active
     exception"), after destroy_process_group, once in 10-50 runs; the rank's results are written
-    by then. An exception still fails the rank as usual."""
+    by then. An exception still fails the rank as usual. One compute thread per rank: the ranks
+    share the machine's cores, and more threads than cores slow every collective down. A rank
+    still running shortly before the deadline prints every thread's stack, so that a stall says
+    where it is."""
+    torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(DEADLINE_S - 20, exit=False)
     fn(rank, *args)
     sys.stdout.flush()
     sys.stderr.flush()
