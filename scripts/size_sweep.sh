@@ -3,7 +3,7 @@
 # (nothing but the data, its size and the seed) for lora, vera, vblora and unilora on Rotten Tomatoes
 # with 150, 500, 2,000 and all 10,162 training reviews and BBC News with 150 and all 1,781 articles,
 # each tested on its full test split. Seeds 1-3 (seeds 0 and 4 chose the defaults, unilora.plan); the
-# full Rotten Tomatoes set with the first seed only (10 to 20 minutes per run here). Finished runs
+# full Rotten Tomatoes set with the first seed only (7 to 15 minutes per run here). Finished runs
 # are skipped, so an interrupted sweep resumes. Evaluation only after the last
 # epoch (--eval-every 1000): evaluation draws no random numbers, so the adapters are those of the
 # default command.

@@ -47,7 +47,7 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
     capsys.readouterr()
     assert main(["compress", str(out), "--adapter", str(run / "adapter"), "--method", "unilora", "--theta-dim", "200",
                  "--train-limit", "96", "--test-limit", "64", "--epochs", "10", "--batch-size", "8",
-                 "--no-progress"]) == 0
+                 "--eval-every", "5", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     fit, after = _before_after(printed, "KL(teacher || student)")
     assert after < 0.5 * fit, printed  # matching outputs beats the weight-space fit at d << D
@@ -63,6 +63,10 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
     assert recorded["distilled"]["kl_to_teacher"] == pytest.approx(after, rel=1e-3)
     assert recorded["weight_space_fit"]["kl_to_teacher"] == pytest.approx(fit, rel=1e-3)
     assert "student_accuracy" in recorded["base_model"] and recorded["settings"]["epochs"] == 10
+    assert recorded["settings"]["eval_every"] == 5
+    # the student's own cost, apart from scoring teacher, base, fit and the evaluations
+    assert 0 < recorded["distilled"]["train_seconds"] < recorded["seconds"]
+    assert f"time: {recorded['distilled']['train_seconds']:.0f} s training the student" in printed
     # used like any adapter: evaluate finds its model, data and labels in what it recorded
     capsys.readouterr()
     assert main(["evaluate", str(out), "--test-limit", "64"]) == 0

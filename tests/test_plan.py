@@ -138,6 +138,8 @@ def test_clipping_bounds_the_gradient_the_optimizer_sees_and_the_norm_is_recorde
 def test_evaluations_follow_eval_every_and_the_last_epoch_is_always_evaluated():
     _, history, task = _train_and_watch_gradients(max_grad_norm=0.0, epochs=5, eval_every=2)
     assert [h["epoch"] for h in history] == [2, 4, 5] and task.evaluations == 3
+    seconds = [h["train_seconds"] for h in history]  # time in optimizer steps so far, evaluations excluded
+    assert 0 <= seconds[0] <= seconds[1] <= seconds[2]
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +158,7 @@ def test_finetune_prints_and_records_what_it_chose(small_model, tmp_path, capsys
     assert (metrics["settings"]["batch_size"], metrics["settings"]["epochs"]) == (8, 24)
     assert [h["epoch"] for h in metrics["history"]] == [24]  # --eval-every 100: the last epoch only
     assert metrics["history"][-1]["grad_norm_median"] > 0
+    assert 0 < metrics["train_seconds"] <= metrics["seconds"]  # evaluation excluded
 
 
 def test_finetune_options_override_the_plan(small_model, tmp_path, capsys):

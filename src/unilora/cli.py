@@ -394,7 +394,8 @@ def _compress_by_distillation(args) -> int:
                              group_lrs={**GROUP_LRS[args.method], **given},
                              max_length=args.max_length or teacher.record.get("max_length")
                              or TASK_DEFAULTS[teacher.kind][1],
-                             seed=args.seed, progress=not args.no_progress, fit_rates="theta" not in given)
+                             seed=args.seed, progress=not args.no_progress, fit_rates="theta" not in given,
+                             eval_every=args.eval_every)
     causal = teacher.kind == "causal-lm"
     started = time.time()
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
@@ -429,6 +430,8 @@ def _compress_by_distillation(args) -> int:
         metric = (report["record"].get("metric") or "")
         if metric in after:
             print(f"{metric}: teacher {after[f'teacher_{metric}']:.4f}, student {after[metric]:.4f}")
+    print(f"time: {after['train_seconds']:.0f} s training the student, {summary['seconds']:.0f} s in all "
+          f"(the teacher's and the base model's scores, the weight-space fit and every evaluation included)")
     return 0
 
 
@@ -588,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher's class probabilities")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
+    p.add_argument("--eval-every", type=_positive_int, help="distillation: epochs between evaluations on the test "
+                   "split; the last epoch is always evaluated (default: chosen like finetune's)")
     p.add_argument("--max-length", type=_positive_int, help="distillation: tokens per example (default: the "
                    "teacher's, else 64 for a classifier and 256 for a causal LM)")
     p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="distillation: one "

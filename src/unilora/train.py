@@ -236,7 +236,9 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
     history = []
+    stepping = 0.0  # seconds in optimizer steps, evaluation excluded: the cost of the adapter itself
     for epoch in range(1, settings.epochs + 1):
+        epoch_started = time.time()
         model.train()
         order = list(range(n_train))
         random.Random(settings.seed * 7919 + epoch).shuffle(order)
@@ -257,12 +259,13 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
             optimizer.zero_grad(set_to_none=True)
             running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
             bar.set_postfix(loss=f"{running:.4f}")
+        stepping += time.time() - epoch_started
         last = epoch == settings.epochs
         if rank == 0 and (last or epoch % settings.eval_every == 0):
             result = task.evaluate(model, final=last)
             history.append({"epoch": epoch, **result, "train_loss": running,
                             "grad_norm_median": statistics.median(norms) if norms else 0.0,
-                            "grad_norm_max": max(norms, default=0.0)})
+                            "grad_norm_max": max(norms, default=0.0), "train_seconds": round(stepping, 1)})
             print(f"epoch {epoch}: {task.summary(result)}, train loss {running:.4f}", flush=True)
         elif rank == 0:
             print(f"epoch {epoch}: train loss {running:.4f}", flush=True)
