@@ -24,7 +24,7 @@ def _run_then_exit(rank: int, fn, *args) -> None:
     been seen to abort in C++ destructors at exit ("terminate called without an active
     exception"), after destroy_process_group, once in 10-50 runs; the rank's results are written
     by then. An exception still fails the rank as usual. One compute thread per rank: the ranks
-    share the machine's cores, and more threads than cores slow every collective down. A rank
+    share the machine's cores (two on CI's two), so neither waits on threads it cannot run. A rank
     still running shortly before the deadline prints every thread's stack, so that a stall says
     where it is."""
     torch.set_num_threads(1)

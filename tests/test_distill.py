@@ -160,6 +160,21 @@ def test_the_teacher_runs_once_per_training_text(teacher_run):
             torch.testing.assert_close(row, alone.logits[0].float(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_teacher_from_our_adapter_runs_merged_and_gives_the_adapters_outputs(teacher_run):
+    from unilora import AdaptedModel
+    from unilora.classification import build_classifier
+    from unilora.distill import teacher_from_adapter
+
+    model, run = teacher_run
+    tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
+    assert not isinstance(teacher.model, AdaptedModel)  # a plain model: no adapter work per forward
+    _, classifier = build_classifier(str(model), 2, 0)
+    reference = AdaptedModel.from_pretrained(classifier, run / "adapter").eval()  # as a user loads it
+    inputs = tokenizer(["a fine film", "dull and far too long"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-4)
+
+
 # --- causal-LM teachers ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
