@@ -6,7 +6,6 @@ import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -20,16 +19,23 @@ def init_gloo(rank: int, world: int, init_file: str) -> None:
 
 
 def _run_then_exit(rank: int, fn, *args) -> None:
-    """Run the rank's work, then leave without interpreter teardown: the FSDP2 ranks (gloo) have
-    been seen to abort in C++ destructors at exit ("terminate called without an active
-    exception"), after destroy_process_group, once in 10-50 runs; the rank's results are written
-    by then. An exception still fails the rank as usual. One compute thread per rank: the ranks
-    share the machine's cores (two on CI's two), so neither waits on threads it cannot run. A rank
-    still running shortly before the deadline prints every thread's stack, so that a stall says
-    where it is."""
-    torch.set_num_threads(1)
+    """Run the rank's work (which ends with leave_rank()). An exception fails the rank as usual. A
+    rank still running shortly before the deadline prints every thread's stack, so that a stall
+    says where it is."""
     faulthandler.dump_traceback_later(DEADLINE_S - 20, exit=False)
     fn(rank, *args)
+    leave_rank()
+
+
+def leave_rank() -> None:
+    """A rank's last call, from inside its work function: destroy the process group, then leave at
+    once, without running the destructors of the rank's objects. Those have hung (a DDP rank stuck
+    for minutes after destroy_process_group, its stack dump in _run_then_exit's call of the work
+    function, i.e. while that function's locals were freed; twice in a dozen runs here) and
+    aborted ("terminate called without an active exception", FSDP2, once in 10-50 runs). The
+    rank's results are written by then."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

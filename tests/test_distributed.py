@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from unilora import AdapterConfig, get_model
 
 from conftest import build, method_options
-from ranks import init_gloo, run_ranks
+from ranks import init_gloo, leave_rank, run_ranks
 
 STEPS = 3
 
@@ -48,7 +47,7 @@ def _rank_main(rank, world, init_file, method, out_file):
     params = train(model, ids[half], labels[half], wrapper=ddp)
     if rank == 0:
         torch.save(params, out_file)
-    dist.destroy_process_group()
+    leave_rank()  # the rank ends here
 
 
 @pytest.mark.parametrize("method", ["unilora", "vblora"])
