@@ -33,8 +33,8 @@ first=${seeds%% *}
   for seed in ${seeds#"$first"}; do runs_of "$seed" "lora vblora unilora" "${small[@]}"; done
   runs_of "$first" "vera lora vblora unilora" "rotten_tomatoes all"
   for seed in ${seeds#"$first"}; do runs_of "$seed" "vera" "${small[@]}"; done
-  second=${seeds#"$first "}; second=${second%% *}
-  [ "$second" = "$seeds" ] || runs_of "$second" "lora vblora unilora" "rotten_tomatoes all"
+  read -r _ second _ <<< "$seeds"
+  [ -z "$second" ] || runs_of "$second" "lora vblora unilora" "rotten_tomatoes all"
 } > "$out.jobs"
 export out
 export -f run
