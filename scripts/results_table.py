@@ -92,8 +92,9 @@ def compress_table(root: Path, sizes: Path) -> None:
         runs[(task["dataset"] if "dataset" in task else path.parent.parent.name, meta["adapter"]["method"])].append(
             (task["distillation"], teacher, meta))
     print("| data | student | % of the teacher's params | teacher accuracy | base (teacher's head) | weight-space fit "
-          "| distilled student | gain kept, median [min-max] | agreement | seconds, student / teacher | seeds |")
-    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | ---: |")
+          "| distilled student | gain kept, median [min-max] | agreement | student seconds: training / all "
+          "| teacher seconds: training / all | seeds |")
+    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | ---: |")
     for (data, method), rows in sorted(runs.items()):
         def median(get):
             return statistics.median(get(d, t) for d, t, _ in rows)
@@ -108,7 +109,8 @@ def compress_table(root: Path, sizes: Path) -> None:
               f"| {100 * median(lambda d, t: d['distilled']['student_accuracy']):.2f} "
               + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
               + f"| {100 * median(lambda d, t: d['distilled']['agreement']):.2f} "
-              f"| {median(lambda d, t: d['seconds']):.0f} / {median(lambda d, t: t['seconds']):.0f} | {len(rows)} |")
+              f"| {seconds(rows, lambda d, t, m: d['distilled'])} / {median(lambda d, t: d['seconds']):.0f} "
+              f"| {seconds(rows, lambda d, t, m: t)} / {median(lambda d, t: t['seconds']):.0f} | {len(rows)} |")
 
 
 def compress_lm_table(root: Path) -> None:
@@ -125,8 +127,8 @@ def compress_lm_table(root: Path) -> None:
         runs[(path.parent.parent.name, meta["adapter"]["method"])].append((meta["task"]["distillation"], teacher, meta))
     print("| data | student | % of the teacher's params | eval loss: teacher | base | weight-space fit | distilled "
           "| gain kept, median [min-max] | next-token agreement | ROUGE-L, teacher / student "
-          "| seconds, student / teacher | seeds |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | ---: |")
+          "| student seconds: training / all | teacher seconds: training / all | seeds |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | --- | ---: |")
     for (data, method), rows in sorted(runs.items()):
         def median(get):
             return statistics.median(get(d, t, m) for d, t, m in rows)
@@ -141,7 +143,15 @@ def compress_lm_table(root: Path) -> None:
               + f"| {100 * median(lambda d, t, m: d['distilled']['agreement']):.2f} "
               f"| {median(lambda d, t, m: d['distilled'].get('teacher_rougeL', float('nan'))):.1f} / "
               f"{median(lambda d, t, m: d['distilled'].get('rougeL', float('nan'))):.1f} "
-              f"| {median(lambda d, t, m: d['seconds']):.0f} / {median(lambda d, t, m: t['seconds']):.0f} | {len(rows)} |")
+              f"| {seconds(rows, lambda d, t, m: d['distilled'])} / {median(lambda d, t, m: d['seconds']):.0f} "
+              f"| {seconds(rows, lambda d, t, m: t)} / {median(lambda d, t, m: t['seconds']):.0f} | {len(rows)} |")
+
+
+def seconds(rows, record) -> str:
+    """Median training seconds (`train_seconds`) of the records that have them; "-" where none does
+    (runs from before it was recorded)."""
+    found = [record(*row)["train_seconds"] for row in rows if "train_seconds" in record(*row)]
+    return f"{statistics.median(found):.0f}" if found else "-"
 
 
 if __name__ == "__main__":

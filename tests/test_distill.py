@@ -137,8 +137,8 @@ def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
 
 
 def test_the_teacher_runs_once_per_training_text(teacher_run):
-    """Its logits are cached by the first epoch's batches; a later batch of other composition reads
-    the same logits the teacher gives that text alone."""
+    """Its logits for all training texts are computed in one pass at the first batch; any later
+    batch reads the logits the teacher gives that text alone."""
     from unilora.data import TextDataset, rotten_tomatoes
     from unilora.distill import DistillTask, teacher_from_adapter
 
@@ -150,10 +150,10 @@ def test_the_teacher_runs_once_per_training_text(teacher_run):
     teacher.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
                                             with_kwargs=True)
     task.batch([0, 1, 2, 3])
-    mixed = task.batch([5, 0, 4, 3, 11])  # three new texts, two cached
-    assert calls == [4, 3]  # only the texts not seen before were run
+    assert calls == [12]  # every training text, once
+    mixed = task.batch([5, 0, 4, 3, 11])
     task.batch([11, 1, 5])
-    assert calls == [4, 3]
+    assert calls == [12]
     with torch.no_grad():
         for row, i in zip(mixed["teacher"], [5, 0, 4, 3, 11]):
             alone = teacher.model(**tokenizer([texts[i]], truncation=True, max_length=64, return_tensors="pt"))
@@ -306,3 +306,43 @@ def test_a_fully_fine_tuned_causal_lm_is_a_teacher(llama_dir, teacher_run, tmp_p
                     "--method", "unilora"], capsys, "--finetuned-model needs --model BASE")
     one_line_error(["compress", str(tmp_path / "o"), "--finetuned-model", str(teacher_run[0]), "--model",
                     str(llama_dir), "--data", str(corpus), "--method", "unilora"], capsys, "is not a causal LM")
+
+
+def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own(lm_teacher):
+    """The training texts' next-token distributions are computed in one pass at the first batch and
+    read after that (past the cache's budget they are recomputed in their batches, the same); the
+    held-out texts are scored by the teacher once, however often the student is evaluated."""
+    from unilora.causal_lm import collate, lm_dataset_of
+    from unilora.distill import LMDistillTask, teacher_from_adapter
+    from unilora.train import TrainSettings
+
+    tokenizer, teacher = teacher_from_adapter(lm_teacher)
+    dataset = lm_dataset_of(teacher.record, lm_teacher)
+    task = LMDistillTask(teacher, tokenizer, dataset, TrainSettings(batch_size=4, epochs=1))
+    calls = []
+    teacher.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                            with_kwargs=True)
+    task.batch([0, 1, 2])
+    assert sum(calls) == task.train_size() and max(calls) <= 4  # every text once, in batches of 4
+    calls.clear()
+    mixed = task.batch([4, 0, 3, 2])
+    assert calls == []
+    alone = [collate([task.train_examples[i]], tokenizer.pad_token_id) for i in (4, 0, 3)]
+    with torch.no_grad():  # text 3's rows, read back in a mixed batch, are what the teacher gives it alone
+        logits, _ = task._target_logits(teacher.model, alone[2])
+    expected = torch.log_softmax(logits / task.temperature, -1)
+    start = sum(len(task._target_logits(teacher.model, one)[1]) for one in alone[:2])
+    rows = torch.log_softmax(mixed["teacher"][start : start + len(expected)].float(), -1)
+    torch.testing.assert_close(rows, expected, atol=2e-2, rtol=2e-3)  # float16, renormalised
+    calls.clear()
+    small = LMDistillTask(teacher, tokenizer, dataset, TrainSettings(batch_size=4, epochs=1), budget=0)
+    again = small.batch([4, 0, 3, 2])  # nothing fits: the pass stops at once, the batch runs the teacher
+    assert calls == [4, 4]  # one float16 step apart at most (other padding in the batch)
+    torch.testing.assert_close(again["teacher"].float(), mixed["teacher"].float(), atol=1e-2, rtol=0)
+    calls.clear()
+    task.evaluate(teacher.model, final=False)  # the teacher as its own student: teacher and student run
+    first = len(calls)
+    result = task.evaluate(teacher.model, final=False)  # the student only
+    assert first > 0 and len(calls) == first + first // 2
+    assert result["agreement"] == 1.0 and abs(result["kl_to_teacher"]) < 1e-4
+    assert result["eval_loss"] == pytest.approx(result["teacher_eval_loss"], rel=1e-5)

@@ -142,6 +142,86 @@ def test_evaluations_follow_eval_every_and_the_last_epoch_is_always_evaluated():
     assert 0 <= seconds[0] <= seconds[1] <= seconds[2]
 
 
+def _padded_tokens(order, lengths, batch_size):
+    return sum(max(lengths[i] for i in order[s : s + batch_size]) * len(order[s : s + batch_size])
+               for s in range(0, len(order), batch_size))
+
+
+@pytest.mark.parametrize("n, batch_size", [(1000, 8), (203, 4), (150, 4), (7, 32)])
+def test_length_grouped_batches_are_a_shuffle_with_less_padding(n, batch_size):
+    import random
+
+    from unilora.batching import LENGTH_WINDOW, length_grouped, padded_tokens
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 64) for _ in range(n)]
+    order = list(range(n))
+    rng.shuffle(order)
+    grouped = length_grouped(order, lengths.__getitem__, batch_size, random.Random(1))
+    assert sorted(grouped) == list(range(n))  # every example once
+    assert _padded_tokens(grouped, lengths, batch_size) <= _padded_tokens(order, lengths, batch_size)
+    assert padded_tokens(order, lengths.__getitem__, batch_size) == _padded_tokens(order, lengths, batch_size)
+    batches = [grouped[s : s + batch_size] for s in range(0, n, batch_size)]
+    if n <= LENGTH_WINDOW * batch_size:  # one window: the batches are the cuts of the sorted order
+        longest_first = sorted(lengths, reverse=True)
+        cuts = [longest_first[s : s + batch_size] for s in range(0, n, batch_size)]
+        assert sorted(sorted(lengths[i] for i in b) for b in batches) == sorted(map(sorted, cuts))
+    assert all(len(b) == batch_size for b in batches[:-1])  # a short batch only at the end
+    if len(batches) > 2:
+        assert length_grouped(order, lengths.__getitem__, batch_size, random.Random(2)) != grouped  # batch order is random
+
+
+def test_distillation_groups_by_length_where_it_saves_padding_and_spends_it_on_epochs():
+    import random
+
+    from unilora.batching import grouped_share
+
+    rng = random.Random(0)
+    mixed = [rng.choice([10, 60]) for _ in range(2000)]  # short and long texts: grouping halves the padding
+    share = grouped_share(mixed, 32, 0)
+    assert share < 0.7
+    settings = TrainSettings(group_by_length=None)
+    chosen = plan_run(settings, "seq-cls", 2000, lengths=mixed)
+    assert settings.group_by_length and "group_by_length" in chosen
+    assert settings.epochs == int(2 / share) > 2 and "costing no more than 2 shuffled ones" in chosen["epochs"]
+    same = TrainSettings(group_by_length=None)  # all texts cut to one length: no epoch to gain, shuffled batches
+    assert "group_by_length" not in plan_run(same, "seq-cls", 2000, lengths=[64] * 2000)
+    assert (same.group_by_length, same.epochs) == (False, 2)
+    epochs_given, no_grouping = TrainSettings(group_by_length=None, epochs=2), TrainSettings(group_by_length=False)
+    for given in (epochs_given, no_grouping):
+        plan_run(given, "seq-cls", 2000, lengths=mixed)  # what the user set is kept
+    assert (epochs_given.epochs, epochs_given.group_by_length) == (2, False)  # no epochs to spend the saving on
+    assert (no_grouping.epochs, no_grouping.group_by_length) == (2, False)
+    assert plan_run(TrainSettings(group_by_length=None), "seq-cls", 2000) == plan_run(TrainSettings(), "seq-cls", 2000)
+    asked = TrainSettings(group_by_length=True)  # asked for, without lengths (finetune): grouped, the plan's epochs
+    plan_run(asked, "seq-cls", 2000)
+    assert (asked.epochs, asked.group_by_length) == (2, True)
+
+
+def test_the_loop_trains_on_length_grouped_batches_when_asked():
+    class Lengths(_ScaledLossTask):
+        def __init__(self):
+            super().__init__(scale=1.0)
+            self.seen = []
+
+        def train_length(self, index):
+            return index % 5  # the examples' lengths, as the loop reads them
+
+        def batch(self, indices):
+            self.seen.append(list(indices))
+            return super().batch(indices)
+
+    model = get_model(build("llama"), AdapterConfig(**method_options("lora"), target_modules=["q_proj"]))
+    for grouped in (False, True):
+        task = Lengths()
+        train(model, task, TrainSettings(epochs=2, batch_size=4, group_by_length=grouped, progress=False),
+              model.parameter_groups(1e-3, {}, 0.0))
+        assert len(task.seen) == 8 and all(sorted(sum(task.seen[e * 4 : e * 4 + 4], [])) == list(range(16))
+                                           for e in range(2))
+        spreads = [max(i % 5 for i in b) - min(i % 5 for i in b) for b in task.seen]
+        assert (max(spreads) <= 1) == grouped  # 16 examples of lengths 0-4: sorted batches of 4 span one step
+
+
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     return str(small_bert(tmp_path_factory.mktemp("model") / "small-bert"))
@@ -165,13 +245,13 @@ def test_finetune_options_override_the_plan(small_model, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--model", small_model, "--method", "vblora", "--train-limit", "40", "--test-limit", "16",
                  "--epochs", "1", "--batch-size", "20", "--max-grad-norm", "0.5", "--warmup-ratio", "0.5",
-                 "--no-progress", "--out", str(out)]) == 0
+                 "--group-by-length", "--no-progress", "--out", str(out)]) == 0
     assert "note: batch size" not in capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["plan"] == {}
     settings = metrics["settings"]
-    assert (settings["epochs"], settings["batch_size"], settings["max_grad_norm"], settings["warmup_ratio"]) == \
-        (1, 20, 0.5, 0.5)
+    assert (settings["epochs"], settings["batch_size"], settings["max_grad_norm"], settings["warmup_ratio"],
+            settings["group_by_length"]) == (1, 20, 0.5, 0.5, True)
 
 
 @pytest.mark.parametrize("flag, value, says", [("--warmup-ratio", "1.5", "[0, 1)"), ("--warmup-ratio", "x", "number"),

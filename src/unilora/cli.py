@@ -216,7 +216,8 @@ def cmd_finetune(args) -> int:
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
                              warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                              lr=args.lr or 1e-3, group_lrs=group_lrs, seed=args.seed, progress=not args.no_progress,
-                             packing=args.packing, max_new_tokens=args.max_new_tokens, fit_rates=fit_rates)
+                             packing=args.packing, max_new_tokens=args.max_new_tokens, fit_rates=fit_rates,
+                             group_by_length=args.group_by_length)
     metrics = finetune(args.model, dataset, config, settings, out, overwrite=args.overwrite)
     if metrics:
         print(f"adapter: {out / 'adapter'}  ({metrics['stored_params']:,} stored params, "
@@ -395,7 +396,7 @@ def _compress_by_distillation(args) -> int:
                              max_length=args.max_length or teacher.record.get("max_length")
                              or TASK_DEFAULTS[teacher.kind][1],
                              seed=args.seed, progress=not args.no_progress, fit_rates="theta" not in given,
-                             eval_every=args.eval_every)
+                             eval_every=args.eval_every, group_by_length=args.group_by_length)
     causal = teacher.kind == "causal-lm"
     started = time.time()
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
@@ -498,6 +499,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _add_group_by_length(p, default: bool | None, why: str) -> None:
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=default,
+                   help=f"batches of examples of similar length, in random order: less padding, so cheaper steps "
+                   f"(default: {why})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -517,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(1 to 40 epochs); causal-lm, 2")
     p.add_argument("--batch-size", type=_positive_int, help="default: seq-cls, 32 from 1,000 training examples, 16 "
                    "from 300, else 8; causal-lm, 8")
+    _add_group_by_length(p, False, "off, the rates were tuned on shuffled batches")
     p.add_argument("--warmup-ratio", type=_ratio, default=0.06, help="share of the steps spent warming up the "
                    "learning rate, then linear decay (default 0.06)")
     p.add_argument("--eval-every", type=_positive_int, help="epochs between evaluations on the test split; the "
@@ -591,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher's class probabilities")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
+    _add_group_by_length(p, None, "on where the padding it saves pays for more epochs than the plan's and "
+                         "--epochs is not given; then as many epochs as cost no more than the plan's shuffled ones")
     p.add_argument("--eval-every", type=_positive_int, help="distillation: epochs between evaluations on the test "
                    "split; the last epoch is always evaluated (default: chosen like finetune's)")
     p.add_argument("--max-length", type=_positive_int, help="distillation: tokens per example (default: the "

@@ -32,6 +32,7 @@ from .errors import UniLoraError
 from .lm_data import LMDataset
 from .model import AdaptedModel, get_model
 from .plan import plan_run
+from .teacher_outputs import CACHE_BUDGET_BYTES, TeacherCache, stored
 from .train import Task, TrainSettings, fit_rates_to, fitted_max_length, read_task_adapter, task_kind, train
 from .validation import check_finite, check_header, tensor_header
 
@@ -183,18 +184,16 @@ class DistillTask(Task):
         self.test_labels = dataset.test_labels
         self.teacher_test = self._logits(teacher.model, self.test_examples)
         # The teacher is frozen and runs without dropout, so its logits for a training text are the
-        # same every epoch: computed in the first epoch's batches, read from here after that.
-        self.teacher_train: dict[int, torch.Tensor] = {}
+        # same every epoch: computed in one pass at the first batch (inside the training time), in
+        # batches of similar length (RT 2,000: 58k tokens with padding against 105k in shuffled
+        # batches of 32), and read from here after that.
+        self.teacher_train: torch.Tensor | None = None
 
     def batch(self, indices: list[int]) -> dict:
+        if self.teacher_train is None:
+            self.teacher_train = predict_logits(self.teacher.model, self.tokenizer, self.train_examples, 128)
         inputs = collate(self.tokenizer, [self.train_examples[i] for i in indices])
-        missing = [i for i in indices if i not in self.teacher_train]
-        if missing:
-            fresh = inputs if len(missing) == len(indices) else \
-                collate(self.tokenizer, [self.train_examples[i] for i in missing])
-            with torch.no_grad():
-                self.teacher_train.update(zip(missing, self.teacher.model(**fresh).logits.float()))
-        return {"inputs": inputs, "teacher": torch.stack([self.teacher_train[i] for i in indices])}
+        return {"inputs": inputs, "teacher": self.teacher_train[indices]}
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         return softened_kl(model(**batch["inputs"]).logits.float(), batch["teacher"], self.temperature)
@@ -228,17 +227,25 @@ class DistillTask(Task):
 class LMDistillTask(CausalLMTask):
     """Match the teacher's next-token distributions at every position that carries a loss (the
     completion, the assistant turns, or every token of plain text); score the eval loss, the
-    agreement of the most likely next token and the KL, teacher beside student."""
+    agreement of the most likely next token and the KL, teacher beside student. The teacher runs
+    once per text (teacher_outputs): over the training texts at the first batch, over the held-out
+    texts at the first evaluation."""
 
     def __init__(self, teacher: Teacher, tokenizer, dataset: LMDataset, settings: TrainSettings,
-                 temperature: float = 2.0):
+                 temperature: float = 2.0, budget: int = CACHE_BUDGET_BYTES):
         super().__init__(dataset)
         self.teacher, self.temperature = teacher, temperature
         self.prepare(tokenizer, teacher.model, settings)
+        self.budget = budget
+        self.teacher_train: TeacherCache | None = None  # filled at the first batch (inside the training time)
+        self.teacher_test = TeacherCache(budget)  # per evaluation batch, at temperature 1
+        self.teacher_top: list[torch.Tensor] = []  # per evaluation batch
+        self.teacher_test_loss, self.teacher_test_scored = 0.0, False
         self.teacher_metric: float | None = None  # the teacher's score on generations, once
 
     def _target_logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(float logits, target token) of every position that predicts a target, one row each."""
+        """(float logits, target token) of every position that predicts a target, one row each:
+        row-major, so a text's rows are consecutive and in order."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
         if self.keep_logits:  # the vocabulary projection only where a target is predicted
@@ -249,30 +256,71 @@ class LMDistillTask(CausalLMTask):
         mask = targets != IGNORE
         return logits[mask].float(), targets[mask]
 
+    def _by_length(self, examples: list) -> list[tuple[list[int], dict]]:
+        """(indices, batch) of `examples` in batches of similar length (little padding)."""
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        size, pad = self.settings.batch_size, self.tokenizer.pad_token_id
+        return [(order[s : s + size], lm_collate([examples[i] for i in order[s : s + size]], pad))
+                for s in range(0, len(order), size)]
+
+    @torch.no_grad()
+    def _teacher_per_text(self, batch: dict) -> list[torch.Tensor]:
+        """The teacher's stored log-probabilities (at the distillation temperature) at each text's
+        loss positions, one tensor per text of `batch`."""
+        logits, _ = self._target_logits(self.teacher.model, batch)
+        counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
+        return list(stored(logits, self.temperature).split(counts))
+
+    def batch(self, indices: list[int]) -> dict:
+        if self.teacher_train is None:  # one pass over the training texts, until the budget is spent
+            self.teacher_train = TeacherCache(self.budget)
+            for texts, batch in self._by_length(self.train_examples):
+                if not all(map(self.teacher_train.add, texts, self._teacher_per_text(batch))):
+                    break  # full: the texts left run through the teacher in their training batches
+        inputs = lm_collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+        fresh = {}
+        missing = self.teacher_train.missing(indices)
+        if missing:
+            sub = inputs if len(missing) == len(indices) else \
+                lm_collate([self.train_examples[i] for i in missing], self.tokenizer.pad_token_id)
+            fresh = dict(zip(missing, self._teacher_per_text(sub)))
+        teacher = torch.cat([fresh[i] if i in fresh else self.teacher_train.get(i) for i in indices])
+        return {"inputs": inputs, "teacher": teacher}
+
     def loss(self, model, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            teacher, _ = self._target_logits(self.teacher.model, batch)
-        student, _ = self._target_logits(model, batch)
-        return softened_kl(student, teacher, self.temperature)
+        student, _ = self._target_logits(model, batch["inputs"])
+        teacher = batch["teacher"].float()  # log-probabilities at the temperature: renormalised by kl_per_row
+        return kl_per_row(student / self.temperature, teacher) * self.temperature**2
+
+    @torch.no_grad()
+    def _teacher_on_test(self, number: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's log-probabilities (temperature 1) and most likely next tokens on evaluation
+        batch `number`: the first evaluation computes them all, adds up the teacher's loss and keeps
+        what fits (its top tokens are taken before rounding, and always kept: 8 bytes a position)."""
+        if number in self.teacher_test.entries:
+            return self.teacher_test.get(number).float(), self.teacher_top[number]
+        logits, targets = self._target_logits(self.teacher.model, batch)
+        if not self.teacher_test_scored:
+            self.teacher_test_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+            self.teacher_top.append(logits.argmax(-1))
+            self.teacher_test.add(number, stored(logits))
+        return stored(logits).float(), self.teacher_top[number]
 
     @torch.no_grad()
     def evaluate(self, model, final: bool) -> dict:
         model.eval()
-        examples, batch_size = self.test_examples, self.settings.batch_size
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        loss = teacher_loss = kl = agree = count = 0.0
-        for start in range(0, len(order), batch_size):
-            batch = lm_collate([examples[i] for i in order[start : start + batch_size]], self.tokenizer.pad_token_id)
+        loss = kl = agree = count = 0.0
+        for number, (_, batch) in enumerate(self._by_length(self.test_examples)):
+            teacher, teacher_top = self._teacher_on_test(number, batch)
             student, targets = self._target_logits(model, batch)
-            teacher, _ = self._target_logits(self.teacher.model, batch)
             loss += float(F.cross_entropy(student, targets, reduction="sum"))
-            teacher_loss += float(F.cross_entropy(teacher, targets, reduction="sum"))
             kl += float(kl_per_row(student, teacher, "sum"))
-            agree += float((student.argmax(-1) == teacher.argmax(-1)).sum())
+            agree += float((student.argmax(-1) == teacher_top).sum())
             count += len(targets)
+        self.teacher_test_scored = True
         count = max(1.0, count)
         result = {"agreement": agree / count, "kl_to_teacher": kl / count, "eval_loss": loss / count,
-                  "perplexity": math.exp(min(loss / count, 50.0)), "teacher_eval_loss": teacher_loss / count}
+                  "perplexity": math.exp(min(loss / count, 50.0)), "teacher_eval_loss": self.teacher_test_loss / count}
         metric = self.dataset.metric
         if final and metric:
             result.update(self._scored_generations(model))
@@ -314,9 +362,10 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
         task = DistillTask(teacher, tokenizer, dataset, max_length, temperature)
         with torch.no_grad():
             model.classifier.load_state_dict(teacher.head)  # on the base encoder: the gain's zero
-    chosen = plan_run(settings, task.kind, task.train_size())
+    chosen = plan_run(settings, task.kind, task.train_size(),
+                      lengths=[task.train_length(i) for i in range(task.train_size())])
     if chosen:
-        print(f"note: {'; '.join(chosen.values())} (--epochs and --batch-size set them)", file=sys.stderr)
+        print(f"note: {'; '.join(chosen.values())} (--epochs, --batch-size and --group-by-length set them)", file=sys.stderr)
     base = task.evaluate(model, final=False)
     torch.manual_seed(settings.seed)
     student = get_model(model, config)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from .batching import grouped_share
+
 # about the budget the recipe's rates were tuned on (126 steps)
 TARGET_STEPS = 120
 MAX_EPOCHS = 40
@@ -39,14 +41,30 @@ def default_epochs(kind: str, steps_per_epoch: int) -> tuple[int, str]:
                     f"(the rates were tuned for about {TARGET_STEPS} steps)")
 
 
-def plan_run(settings, kind: str, n_train: int, world: int = 1) -> dict[str, str]:
-    """Fill the fields of `settings` left as None; return {field: why} for each one chosen."""
+def plan_run(settings, kind: str, n_train: int, world: int = 1, lengths: list[int] | None = None) -> dict[str, str]:
+    """Fill the fields of `settings` left as None; return {field: why} for each one chosen.
+    Distillation passes the examples' `lengths`: where the epochs are left to the plan and batches
+    grouped by length save enough padding to pay for more of them, batches are grouped (unless
+    group_by_length is False) and the epochs are as many as cost no more than the plan's shuffled
+    ones. group_by_length None ends False otherwise."""
     chosen = {}
     if settings.batch_size is None:
         settings.batch_size, chosen["batch_size"] = default_batch_size(kind, n_train)
     steps_per_epoch = math.ceil(math.ceil(n_train / world) / settings.batch_size)
     if settings.epochs is None:
         settings.epochs, chosen["epochs"] = default_epochs(kind, steps_per_epoch)
+        share = grouped_share(lengths, settings.batch_size, settings.seed) \
+            if lengths and settings.group_by_length is not False else 1.0
+        epochs = math.floor(settings.epochs / share)
+        if epochs > settings.epochs:  # the padding saved pays for more passes over the data
+            if settings.group_by_length is None:
+                chosen["group_by_length"] = f"batches grouped by length ({share:.2f}x the padded tokens of shuffled ones)"
+            settings.group_by_length = True
+            chosen["epochs"] = (f"{epochs} epochs of grouped batches, costing no more than {settings.epochs} shuffled "
+                                f"ones (the plan: {chosen['epochs']})")
+            settings.epochs = epochs
+    if settings.group_by_length is None:
+        settings.group_by_length = False
     if settings.max_grad_norm is None:
         # Clipping at 1.0 cost VB-LoRA 1.4 and 1.7 points at the tuned budget (seeds 0 and 4) and did
         # not keep bank 4e-2 from diverging; Adam's steps hardly change with the gradient's scale.

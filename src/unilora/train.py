@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .batching import length_grouped
 from .config import AdapterConfig
 from .errors import UniLoraError
 from .io import AdapterFile, is_adapter_dir, read_adapter
@@ -62,6 +63,7 @@ class TrainSettings:
     fit_rates: bool = False  # scale the recipe's θ rate to the model (recipes.fitted_group_lrs)
     packing: bool = True  # causal LM, plain text: concatenate documents into full-length blocks
     max_new_tokens: int | None = None  # causal LM metric: tokens generated per answer (None: from the answers)
+    group_by_length: bool | None = False  # batches of texts of similar length (batching.py); None: plan.plan_run
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "eval_every"):
@@ -100,6 +102,11 @@ class Task:
 
     def test_size(self) -> int:
         return len(self.test_examples)
+
+    def train_length(self, index: int) -> int:
+        """Tokens of a training example (what a batch is padded to)."""
+        example = self.train_examples[index]
+        return len(getattr(example, "input_ids", example))
 
     def batch(self, indices: list[int]) -> dict:
         """The model inputs, labels included, for these training examples."""
@@ -243,6 +250,8 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
         order = list(range(n_train))
         random.Random(settings.seed * 7919 + epoch).shuffle(order)
         order = order[rank::world][:per_rank]
+        if settings.group_by_length:
+            order = length_grouped(order, task.train_length, settings.batch_size, random.Random(settings.seed + epoch))
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings.epochs}", disable=not settings.progress or rank)
         running, norms = 0.0, []
         for step in bar:
