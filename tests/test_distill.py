@@ -346,3 +346,30 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
     assert first > 0 and len(calls) == first + first // 2
     assert result["agreement"] == 1.0 and abs(result["kl_to_teacher"]) < 1e-4
     assert result["eval_loss"] == pytest.approx(result["teacher_eval_loss"], rel=1e-5)
+
+
+def test_distillation_plans_with_the_lengths_of_its_texts(teacher_run, tmp_path, monkeypatch, capsys):
+    """`compress` leaves grouping to the plan (None, so it can pay for epochs) and gives it the
+    token count of every training text, as encoded for the student."""
+    import unilora.distill as distill_module
+    from unilora.classification import dataset_of, encode
+    from unilora.distill import teacher_from_adapter
+
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def plan_run(settings, kind, n_train, world=1, lengths=None):
+        seen.update(group_by_length=settings.group_by_length, n_train=n_train, lengths=lengths)
+        raise Planned
+
+    monkeypatch.setattr(distill_module, "plan_run", plan_run)
+    model, run = teacher_run
+    with pytest.raises(Planned):
+        main(["compress", str(tmp_path / "s"), "--adapter", str(run / "adapter"), "--method", "unilora",
+              "--train-limit", "40", "--test-limit", "8", "--no-progress"])
+    assert seen["group_by_length"] is None and seen["n_train"] == 40
+    tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
+    texts = dataset_of(teacher.record, run / "adapter").limited(40, 8, seed=0).train_texts
+    assert seen["lengths"] == [len(e) for e in encode(tokenizer, texts, 64)] and len(set(seen["lengths"])) > 1
