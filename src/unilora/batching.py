@@ -35,8 +35,7 @@ def padded_tokens(order: list[int], length, batch_size: int) -> int:
 
 def grouped_share(lengths: list[int], batch_size: int, seed: int) -> float:
     """Padded tokens of length-grouped batches over those of shuffled ones, for one shuffle."""
-    order = list(range(len(lengths)))
+    order, length = list(range(len(lengths))), lengths.__getitem__
     random.Random(seed).shuffle(order)
-    grouped = length_grouped(order, lengths.__getitem__, batch_size, random.Random(seed))
-    return padded_tokens(grouped, lengths.__getitem__, batch_size) / max(1, padded_tokens(order, lengths.__getitem__,
-                                                                                          batch_size))
+    grouped = length_grouped(order, length, batch_size, random.Random(seed))
+    return padded_tokens(grouped, length, batch_size) / max(1, padded_tokens(order, length, batch_size))

@@ -118,14 +118,19 @@ def token_loss(model, batch: dict, reduction: str = "mean", keep_logits: bool = 
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
+def batches_by_length(examples: list[Encoded], pad_id: int, batch_size: int) -> list[tuple[list[int], dict]]:
+    """(indices, batch) of `examples` in batches of similar length (little padding), shortest first."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    return [(order[s : s + batch_size], collate([examples[i] for i in order[s : s + batch_size]], pad_id))
+            for s in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def eval_loss(model, examples: list[Encoded], pad_id: int, batch_size: int, keep_logits: bool = True) -> float:
     """Mean loss per target token over all examples (not a mean of batch means)."""
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+    for _, batch in batches_by_length(examples, pad_id, batch_size):
         total += token_loss(model, batch, "sum", keep_logits).item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
     return total / max(1, count)

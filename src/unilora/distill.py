@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import load_causal_lm
-from .causal_lm import IGNORE, CausalLMTask, collate as lm_collate, score_generations
+from .causal_lm import IGNORE, CausalLMTask, batches_by_length, collate as lm_collate, score_generations
 from .classification import build_classifier, collate, encode, predict_logits
 from .compress import LowRankUpdate, compress, from_peft_lora
 from .config import AdapterConfig
@@ -240,7 +240,7 @@ class LMDistillTask(CausalLMTask):
         self.teacher_train: TeacherCache | None = None  # filled at the first batch (inside the training time)
         self.teacher_test = TeacherCache(budget)  # per evaluation batch, at temperature 1
         self.teacher_top: list[torch.Tensor] = []  # per evaluation batch
-        self.teacher_test_loss, self.teacher_test_scored = 0.0, False
+        self.teacher_test_loss = 0.0
         self.teacher_metric: float | None = None  # the teacher's score on generations, once
 
     def _target_logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,11 +257,7 @@ class LMDistillTask(CausalLMTask):
         return logits[mask].float(), targets[mask]
 
     def _by_length(self, examples: list) -> list[tuple[list[int], dict]]:
-        """(indices, batch) of `examples` in batches of similar length (little padding)."""
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        size, pad = self.settings.batch_size, self.tokenizer.pad_token_id
-        return [(order[s : s + size], lm_collate([examples[i] for i in order[s : s + size]], pad))
-                for s in range(0, len(order), size)]
+        return batches_by_length(examples, self.tokenizer.pad_token_id, self.settings.batch_size)
 
     @torch.no_grad()
     def _teacher_per_text(self, batch: dict) -> list[torch.Tensor]:
@@ -300,7 +296,7 @@ class LMDistillTask(CausalLMTask):
         if number in self.teacher_test.entries:
             return self.teacher_test.get(number).float(), self.teacher_top[number]
         logits, targets = self._target_logits(self.teacher.model, batch)
-        if not self.teacher_test_scored:
+        if number == len(self.teacher_top):  # the first evaluation
             self.teacher_test_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
             self.teacher_top.append(logits.argmax(-1))
             self.teacher_test.add(number, stored(logits))
@@ -317,7 +313,6 @@ class LMDistillTask(CausalLMTask):
             kl += float(kl_per_row(student, teacher, "sum"))
             agree += float((student.argmax(-1) == teacher_top).sum())
             count += len(targets)
-        self.teacher_test_scored = True
         count = max(1.0, count)
         result = {"agreement": agree / count, "kl_to_teacher": kl / count, "eval_loss": loss / count,
                   "perplexity": math.exp(min(loss / count, 50.0)), "teacher_eval_loss": self.teacher_test_loss / count}
