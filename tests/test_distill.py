@@ -63,10 +63,11 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
     assert recorded["distilled"]["kl_to_teacher"] == pytest.approx(after, rel=1e-3)
     assert recorded["weight_space_fit"]["kl_to_teacher"] == pytest.approx(fit, rel=1e-3)
     assert "student_accuracy" in recorded["base_model"] and recorded["settings"]["epochs"] == 10
-    assert recorded["settings"]["eval_every"] == 5
+    assert recorded["settings"]["eval_every"] == 5 and recorded["temperature"] == 1.0  # a classifier's default
     # the student's own cost, apart from scoring teacher, base, fit and the evaluations
     assert 0 < recorded["distilled"]["train_seconds"] < recorded["seconds"]
     assert f"time: {recorded['distilled']['train_seconds']:.0f} s training the student" in printed
+    assert 0 <= recorded["teacher_pass_seconds"] <= recorded["distilled"]["train_seconds"]  # inside the training time
     # used like any adapter: evaluate finds its model, data and labels in what it recorded
     capsys.readouterr()
     assert main(["evaluate", str(out), "--test-limit", "64"]) == 0
@@ -104,8 +105,9 @@ def test_unlabelled_texts_are_enough(teacher_run, tmp_path, capsys):
     out = tmp_path / "student"
     capsys.readouterr()
     assert main(["compress", str(out), "--adapter", str(run / "adapter"), "--data", str(texts), "--method", "unilora",
-                 "--theta-dim", "200", "--epochs", "6", "--batch-size", "8", "--no-progress"]) == 0
+                 "--theta-dim", "200", "--epochs", "6", "--batch-size", "8", "--temperature", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
+    assert read_adapter(out).task["distillation"]["temperature"] == 2.0  # the user's
     assert "on 12 held-out texts" in printed and "accuracy:" not in printed  # 10 % held out; no labels to score
     fit, after = _before_after(printed, "KL(teacher || student)")
     assert after < fit, printed
@@ -221,6 +223,30 @@ def test_a_causal_lm_adapter_is_distilled_on_its_own_data(lm_teacher, tmp_path, 
     assert evaluated["eval_loss"] == pytest.approx(recorded["distilled"]["eval_loss"], rel=1e-4)
 
 
+def test_a_causal_lm_student_plans_small_batches_and_runs_the_rest_in_finetunes(lm_teacher, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Left to the plan, a causal-LM student trains one epoch in batches of 2 (plan.py); the
+    teacher's pass, the evaluations and the generations still run in batches of 8."""
+    import unilora.distill as distill_module
+
+    no_grad_batches = []
+
+    def batches_by_length(examples, pad_id, batch_size):
+        no_grad_batches.append(batch_size)
+        return distill_module.batches_by_length.__wrapped__(examples, pad_id, batch_size)
+
+    batches_by_length.__wrapped__ = distill_module.batches_by_length
+    monkeypatch.setattr(distill_module, "batches_by_length", batches_by_length)
+    out = tmp_path / "student"
+    assert main(["compress", str(out), "--adapter", str(lm_teacher), "--method", "unilora", "--theta-dim", "300",
+                 "--no-progress"]) == 0
+    assert "batch size 2 (causal LM distillation); 1 epoch" in capsys.readouterr().err
+    recorded = read_adapter(out).task["distillation"]
+    assert (recorded["settings"]["batch_size"], recorded["settings"]["epochs"]) == (2, 1)
+    assert recorded["temperature"] == 2.0
+    assert no_grad_batches and set(no_grad_batches) == {8}
+
+
 def test_teacher_and_data_of_different_tasks_are_refused(lm_teacher, teacher_run, tmp_path, capsys):
     from test_hostile import one_line_error
 
@@ -229,6 +255,9 @@ def test_teacher_and_data_of_different_tasks_are_refused(lm_teacher, teacher_run
                     "unilora"], capsys, "'rotten_tomatoes' is classification data and the teacher is a causal LM")
     one_line_error(["compress", str(out), "--adapter", str(teacher_run[1] / "adapter"), "--data", "bbc_headlines",
                     "--method", "unilora"], capsys, "'bbc_headlines' is causal-LM data and the teacher is a classifier")
+    for teacher in (lm_teacher, teacher_run[1] / "adapter"):  # an option that would do nothing is refused
+        one_line_error(["compress", str(out), "--adapter", str(teacher), "--label-names", "a,b", "--method",
+                        "unilora"], capsys, "other teachers record their classes or have none")
     assert not out.exists()
 
 
@@ -260,6 +289,41 @@ def test_a_peft_lora_on_a_causal_lm_is_a_teacher(llama_dir, tmp_path, capsys):
     student = read_adapter(out)
     assert student.task["compressed_from"].startswith("peft-lora:") and student.task["kind"] == "text"
     assert sorted(student.config.target_modules)[0] == "model.layers.0.self_attn.q_proj"
+
+
+def test_a_peft_lora_on_gpt2_conv1d_layers_is_a_teacher(tokenizer, tmp_path, capsys):
+    """GPT-2 keeps its projections in Conv1D layers (weight in × out): PEFT's LoRA on them is merged
+    transposed, gives PEFT's outputs, and distils like any other."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unilora.distill import teacher_from_peft_lora
+
+    folder = tmp_path / "tiny-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(folder), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    peft_dir = tmp_path / "peft"
+    peft_model.save_pretrained(peft_dir)
+    _, teacher = teacher_from_peft_lora(peft_dir, None, str(folder))
+    ids = torch.tensor([[1, 2, 3, 400, 5000, 60]])
+    with torch.no_grad():
+        assert (teacher.model(input_ids=ids).logits - peft_model.eval()(input_ids=ids).logits).abs().max() < 1e-5
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: the river rose {i} inches before the bridge." for i in range(40)))
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert main(["compress", str(out), "--peft-lora", str(peft_dir), "--data", str(corpus), "--max-length", "32",
+                 "--method", "unilora", "--theta-dim", "300", "--epochs", "3", "--batch-size", "4",
+                 "--no-progress"]) == 0
+    fit, after = _before_after(capsys.readouterr().out, "KL(teacher || student)")
+    assert after < fit
+    assert sorted(read_adapter(out).config.target_modules)[0] == "transformer.h.0.attn.c_attn"
 
 
 def test_a_fully_fine_tuned_causal_lm_is_a_teacher(llama_dir, teacher_run, tmp_path, capsys):
@@ -360,8 +424,8 @@ def test_distillation_plans_with_the_lengths_of_its_texts(teacher_run, tmp_path,
     class Planned(Exception):
         pass
 
-    def plan_run(settings, kind, n_train, world=1, lengths=None):
-        seen.update(group_by_length=settings.group_by_length, n_train=n_train, lengths=lengths)
+    def plan_run(settings, kind, n_train, world=1, lengths=None, distill=False):
+        seen.update(group_by_length=settings.group_by_length, n_train=n_train, lengths=lengths, distill=distill)
         raise Planned
 
     monkeypatch.setattr(distill_module, "plan_run", plan_run)
@@ -369,7 +433,7 @@ def test_distillation_plans_with_the_lengths_of_its_texts(teacher_run, tmp_path,
     with pytest.raises(Planned):
         main(["compress", str(tmp_path / "s"), "--adapter", str(run / "adapter"), "--method", "unilora",
               "--train-limit", "40", "--test-limit", "8", "--no-progress"])
-    assert seen["group_by_length"] is None and seen["n_train"] == 40
+    assert seen["group_by_length"] is None and seen["n_train"] == 40 and seen["distill"]
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
     texts = dataset_of(teacher.record, run / "adapter").limited(40, 8, seed=0).train_texts
     assert seen["lengths"] == [len(e) for e in encode(tokenizer, texts, 64)] and len(set(seen["lengths"])) > 1

@@ -134,8 +134,9 @@ def test_vera_scaled_activations_match_the_dense_factors(arch, ids, monkeypatch)
     dense_out, dense_grads = output_and_grads()
     assert torch.allclose(scaled_out, dense_out, atol=1e-5)
     assert scaled_grads.keys() == dense_grads.keys() and "projections.default.scales" in scaled_grads
-    for name in scaled_grads:
-        assert torch.allclose(scaled_grads[name], dense_grads[name], rtol=1e-4, atol=1e-6), name
+    for name in scaled_grads:  # float32 sums in another order: errors relative to the gradient's size
+        scale = float(dense_grads[name].abs().max())
+        torch.testing.assert_close(scaled_grads[name], dense_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_one_reconstruction_per_forward_and_cached_eval(ids, monkeypatch):

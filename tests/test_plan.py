@@ -53,6 +53,19 @@ def test_no_clipping_unless_asked_and_causal_lm_keeps_its_defaults():
     assert (causal.batch_size, causal.epochs, causal.eval_every) == (8, 2, 1)
 
 
+def test_a_causal_lm_student_passes_over_its_texts_once_in_more_steps():
+    """The teacher's one pass over the texts is paid for by the student's pass it saves."""
+    finetune, student = TrainSettings(), TrainSettings(group_by_length=None)
+    plan_run(finetune, "causal-lm", 96)
+    chosen = plan_run(student, "causal-lm", 96, lengths=[100] * 96, distill=True)
+    assert (student.epochs, student.batch_size) == (1, 2) and "pays for the teacher's pass" in chosen["epochs"]
+    steps = lambda s: s.epochs * -(-96 // s.batch_size)  # noqa: E731
+    assert (steps(finetune), steps(student)) == (24, 48)
+    given = TrainSettings(epochs=2, batch_size=8, group_by_length=None)  # the user's schedule is kept
+    assert plan_run(given, "causal-lm", 96, lengths=[100] * 96, distill=True) == {}
+    assert (given.epochs, given.batch_size) == (2, 8)
+
+
 def test_a_short_run_set_by_the_user_is_warned_about():
     given = TrainSettings(epochs=3, batch_size=32)  # the finding: 150 examples, 3 epochs = 15 steps
     plan_run(given, "seq-cls", 150)
@@ -181,17 +194,20 @@ def test_distillation_groups_by_length_where_it_saves_padding_and_spends_it_on_e
     share = grouped_share(mixed, 32, 0)
     assert share < 0.7
     settings = TrainSettings(group_by_length=None)
-    chosen = plan_run(settings, "seq-cls", 2000, lengths=mixed)
+    chosen = plan_run(settings, "seq-cls", 2000, lengths=mixed, distill=True)
     assert settings.group_by_length and "group_by_length" in chosen
     assert settings.epochs == int(2 / share) > 2 and "costing no more than 2 shuffled ones" in chosen["epochs"]
     same = TrainSettings(group_by_length=None)  # all texts cut to one length: no epoch to gain, shuffled batches
-    assert "group_by_length" not in plan_run(same, "seq-cls", 2000, lengths=[64] * 2000)
-    assert (same.group_by_length, same.epochs) == (False, 2)
+    chosen = plan_run(same, "seq-cls", 2000, lengths=[64] * 2000, distill=True)
+    assert "group_by_length" not in chosen and same.group_by_length is False
+    # one pass fewer than the plan's 2 pays for the teacher's; smaller batches keep its 126 steps
+    assert (same.epochs, same.batch_size) == (1, 15) and same.epochs * -(-2000 // 15) >= 126
+    assert "one fewer than the plan's" in chosen["epochs"] and "126 optimizer steps" in chosen["batch_size"]
     epochs_given, no_grouping = TrainSettings(group_by_length=None, epochs=2), TrainSettings(group_by_length=False)
     for given in (epochs_given, no_grouping):
-        plan_run(given, "seq-cls", 2000, lengths=mixed)  # what the user set is kept
+        plan_run(given, "seq-cls", 2000, lengths=mixed, distill=True)  # what the user set is kept
     assert (epochs_given.epochs, epochs_given.group_by_length) == (2, False)  # no epochs to spend the saving on
-    assert (no_grouping.epochs, no_grouping.group_by_length) == (2, False)
+    assert (no_grouping.epochs, no_grouping.batch_size, no_grouping.group_by_length) == (1, 15, False)  # as `same`
     assert plan_run(TrainSettings(group_by_length=None), "seq-cls", 2000) == plan_run(TrainSettings(), "seq-cls", 2000)
     asked = TrainSettings(group_by_length=True)  # asked for, without lengths (finetune): grouped, the plan's epochs
     plan_run(asked, "seq-cls", 2000)

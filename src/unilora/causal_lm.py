@@ -242,6 +242,7 @@ class CausalLMTask(Task):
             raise UniLoraError(f"the {'training' if not self.train_examples else 'test'} split of '{self.data_name}' "
                                "holds no token to learn or score; give it more text")
         self.settings = settings  # its batch size is chosen after the data is encoded (plan.plan_run)
+        self.no_grad_batch_size: int | None = None
         self.keep_logits = accepts_logits_to_keep(lm)
 
     def batch(self, indices: list[int]) -> dict:
@@ -250,8 +251,12 @@ class CausalLMTask(Task):
     def loss(self, model, batch: dict) -> torch.Tensor:
         return token_loss(model, batch, keep_logits=self.keep_logits)
 
+    def eval_batch_size(self) -> int:
+        """Batch size of the passes without gradients: the training one unless set (`no_grad_batch_size`)."""
+        return self.no_grad_batch_size or self.settings.batch_size
+
     def evaluate(self, model, final: bool) -> dict:
-        batch_size = self.settings.batch_size
+        batch_size = self.eval_batch_size()
         loss = eval_loss(model, self.test_examples, self.tokenizer.pad_token_id, batch_size, self.keep_logits)
         result = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if final and self.dataset.metric:

@@ -367,7 +367,11 @@ def _compress_by_distillation(args) -> int:
         raise UniLoraError("--finetuned-model needs --model BASE: the model it was fine-tuned from, which the "
                            "compact adapter is trained on")
     dataset, label_names = None, None
-    if args.peft_lora and peft_teacher_kind(args.peft_lora) == "seq-cls":
+    peft_classifier = bool(args.peft_lora) and peft_teacher_kind(args.peft_lora) == "seq-cls"
+    if args.label_names and not peft_classifier:
+        raise UniLoraError("--label-names names the classes of a PEFT LoRA classifier (--peft-lora); other teachers "
+                           "record their classes or have none: drop the option")
+    if peft_classifier:
         # a PEFT classifier: its classes, in the order of its head's outputs, come from labelled data or the option
         if has_labels(args.data, args.label_column):
             dataset = _load_data(args, "seq-cls")
@@ -404,6 +408,7 @@ def _compress_by_distillation(args) -> int:
     before, after = report["before"], report["after"]
     summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
                "base_model": report["base"], "kept_gain": report.get("kept_gain"), "settings": asdict(settings),
+               "temperature": report["temperature"], "teacher_pass_seconds": round(report["teacher_pass_seconds"], 2),
                "train_examples": len(dataset.train if causal else dataset.train_texts),
                "seconds": round(time.time() - started, 1)}
     # the teacher's record first: `evaluate` then scores the student on the teacher's own task
@@ -431,7 +436,8 @@ def _compress_by_distillation(args) -> int:
         metric = (report["record"].get("metric") or "")
         if metric in after:
             print(f"{metric}: teacher {after[f'teacher_{metric}']:.4f}, student {after[metric]:.4f}")
-    print(f"time: {after['train_seconds']:.0f} s training the student, {summary['seconds']:.0f} s in all "
+    print(f"time: {after['train_seconds']:.0f} s training the student ({summary['teacher_pass_seconds']:.0f} s of it the "
+          f"teacher's pass over the training texts), {summary['seconds']:.0f} s in all "
           f"(the teacher's and the base model's scores, the weight-space fit and every evaluation included)")
     return 0
 
@@ -595,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="distillation: the teacher's base model (default: the one it records)")
     p.add_argument("--label-names", help="distillation from --peft-lora on unlabelled texts: the teacher's classes, "
                    "comma-separated, in the order of its head's outputs")
-    p.add_argument("--temperature", type=_positive_float, default=2.0, help="distillation: softening of the "
-                   "teacher's class probabilities")
+    p.add_argument("--temperature", type=_positive_float, help="distillation: softening of the teacher's "
+                   "probabilities (default: 1 for a classifier, 2 for a causal LM)")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
     _add_group_by_length(p, None, "on where the padding it saves pays for more epochs than the plan's and "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,12 +32,16 @@ from .data import TextDataset
 from .errors import UniLoraError
 from .lm_data import LMDataset
 from .model import AdaptedModel, get_model
-from .plan import plan_run
+from .plan import LM_BATCH_SIZE, plan_run
 from .teacher_outputs import CACHE_BUDGET_BYTES, TeacherCache, stored
 from .train import Task, TrainSettings, fit_rates_to, fitted_max_length, read_task_adapter, task_kind, train
 from .validation import check_finite, check_header, tensor_header
 
 HEAD_MODULE = "classifier"
+# The default softening, per teacher kind. A classifier: at 2 the students (BBC News, seed 1) kept a
+# KL of 0.043 (Uni-LoRA) and 0.065 (VB-LoRA) to the teacher on held-out texts, at 1 0.030 and 0.037
+# (docs/results.md). A causal LM's next-token distribution is spread over its vocabulary already.
+TEMPERATURE = {"seq-cls": 1.0, "causal-lm": 2.0}
 
 
 class Teacher:
@@ -82,7 +87,8 @@ def peft_teacher_kind(directory) -> str:
 def teacher_from_peft_lora(directory, label_names: list[str] | None, model_name: str | None = None):
     """(tokenizer, teacher) from a PEFT LoRA: on a causal LM (task_type CAUSAL_LM), or on the encoder
     of a classifier with the head in head.safetensors (what `unilora export` writes for one). The
-    LoRA is merged into a copy of the base model."""
+    LoRA is merged into a copy of the base model (linear layers, and GPT-2's Conv1D)."""
+    from .targeting import is_conv1d
     from .validation import read_json_object
 
     directory = Path(directory)
@@ -108,10 +114,14 @@ def teacher_from_peft_lora(directory, label_names: list[str] | None, model_name:
     with torch.no_grad():
         for update in updates:
             module = modules.get(update.name)
-            if not isinstance(module, torch.nn.Linear) or module.weight.shape != (update.b.shape[0], update.a.shape[1]):
+            conv1d = module is not None and is_conv1d(module)
+            delta = update.b @ update.a  # out × in; GPT-2's Conv1D keeps its weight as in × out
+            if conv1d:
+                delta = delta.t()
+            if not (isinstance(module, torch.nn.Linear) or conv1d) or module.weight.shape != delta.shape:
                 raise UniLoraError(f"'{directory}': layer '{update.name}' is not a matching linear layer of "
                                    f"'{name}'; is this the model the adapter was trained on?")
-            module.weight += update.b @ update.a
+            module.weight += delta
         if head:
             model.classifier.load_state_dict(head)
     updates = [LowRankUpdate(prefix + u.name, u.a, u.b) for u in updates]
@@ -188,10 +198,13 @@ class DistillTask(Task):
         # batches of similar length (RT 2,000: 58k tokens with padding against 105k in shuffled
         # batches of 32), and read from here after that.
         self.teacher_train: torch.Tensor | None = None
+        self.teacher_pass_seconds = 0.0
 
     def batch(self, indices: list[int]) -> dict:
         if self.teacher_train is None:
+            started = time.time()
             self.teacher_train = predict_logits(self.teacher.model, self.tokenizer, self.train_examples, 128)
+            self.teacher_pass_seconds = time.time() - started
         inputs = collate(self.tokenizer, [self.train_examples[i] for i in indices])
         return {"inputs": inputs, "teacher": self.teacher_train[indices]}
 
@@ -242,6 +255,7 @@ class LMDistillTask(CausalLMTask):
         self.teacher_top: list[torch.Tensor] = []  # per evaluation batch
         self.teacher_test_loss = 0.0
         self.teacher_metric: float | None = None  # the teacher's score on generations, once
+        self.teacher_pass_seconds = 0.0
 
     def _target_logits(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(float logits, target token) of every position that predicts a target, one row each:
@@ -257,7 +271,7 @@ class LMDistillTask(CausalLMTask):
         return logits[mask].float(), targets[mask]
 
     def _by_length(self, examples: list) -> list[tuple[list[int], dict]]:
-        return batches_by_length(examples, self.tokenizer.pad_token_id, self.settings.batch_size)
+        return batches_by_length(examples, self.tokenizer.pad_token_id, self.eval_batch_size())
 
     @torch.no_grad()
     def _teacher_per_text(self, batch: dict) -> list[torch.Tensor]:
@@ -269,10 +283,11 @@ class LMDistillTask(CausalLMTask):
 
     def batch(self, indices: list[int]) -> dict:
         if self.teacher_train is None:  # one pass over the training texts, until the budget is spent
-            self.teacher_train = TeacherCache(self.budget)
+            started, self.teacher_train = time.time(), TeacherCache(self.budget)
             for texts, batch in self._by_length(self.train_examples):
                 if not all(map(self.teacher_train.add, texts, self._teacher_per_text(batch))):
                     break  # full: the texts left run through the teacher in their training batches
+            self.teacher_pass_seconds = time.time() - started
         inputs = lm_collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
         fresh = {}
         missing = self.teacher_train.missing(indices)
@@ -325,7 +340,7 @@ class LMDistillTask(CausalLMTask):
         return result
 
     def _scored_generations(self, model) -> dict:
-        return score_generations(model, self.tokenizer, self.dataset, self.max_length, self.settings.batch_size,
+        return score_generations(model, self.tokenizer, self.dataset, self.max_length, self.eval_batch_size(),
                                  self.settings.max_new_tokens)
 
     def summary(self, result: dict) -> str:
@@ -338,9 +353,11 @@ class LMDistillTask(CausalLMTask):
 
 
 def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDataset | LMDataset,
-            settings: TrainSettings, fit_steps: int = 0, temperature: float = 2.0):
-    """The compact adapter trained to match `teacher`. Returns (student model, report)."""
+            settings: TrainSettings, fit_steps: int = 0, temperature: float | None = None):
+    """The compact adapter trained to match `teacher` (at `temperature`, else the kind's default).
+    Returns (student model, report)."""
     causal = teacher.kind == "causal-lm"
+    temperature = temperature or TEMPERATURE[teacher.kind]
     if causal != isinstance(dataset, LMDataset):
         raise UniLoraError(f"a {teacher.kind} teacher is matched on "
                            f"{'text, prompt/completion or chat data' if causal else 'texts to classify'}, "
@@ -358,9 +375,13 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
         with torch.no_grad():
             model.classifier.load_state_dict(teacher.head)  # on the base encoder: the gain's zero
     chosen = plan_run(settings, task.kind, task.train_size(),
-                      lengths=[task.train_length(i) for i in range(task.train_size())])
+                      lengths=[task.train_length(i) for i in range(task.train_size())], distill=True)
     if chosen:
         print(f"note: {'; '.join(chosen.values())} (--epochs, --batch-size and --group-by-length set them)", file=sys.stderr)
+    if causal and "batch_size" in chosen:
+        # the plan's small batches buy optimizer steps, not memory: the teacher's pass, the
+        # evaluations and the generations run in finetune's batches
+        task.no_grad_batch_size = LM_BATCH_SIZE
     base = task.evaluate(model, final=False)
     torch.manual_seed(settings.seed)
     student = get_model(model, config)
@@ -380,7 +401,8 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
         p.requires_grad_(False)  # the teacher's head, carried as it is
     history = train(student, task, settings, groups)
     after = history[-1]
-    report = {"weight_space": fit_report, "base": base, "before": before, "after": after, "history": history,
+    report = {"weight_space": fit_report, "base": base, "temperature": temperature,
+              "teacher_pass_seconds": task.teacher_pass_seconds, "before": before, "after": after, "history": history,
               "max_length": task.max_length, "plan": chosen, "record": task.record(),
               "test_examples": task.test_size()}
     report["kept_gain"] = _kept_gain(base, after)
