@@ -90,8 +90,9 @@ def plan_run(settings, kind: str, n_train: int, world: int = 1, lengths: list[in
             settings.batch_size = max(1, per_rank * settings.epochs // steps)
             chosen["epochs"] = (f"{settings.epochs} epochs, one fewer than the plan's, for the teacher's pass over "
                                 f"the texts (the plan: {chosen['epochs']})")
+            plan_batch = chosen.pop("batch_size")  # printed after the epochs it is fitted to
             chosen["batch_size"] = (f"batch size {settings.batch_size}, the plan's {steps} optimizer steps in those "
-                                    f"epochs (the plan: {chosen['batch_size']})")
+                                    f"epochs (the plan: {plan_batch})")
     if settings.group_by_length is None:
         settings.group_by_length = False
     if settings.max_grad_norm is None:
