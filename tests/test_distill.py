@@ -229,13 +229,12 @@ def test_a_causal_lm_student_plans_small_batches_and_runs_the_rest_in_finetunes(
     teacher's pass, the evaluations and the generations still run in batches of 8."""
     import unilora.distill as distill_module
 
-    no_grad_batches = []
+    no_grad_batches, original = [], distill_module.batches_by_length
 
     def batches_by_length(examples, pad_id, batch_size):
         no_grad_batches.append(batch_size)
-        return distill_module.batches_by_length.__wrapped__(examples, pad_id, batch_size)
+        return original(examples, pad_id, batch_size)
 
-    batches_by_length.__wrapped__ = distill_module.batches_by_length
     monkeypatch.setattr(distill_module, "batches_by_length", batches_by_length)
     out = tmp_path / "student"
     assert main(["compress", str(out), "--adapter", str(lm_teacher), "--method", "unilora", "--theta-dim", "300",

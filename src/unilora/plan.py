@@ -70,7 +70,8 @@ def plan_run(settings, kind: str, n_train: int, world: int = 1, lengths: list[in
     chosen = {}
     if settings.batch_size is None:
         settings.batch_size, chosen["batch_size"] = default_batch_size(kind, n_train, distill)
-    steps_per_epoch = math.ceil(math.ceil(n_train / world) / settings.batch_size)
+    per_rank = math.ceil(n_train / world)
+    steps_per_epoch = math.ceil(per_rank / settings.batch_size)
     if settings.epochs is None:
         settings.epochs, chosen["epochs"] = default_epochs(kind, steps_per_epoch, distill)
         share = grouped_share(lengths, settings.batch_size, settings.seed) \
@@ -85,7 +86,7 @@ def plan_run(settings, kind: str, n_train: int, world: int = 1, lengths: list[in
             settings.epochs = epochs
         elif distill and kind != "causal-lm" and settings.epochs > 1 and "batch_size" in chosen:
             # one pass fewer pays for the teacher's pass; smaller batches keep the plan's steps
-            steps, per_rank = settings.epochs * steps_per_epoch, math.ceil(n_train / world)
+            steps = settings.epochs * steps_per_epoch
             settings.epochs -= 1
             settings.batch_size = max(1, per_rank * settings.epochs // steps)
             chosen["epochs"] = (f"{settings.epochs} epochs, one fewer than the plan's, for the teacher's pass over "
