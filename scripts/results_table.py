@@ -92,9 +92,9 @@ def compress_table(root: Path, sizes: Path) -> None:
         runs[(task["dataset"] if "dataset" in task else path.parent.parent.name, meta["adapter"]["method"])].append(
             (task["distillation"], teacher, meta))
     print("| data | student | % of the teacher's params | teacher accuracy | base (teacher's head) | weight-space fit "
-          "| distilled student | gain kept, median [min-max] | agreement | student seconds: training / all "
+          "| distilled student | gain kept, median [min-max] | each seed's gain kept [95 % interval] | agreement | student seconds: training / all "
           "| teacher seconds: training / all | seeds |")
-    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | ---: |")
+    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: |")
     for (data, method), rows in sorted(runs.items()):
         def median(get):
             return statistics.median(get(d, t) for d, t, _ in rows)
@@ -108,7 +108,7 @@ def compress_table(root: Path, sizes: Path) -> None:
               f"| {100 * median(lambda d, t: d['weight_space_fit']['student_accuracy']):.2f} "
               f"| {100 * median(lambda d, t: d['distilled']['student_accuracy']):.2f} "
               + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
-              + f"| {100 * median(lambda d, t: d['distilled']['agreement']):.2f} "
+              + f"| {each_kept(rows)} | {100 * median(lambda d, t: d['distilled']['agreement']):.2f} "
               f"| {seconds(rows, lambda d, t, m: d['distilled'])} / {median(lambda d, t: d['seconds']):.0f} "
               f"| {seconds(rows, lambda d, t, m: t)} / {median(lambda d, t: t['seconds']):.0f} | {len(rows)} |")
 
@@ -126,9 +126,9 @@ def compress_lm_table(root: Path) -> None:
         teacher = json.loads((root / "teachers" / f"lora-seed{seed}" / "metrics.json").read_text())
         runs[(path.parent.parent.name, meta["adapter"]["method"])].append((meta["task"]["distillation"], teacher, meta))
     print("| data | student | % of the teacher's params | eval loss: teacher | base | weight-space fit | distilled "
-          "| gain kept, median [min-max] | next-token agreement | ROUGE-L, teacher / student "
+          "| gain kept, median [min-max] | each seed's gain kept [95 % interval] | next-token agreement | ROUGE-L, teacher / student "
           "| student seconds: training / all | teacher seconds: training / all | seeds |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | --- | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- | --- | --- | ---: |")
     for (data, method), rows in sorted(runs.items()):
         def median(get):
             return statistics.median(get(d, t, m) for d, t, m in rows)
@@ -140,11 +140,22 @@ def compress_lm_table(root: Path) -> None:
               f"| {median(lambda d, t, m: d['weight_space_fit']['eval_loss']):.3f} "
               f"| {median(lambda d, t, m: d['distilled']['eval_loss']):.3f} "
               + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
-              + f"| {100 * median(lambda d, t, m: d['distilled']['agreement']):.2f} "
+              + f"| {each_kept(rows)} | {100 * median(lambda d, t, m: d['distilled']['agreement']):.2f} "
               f"| {median(lambda d, t, m: d['distilled'].get('teacher_rougeL', float('nan'))):.1f} / "
               f"{median(lambda d, t, m: d['distilled'].get('rougeL', float('nan'))):.1f} "
               f"| {seconds(rows, lambda d, t, m: d['distilled'])} / {median(lambda d, t, m: d['seconds']):.0f} "
               f"| {seconds(rows, lambda d, t, m: t)} / {median(lambda d, t, m: t['seconds']):.0f} | {len(rows)} |")
+
+
+def each_kept(rows) -> str:
+    """Each run's share of the teacher's gain with its interval over the held-out texts (gain.py):
+    how much of the spread between seeds is the test set's noise. "-" for a run without one."""
+    def one(record: dict) -> str:
+        kept, interval = record["kept_gain"], record.get("kept_gain_interval")
+        if kept is None:
+            return "-"
+        return f"{100 * kept:.1f}" + (f" [{100 * interval[0]:.0f}-{100 * interval[1]:.0f}]" if interval else "")
+    return "; ".join(one(d) for d, _, _ in rows)  # in the order of the runs' folders: by seed
 
 
 def seconds(rows, record) -> str:

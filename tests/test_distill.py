@@ -63,6 +63,14 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
     assert recorded["distilled"]["kl_to_teacher"] == pytest.approx(after, rel=1e-3)
     assert recorded["weight_space_fit"]["kl_to_teacher"] == pytest.approx(fit, rel=1e-3)
     assert "student_accuracy" in recorded["base_model"] and recorded["settings"]["epochs"] == 10
+    base, last = recorded["base_model"]["student_accuracy"], recorded["distilled"]
+    if last["teacher_accuracy"] > base:  # the share of the teacher's gain, and its interval around it
+        kept = (last["student_accuracy"] - base) / (last["teacher_accuracy"] - base)
+        assert recorded["kept_gain"] == pytest.approx(kept) and f"keeps {100 * kept:.1f} %" in printed
+        interval = recorded["kept_gain_interval"]
+        assert interval is None or interval[0] <= kept <= interval[1]
+    else:
+        assert recorded["kept_gain"] is None and recorded["kept_gain_interval"] is None
     assert recorded["settings"]["eval_every"] == 5 and recorded["temperature"] == 1.0  # a classifier's default
     # the student's own cost, apart from scoring teacher, base, fit and the evaluations
     assert 0 < recorded["distilled"]["train_seconds"] < recorded["seconds"]
@@ -409,6 +417,16 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
     assert first > 0 and len(calls) == first + first // 2
     assert result["agreement"] == 1.0 and abs(result["kl_to_teacher"]) < 1e-4
     assert result["eval_loss"] == pytest.approx(result["teacher_eval_loss"], rel=1e-5)
+    # one score per held-out text for the kept gain's interval: minus that text's own summed loss
+    alone = [collate([example], tokenizer.pad_token_id) for example in task.test_examples]
+    with torch.no_grad():
+        own = [task._target_logits(teacher.model, one) for one in alone]
+    losses = sorted(float(torch.nn.functional.cross_entropy(*pair, reduction="sum")) for pair in own)
+    scores = task.text_scores
+    torch.testing.assert_close(sorted((-scores["model"]).tolist()), losses, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(scores["teacher"], scores["model"], atol=1e-3, rtol=1e-4)
+    tokens = sum(len(targets) for _, targets in own)
+    assert float(-scores["model"].sum()) / tokens == pytest.approx(result["eval_loss"], rel=1e-6)
 
 
 def test_distillation_plans_with_the_lengths_of_its_texts(teacher_run, tmp_path, monkeypatch, capsys):

@@ -407,7 +407,8 @@ def _compress_by_distillation(args) -> int:
                               temperature=args.temperature)
     before, after = report["before"], report["after"]
     summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
-               "base_model": report["base"], "kept_gain": report.get("kept_gain"), "settings": asdict(settings),
+               "base_model": report["base"], "kept_gain": report["kept_gain"],
+               "kept_gain_interval": report["kept_gain_interval"], "settings": asdict(settings),
                "temperature": report["temperature"], "teacher_pass_seconds": round(report["teacher_pass_seconds"], 2),
                "train_examples": len(dataset.train if causal else dataset.train_texts),
                "seconds": round(time.time() - started, 1)}
@@ -424,8 +425,7 @@ def _compress_by_distillation(args) -> int:
           f"{before['agreement']:.4f}, after distillation {after['agreement']:.4f}")
     print(f"KL(teacher || student), nats per {unit}: weight-space fit {before['kl_to_teacher']:.3e}, after "
           f"distillation {after['kl_to_teacher']:.3e}")
-    kept = report["kept_gain"]
-    kept_text = f"; the student keeps {100 * kept:.1f} % of the teacher's gain over the base" if kept is not None else ""
+    kept_text = _kept_gain_text(report["kept_gain"], report["kept_gain_interval"], report["test_examples"], held_out)
     if "student_accuracy" in after:
         print(f"accuracy: teacher {after['teacher_accuracy']:.4f}, student {after['student_accuracy']:.4f} "
               f"(weight-space fit {before['student_accuracy']:.4f}, base model with the teacher's head "
@@ -465,6 +465,18 @@ def _distillation_data(args, teacher):
     dataset = (texts_dataset(args.data, args.text_column, teacher.record["label_names"]) if args.data
                else dataset_of(teacher.record, args.adapter))
     return dataset.limited(args.train_limit, args.test_limit, seed=0)
+
+
+def _kept_gain_text(kept: float | None, interval: tuple[float, float] | None, texts: int, held_out: str) -> str:
+    from .gain import LEVEL
+
+    if kept is None:
+        return ""
+    text = f"; the student keeps {100 * kept:.1f} % of the teacher's gain over the base"
+    if interval is None:
+        return text + f" (the teacher's gain is within the noise of {texts:,} held-out {held_out})"
+    low, high = interval
+    return text + f" ({100 * LEVEL:.0f} % interval over the held-out {held_out}: {100 * low:.1f}-{100 * high:.1f} %)"
 
 
 # above this relative error of ΔW a weight-space fit keeps too little to be worth using

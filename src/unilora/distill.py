@@ -30,6 +30,7 @@ from .compress import LowRankUpdate, compress, from_peft_lora
 from .config import AdapterConfig
 from .data import TextDataset
 from .errors import UniLoraError
+from .gain import kept_gain, kept_gain_interval
 from .lm_data import LMDataset
 from .model import AdaptedModel, get_model
 from .plan import LM_BATCH_SIZE, plan_run
@@ -199,6 +200,9 @@ class DistillTask(Task):
         # batches of 32), and read from here after that.
         self.teacher_train: torch.Tensor | None = None
         self.teacher_pass_seconds = 0.0
+        # the last evaluation's score per held-out text, of the model scored and of the teacher
+        # (gain.py); None without labels
+        self.text_scores: dict[str, torch.Tensor] | None = None
 
     def batch(self, indices: list[int]) -> dict:
         if self.teacher_train is None:
@@ -223,8 +227,9 @@ class DistillTask(Task):
         result = {"agreement": float((predicted == teacher).float().mean()), "kl_to_teacher": float(kl)}
         if self.test_labels:
             labels = torch.tensor(self.test_labels)
-            result["student_accuracy"] = float((predicted == labels).float().mean())
-            result["teacher_accuracy"] = float((teacher == labels).float().mean())
+            self.text_scores = {"model": (predicted == labels).float(), "teacher": (teacher == labels).float()}
+            result["student_accuracy"] = float(self.text_scores["model"].mean())
+            result["teacher_accuracy"] = float(self.text_scores["teacher"].mean())
         return result
 
     def record(self) -> dict:
@@ -254,6 +259,8 @@ class LMDistillTask(CausalLMTask):
         self.teacher_test = TeacherCache(budget)  # per evaluation batch, at temperature 1
         self.teacher_top: list[torch.Tensor] = []  # per evaluation batch
         self.teacher_test_loss = 0.0
+        self.teacher_text_losses: list[torch.Tensor] = []  # per evaluation batch, one summed loss per text
+        self.text_scores: dict[str, torch.Tensor] | None = None  # as DistillTask's: minus each text's loss
         self.teacher_metric: float | None = None  # the teacher's score on generations, once
         self.teacher_pass_seconds = 0.0
 
@@ -312,7 +319,8 @@ class LMDistillTask(CausalLMTask):
             return self.teacher_test.get(number).float(), self.teacher_top[number]
         logits, targets = self._target_logits(self.teacher.model, batch)
         if number == len(self.teacher_top):  # the first evaluation
-            self.teacher_test_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+            self.teacher_text_losses.append(_per_text_loss(logits, targets, batch))
+            self.teacher_test_loss += float(self.teacher_text_losses[-1].sum())
             self.teacher_top.append(logits.argmax(-1))
             self.teacher_test.add(number, stored(logits))
         return stored(logits).float(), self.teacher_top[number]
@@ -320,15 +328,17 @@ class LMDistillTask(CausalLMTask):
     @torch.no_grad()
     def evaluate(self, model, final: bool) -> dict:
         model.eval()
-        loss = kl = agree = count = 0.0
+        kl = agree = count = 0.0
+        text_losses = []
         for number, (_, batch) in enumerate(self._by_length(self.test_examples)):
             teacher, teacher_top = self._teacher_on_test(number, batch)
             student, targets = self._target_logits(model, batch)
-            loss += float(F.cross_entropy(student, targets, reduction="sum"))
+            text_losses.append(_per_text_loss(student, targets, batch))
             kl += float(kl_per_row(student, teacher, "sum"))
             agree += float((student.argmax(-1) == teacher_top).sum())
             count += len(targets)
-        count = max(1.0, count)
+        self.text_scores = {"model": -torch.cat(text_losses), "teacher": -torch.cat(self.teacher_text_losses)}
+        loss, count = float(-self.text_scores["model"].sum()), max(1.0, count)
         result = {"agreement": agree / count, "kl_to_teacher": kl / count, "eval_loss": loss / count,
                   "perplexity": math.exp(min(loss / count, 50.0)), "teacher_eval_loss": self.teacher_test_loss / count}
         metric = self.dataset.metric
@@ -350,6 +360,13 @@ class LMDistillTask(CausalLMTask):
         if metric in result:
             text += f", {metric} {result[metric]:.4f} (teacher {result[f'teacher_{metric}']:.4f})"
         return text
+
+
+def _per_text_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The summed loss of each text of `batch`, from its rows of `_target_logits` (row-major)."""
+    counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
+    losses = F.cross_entropy(logits, targets, reduction="none").double()
+    return torch.stack([part.sum() for part in losses.split(counts)])
 
 
 def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDataset | LMDataset,
@@ -383,6 +400,7 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
         # evaluations and the generations run in finetune's batches
         task.no_grad_batch_size = LM_BATCH_SIZE
     base = task.evaluate(model, final=False)
+    base_scores = task.text_scores
     torch.manual_seed(settings.seed)
     student = get_model(model, config)
     order = {slot.name: i for i, slot in enumerate(student.layout.slots)}
@@ -405,21 +423,19 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
               "teacher_pass_seconds": task.teacher_pass_seconds, "before": before, "after": after, "history": history,
               "max_length": task.max_length, "plan": chosen, "record": task.record(),
               "test_examples": task.test_size()}
-    report["kept_gain"] = _kept_gain(base, after)
+    report["kept_gain"], report["kept_gain_interval"] = _kept_gain(base_scores, task.text_scores)
     return student.eval(), report
 
 
-def _kept_gain(base: dict, after: dict) -> float | None:
-    """The share of the teacher's gain over the base model that the student has: in accuracy for a
-    classifier scored on labels, in eval loss for a causal LM. None: nothing to score, or no gain."""
-    if "student_accuracy" in after:
-        start, teacher, student = base["student_accuracy"], after["teacher_accuracy"], after["student_accuracy"]
-    elif "eval_loss" in after:
-        start, teacher, student = -base["eval_loss"], -after["teacher_eval_loss"], -after["eval_loss"]
-    else:
-        return None
-    gain = teacher - start
-    return (student - start) / gain if gain > 0 else None
+def _kept_gain(base: dict | None, last: dict | None) -> tuple[float | None, tuple[float, float] | None]:
+    """The share of the teacher's gain over the base model that the student has (in accuracy for a
+    classifier scored on labels, in eval loss for a causal LM) and its interval over the held-out
+    texts; None where there is nothing to score or no gain."""
+    if base is None or last is None:
+        return None, None
+    scores = base["model"], last["teacher"], last["model"]
+    kept = kept_gain(*scores)
+    return kept, (kept_gain_interval(*scores) if kept is not None and len(scores[0]) > 1 else None)
 
 
 def _carry_head(student: AdaptedModel, head: dict[str, torch.Tensor]) -> None:
