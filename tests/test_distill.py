@@ -127,6 +127,31 @@ def test_unlabelled_texts_are_enough(teacher_run, tmp_path, capsys):
                  "--no-progress"]) == 0
 
 
+def test_matching_pooled_features_brings_the_students_closer_to_the_teachers(teacher_run, tmp_path, capsys):
+    """With --hidden-weight the student also matches the head's input: on held-out texts its pooled
+    features end closer to the teacher's than those of a student trained on the logits alone."""
+    from unilora.classification import encode, predict
+    from unilora.data import rotten_tomatoes
+    from unilora.distill import teacher_from_adapter
+
+    model, run = teacher_run
+    distance = {}
+    for weight in ("0", "3"):
+        out = tmp_path / f"hidden-{weight}"
+        assert main(["compress", str(out), "--adapter", str(run / "adapter"), "--method", "unilora", "--theta-dim",
+                     "200", "--train-limit", "96", "--test-limit", "64", "--epochs", "6", "--batch-size", "8",
+                     "--hidden-weight", weight, "--no-progress"]) == 0
+        assert read_adapter(out).task["distillation"]["hidden_weight"] == float(weight)
+        tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
+        _, student = teacher_from_adapter(out, str(model))  # any adapter of ours runs merged
+        texts = encode(tokenizer, rotten_tomatoes().test_texts[:64], 64)
+        with torch.no_grad():
+            target, taught = predict(teacher.model, tokenizer, texts, 32)[1], predict(student.model, tokenizer, texts, 32)[1]
+        distance[weight] = float(((taught - target) ** 2).mean() / target.var(0).mean())
+    assert distance["3"] < 0.3 * distance["0"], distance
+    capsys.readouterr()
+
+
 def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
     from test_hostile import one_line_error
 
@@ -265,6 +290,8 @@ def test_teacher_and_data_of_different_tasks_are_refused(lm_teacher, teacher_run
     for teacher in (lm_teacher, teacher_run[1] / "adapter"):  # an option that would do nothing is refused
         one_line_error(["compress", str(out), "--adapter", str(teacher), "--label-names", "a,b", "--method",
                         "unilora"], capsys, "other teachers record their classes or have none")
+    one_line_error(["compress", str(out), "--adapter", str(lm_teacher), "--hidden-weight", "1", "--method", "unilora"],
+                   capsys, "a causal LM student matches its teacher's next-token distributions only")
     assert not out.exists()
 
 

@@ -101,6 +101,7 @@ def is_causal_lm(name: str) -> bool:
 class ClassifierOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
+    pooled: torch.Tensor | None = None  # the head's input before dropout (distillation can match it)
 
 
 class SequenceClassifier(nn.Module):
@@ -122,4 +123,4 @@ class SequenceClassifier(nn.Module):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         logits = self.classifier(self.dropout(pooled))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return ClassifierOutput(loss, logits)
+        return ClassifierOutput(loss, logits, pooled)

@@ -22,14 +22,20 @@ def collate(tokenizer, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def predict_logits(model, tokenizer, encoded: list[list[int]], batch_size: int) -> torch.Tensor:
     """Float logits of every example, in the given order (batched by length: little padding)."""
+    return predict(model, tokenizer, encoded, batch_size)[0]
+
+
+def predict(model, tokenizer, encoded: list[list[int]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float logits and pooled features (the head's input) of every example, in the given order."""
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    logits = [None] * len(encoded)
+    logits, pooled = [None] * len(encoded), [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        for i, row in zip(idx, model(**collate(tokenizer, [encoded[i] for i in idx])).logits.float()):
-            logits[i] = row
-    return torch.stack(logits) if logits else torch.zeros(0)
+        out = model(**collate(tokenizer, [encoded[i] for i in idx]))
+        for i, row, features in zip(idx, out.logits.float(), out.pooled.float()):
+            logits[i], pooled[i] = row, features
+    return (torch.stack(logits), torch.stack(pooled)) if encoded else (torch.zeros(0), torch.zeros(0))
 
 
 def accuracy(model, tokenizer, encoded: list[list[int]], labels: list[int], batch_size: int) -> float:

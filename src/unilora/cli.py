@@ -404,12 +404,13 @@ def _compress_by_distillation(args) -> int:
     causal = teacher.kind == "causal-lm"
     started = time.time()
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
-                              temperature=args.temperature)
+                              temperature=args.temperature, hidden_weight=args.hidden_weight)
     before, after = report["before"], report["after"]
     summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
                "base_model": report["base"], "kept_gain": report["kept_gain"],
                "kept_gain_interval": report["kept_gain_interval"], "settings": asdict(settings),
-               "temperature": report["temperature"], "teacher_pass_seconds": round(report["teacher_pass_seconds"], 2),
+               "temperature": report["temperature"], "hidden_weight": report["hidden_weight"],
+               "teacher_pass_seconds": round(report["teacher_pass_seconds"], 2),
                "train_examples": len(dataset.train if causal else dataset.train_texts),
                "seconds": round(time.time() - started, 1)}
     # the teacher's record first: `evaluate` then scores the student on the teacher's own task
@@ -615,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "comma-separated, in the order of its head's outputs")
     p.add_argument("--temperature", type=_positive_float, help="distillation: softening of the teacher's "
                    "probabilities (default: 1 for a classifier, 2 for a causal LM)")
+    p.add_argument("--hidden-weight", type=_non_negative_float, default=0.0, help="distillation of a classifier: "
+                   "also match the teacher's pooled features (the head's input), with this weight beside the "
+                   "KL of the logits; the squared error is in units of the features' variance (default: 0, off)")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
     _add_group_by_length(p, None, "on where the padding it saves pays for more epochs than the plan's and "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .backbones import load_causal_lm
 from .causal_lm import IGNORE, CausalLMTask, batches_by_length, collate as lm_collate, score_generations
-from .classification import build_classifier, collate, encode, predict_logits
+from .classification import build_classifier, collate, encode, predict, predict_logits
 from .compress import LowRankUpdate, compress, from_peft_lora
 from .config import AdapterConfig
 from .data import TextDataset
@@ -187,8 +187,12 @@ class DistillTask(Task):
 
     kind = "seq-cls"
 
-    def __init__(self, teacher: Teacher, tokenizer, dataset: TextDataset, max_length: int, temperature: float = 2.0):
+    def __init__(self, teacher: Teacher, tokenizer, dataset: TextDataset, max_length: int, temperature: float = 2.0,
+                 hidden_weight: float = 0.0):
         self.teacher, self.tokenizer, self.temperature = teacher, tokenizer, temperature
+        # with a weight > 0 the student also matches the teacher's pooled features, the head's
+        # input: hundreds of numbers per text where the logits give one less than the classes
+        self.hidden_weight = hidden_weight
         self.data_name, self.max_length = dataset.name, max_length
         self.train_examples = encode(tokenizer, dataset.train_texts, max_length)
         self.test_examples = encode(tokenizer, dataset.test_texts, max_length)
@@ -199,6 +203,8 @@ class DistillTask(Task):
         # batches of similar length (RT 2,000: 58k tokens with padding against 105k in shuffled
         # batches of 32), and read from here after that.
         self.teacher_train: torch.Tensor | None = None
+        self.teacher_pooled: torch.Tensor | None = None
+        self.pooled_variance = 1.0  # of the teacher's pooled features over the training texts, per feature
         self.teacher_pass_seconds = 0.0
         # the last evaluation's score per held-out text, of the model scored and of the teacher
         # (gain.py); None without labels
@@ -207,13 +213,18 @@ class DistillTask(Task):
     def batch(self, indices: list[int]) -> dict:
         if self.teacher_train is None:
             started = time.time()
-            self.teacher_train = predict_logits(self.teacher.model, self.tokenizer, self.train_examples, 128)
+            self.teacher_train, self.teacher_pooled = predict(self.teacher.model, self.tokenizer, self.train_examples, 128)
+            self.pooled_variance = float(self.teacher_pooled.var(0, unbiased=False).mean().clamp_min(1e-12))
             self.teacher_pass_seconds = time.time() - started
         inputs = collate(self.tokenizer, [self.train_examples[i] for i in indices])
-        return {"inputs": inputs, "teacher": self.teacher_train[indices]}
+        return {"inputs": inputs, "teacher": self.teacher_train[indices], "pooled": self.teacher_pooled[indices]}
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return softened_kl(model(**batch["inputs"]).logits.float(), batch["teacher"], self.temperature)
+        out = model(**batch["inputs"])
+        loss = softened_kl(out.logits.float(), batch["teacher"], self.temperature)
+        if self.hidden_weight:  # mean squared error per feature, in units of the teacher's variance
+            loss = loss + self.hidden_weight * F.mse_loss(out.pooled.float(), batch["pooled"]) / self.pooled_variance
+        return loss
 
     def _logits(self, model, examples: list[list[int]]) -> torch.Tensor:
         if not examples:
@@ -370,11 +381,14 @@ def _per_text_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> 
 
 
 def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDataset | LMDataset,
-            settings: TrainSettings, fit_steps: int = 0, temperature: float | None = None):
-    """The compact adapter trained to match `teacher` (at `temperature`, else the kind's default).
-    Returns (student model, report)."""
+            settings: TrainSettings, fit_steps: int = 0, temperature: float | None = None, hidden_weight: float = 0.0):
+    """The compact adapter trained to match `teacher` (at `temperature`, else the kind's default;
+    a classifier also its pooled features with `hidden_weight` > 0). Returns (student model, report)."""
     causal = teacher.kind == "causal-lm"
     temperature = temperature or TEMPERATURE[teacher.kind]
+    if causal and hidden_weight:
+        raise UniLoraError("--hidden-weight matches a classifier's pooled features; a causal LM student matches its "
+                           "teacher's next-token distributions only: leave it out")
     if causal != isinstance(dataset, LMDataset):
         raise UniLoraError(f"a {teacher.kind} teacher is matched on "
                            f"{'text, prompt/completion or chat data' if causal else 'texts to classify'}, "
@@ -388,7 +402,7 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
     else:
         _, model = build_classifier(teacher.record["model"], len(teacher.record["label_names"]), 0)
         max_length = fitted_max_length(settings.max_length, tokenizer, model.encoder)
-        task = DistillTask(teacher, tokenizer, dataset, max_length, temperature)
+        task = DistillTask(teacher, tokenizer, dataset, max_length, temperature, hidden_weight)
         with torch.no_grad():
             model.classifier.load_state_dict(teacher.head)  # on the base encoder: the gain's zero
     chosen = plan_run(settings, task.kind, task.train_size(),
@@ -419,7 +433,7 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
         p.requires_grad_(False)  # the teacher's head, carried as it is
     history = train(student, task, settings, groups)
     after = history[-1]
-    report = {"weight_space": fit_report, "base": base, "temperature": temperature,
+    report = {"weight_space": fit_report, "base": base, "temperature": temperature, "hidden_weight": hidden_weight,
               "teacher_pass_seconds": task.teacher_pass_seconds, "before": before, "after": after, "history": history,
               "max_length": task.max_length, "plan": chosen, "record": task.record(),
               "test_examples": task.test_size()}
