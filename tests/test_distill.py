@@ -71,7 +71,8 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
         assert interval is None or interval[0] <= kept <= interval[1]
     else:
         assert recorded["kept_gain"] is None and recorded["kept_gain_interval"] is None
-    assert recorded["settings"]["eval_every"] == 5 and recorded["temperature"] == 1.0  # a classifier's default
+    assert recorded["settings"]["eval_every"] == 5 and recorded["temperature"] == 1.0  # a classifier's defaults
+    assert recorded["hidden_weight"] == 1.0
     # the student's own cost, apart from scoring teacher, base, fit and the evaluations
     assert 0 < recorded["distilled"]["train_seconds"] < recorded["seconds"]
     assert f"time: {recorded['distilled']['train_seconds']:.0f} s training the student" in printed
@@ -246,6 +247,7 @@ def test_a_causal_lm_adapter_is_distilled_on_its_own_data(lm_teacher, tmp_path, 
     assert student.config.modules_to_save in (None, [])
     recorded = student.task["distillation"]
     assert recorded["distilled"]["kl_to_teacher"] == pytest.approx(after, rel=1e-3)
+    assert recorded["hidden_weight"] == 0.0  # a causal LM matches its next-token distributions only
     teacher_loss = recorded["distilled"]["teacher_eval_loss"]  # the student's eval loss moves to the teacher's
     assert abs(recorded["distilled"]["eval_loss"] - teacher_loss) < abs(recorded["weight_space_fit"]["eval_loss"]
                                                                           - teacher_loss)

@@ -616,9 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "comma-separated, in the order of its head's outputs")
     p.add_argument("--temperature", type=_positive_float, help="distillation: softening of the teacher's "
                    "probabilities (default: 1 for a classifier, 2 for a causal LM)")
-    p.add_argument("--hidden-weight", type=_non_negative_float, default=0.0, help="distillation of a classifier: "
-                   "also match the teacher's pooled features (the head's input), with this weight beside the "
-                   "KL of the logits; the squared error is in units of the features' variance (default: 0, off)")
+    p.add_argument("--hidden-weight", type=_non_negative_float, help="distillation of a classifier: also match "
+                   "the teacher's pooled features (the head's input), with this weight beside the KL of the logits; "
+                   "the squared error is in units of the features' variance (default: 1; 0 turns it off)")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
     _add_group_by_length(p, None, "on where the padding it saves pays for more epochs than the plan's and "
