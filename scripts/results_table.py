@@ -5,6 +5,7 @@
     python scripts/results_table.py --sizes runs/sizes    # DATASET-SIZE/METHOD-seedN: median over seeds
     python scripts/results_table.py --compress runs/compress runs/sizes   # distilled students and their teachers
     python scripts/results_table.py --compress-lm runs/compress-lm        # the same for causal-LM teachers
+    python scripts/results_table.py --variants runs/val/compress          # DATASET/VARIANT-METHOD-seedN
 """
 
 import json
@@ -158,6 +159,29 @@ def each_kept(rows) -> str:
     return "; ".join(one(d) for d, _, _ in rows)  # in the order of the runs' folders: by seed
 
 
+def variants_table(root: Path) -> None:
+    """One row per (dataset, student, variant) of scripts/compress_validation.sh: the share of the
+    gain kept, held-out KL to the teacher and agreement, median [min-max] over the seeds."""
+    runs = defaultdict(list)
+    for path in sorted(root.glob("*/*/adapter_config.json")):
+        variant, method, _ = path.parent.name.rsplit("-", 2)
+        runs[(path.parent.parent.name, method, variant)].append(json.loads(path.read_text())["task"]["distillation"])
+    print("| data | student | variant | gain kept, median [min-max] | held-out KL to the teacher | agreement "
+          "| training seconds | seeds |")
+    print("| --- | --- | --- | --- | --- | --- | ---: | ---: |")
+
+    def spread(values, scale, digits) -> str:
+        values = [scale * v for v in values]
+        return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+    for (data, method, variant), rows in sorted(runs.items()):
+        kept = [d["kept_gain"] for d in rows if d["kept_gain"] is not None]
+        print(f"| {data} | {method} | {variant} | {spread(kept, 100, 1) if kept else '-'} "
+              f"| {spread([d['distilled']['kl_to_teacher'] for d in rows], 1, 3)} "
+              f"| {spread([d['distilled']['agreement'] for d in rows], 100, 2)} "
+              f"| {statistics.median(d['distilled']['train_seconds'] for d in rows):.0f} | {len(rows)} |")
+
+
 def seconds(rows, record) -> str:
     """Median training seconds (`train_seconds`) of the records that have them; "-" where none does
     (runs from before it was recorded)."""
@@ -173,6 +197,8 @@ if __name__ == "__main__":
         compress_table(Path(args[1] if len(args) > 1 else "runs/compress"), Path(args[2] if len(args) > 2 else "runs/sizes"))
     elif args[:1] == ["--compress-lm"]:
         compress_lm_table(Path(args[1] if len(args) > 1 else "runs/compress-lm"))
+    elif args[:1] == ["--variants"]:
+        variants_table(Path(args[1] if len(args) > 1 else "runs/val/compress"))
     elif args[:1] == ["--sizes"]:
         sizes_table(Path(args[1] if len(args) > 1 else "runs/sizes"))
     else:
