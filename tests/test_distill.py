@@ -153,6 +153,55 @@ def test_matching_pooled_features_brings_the_students_closer_to_the_teachers(tea
     capsys.readouterr()
 
 
+def test_a_student_trains_without_the_frozen_models_dropout(teacher_run):
+    """The student's training forwards are the forwards it is scored by: the frozen base model's
+    dropout is off (finetune keeps it on), the adapter's own dropout and training-only selection
+    still act."""
+    from unilora import AdapterConfig, get_model
+    from unilora.classification import build_classifier
+    from unilora.distill import student_train_mode
+    from unilora.train import Task
+
+    model, _ = teacher_run
+    tokenizer, base = build_classifier(str(model), 2, 0)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules())  # BERT's 0.1
+    inputs = tokenizer(["a first text to classify", "and a second one"], return_tensors="pt", padding=True)
+    student = get_model(base, AdapterConfig(method="unilora", theta_dim=300, rank=4, target_modules="all-linear",
+                                            modules_to_save=["classifier"]))
+    student.eval()
+    with torch.no_grad():
+        scored = student(**inputs).logits
+    finetune_mode = lambda m: Task.train_mode(None, m)  # noqa: E731 (the shared loop's default)
+    for train_mode, deterministic in ((student_train_mode, True), (finetune_mode, False)):
+        train_mode(student)
+        assert student.training and student.projection.training
+        with torch.no_grad():
+            outputs = [student(**inputs).logits for _ in range(2)]
+        assert all(torch.allclose(out, scored, atol=1e-6) == deterministic for out in outputs), train_mode
+    noisy = get_model(build_classifier(str(model), 2, 0)[1],
+                      AdapterConfig(method="lora", rank=4, target_modules="all-linear", dropout=0.5))
+    with torch.no_grad():
+        for p in noisy.projection.parameters():
+            p.normal_()  # B = 0 at init would hide the adapter's dropout
+    student_train_mode(noisy)
+    with torch.no_grad():
+        assert not torch.allclose(noisy(**inputs).logits, noisy(**inputs).logits)  # the adapter's dropout acts
+
+
+def test_a_student_equal_to_its_teacher_has_nothing_to_learn(teacher_run, tmp_path, capsys):
+    """A LoRA student of the teacher's rank starts from the exact weight-space fit, so it is the
+    teacher: its training loss is zero (with the base's dropout on it would not be)."""
+    model, run = teacher_run
+    out = tmp_path / "same"
+    assert main(["compress", str(out), "--adapter", str(run / "adapter"), "--method", "lora", "--rank", "8",
+                 "--train-limit", "64", "--test-limit", "32", "--epochs", "1", "--batch-size", "16",
+                 "--group-lr", "lora=1e-9", "--no-progress"]) == 0
+    recorded = read_adapter(out).task["distillation"]
+    assert recorded["weight_space_fit"]["kl_to_teacher"] < 1e-6
+    assert recorded["distilled"]["train_loss"] < 1e-6 and recorded["distilled"]["agreement"] == 1.0
+    capsys.readouterr()
+
+
 def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
     from test_hostile import one_line_error
 

@@ -116,6 +116,10 @@ class Task:
         """The training loss of a batch (`model` may be the DDP wrapper)."""
         return model(**batch).loss
 
+    def train_mode(self, model: torch.nn.Module) -> None:
+        """Put the model in the mode its training forwards run in (before every epoch)."""
+        model.train()
+
     def evaluate(self, model: torch.nn.Module, final: bool) -> dict:
         """Held-out metrics after an epoch; `final` adds the costly ones (generation)."""
         raise NotImplementedError
@@ -246,7 +250,7 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
     stepping = 0.0  # seconds in optimizer steps, evaluation excluded: the cost of the adapter itself
     for epoch in range(1, settings.epochs + 1):
         epoch_started = time.time()
-        model.train()
+        task.train_mode(model)
         order = list(range(n_train))
         random.Random(settings.seed * 7919 + epoch).shuffle(order)
         order = order[rank::world][:per_rank]
