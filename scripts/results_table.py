@@ -5,7 +5,8 @@
     python scripts/results_table.py --sizes runs/sizes    # DATASET-SIZE/METHOD-seedN: median over seeds
     python scripts/results_table.py --compress runs/compress runs/sizes   # distilled students and their teachers
     python scripts/results_table.py --compress-lm runs/compress-lm        # the same for causal-LM teachers
-    python scripts/results_table.py --variants runs/val/compress          # DATASET/VARIANT-METHOD-seedN
+    python scripts/results_table.py --variants runs/val/compress          # DATASET/VARIANT-METHOD-seedN (or the
+                                                                          # records kept in docs/results-compress/validation)
 """
 
 import json
@@ -159,13 +160,25 @@ def each_kept(rows) -> str:
     return "; ".join(one(d) for d, _, _ in rows)  # in the order of the runs' folders: by seed
 
 
+def variant_records(root: Path):
+    """(dataset, variant, method, distillation record) of each run of scripts/compress_validation.sh:
+    its folders (DATASET/VARIANT-METHOD-seedN/adapter_config.json) or the records kept in docs/
+    (DATASET_VARIANT-METHOD-seedN.json)."""
+    for path in sorted(root.glob("*/*/adapter_config.json")):
+        variant, method, _ = path.parent.name.rsplit("-", 2)
+        yield path.parent.parent.name, variant, method, json.loads(path.read_text())["task"]["distillation"]
+    for path in sorted(root.glob("*_*-*-seed*.json")):
+        data_variant, method, _ = path.stem.rsplit("-", 2)
+        data, variant = data_variant.rsplit("_", 1)
+        yield data, variant, method, json.loads(path.read_text())["distillation"]
+
+
 def variants_table(root: Path) -> None:
     """One row per (dataset, student, variant) of scripts/compress_validation.sh: the share of the
     gain kept, held-out KL to the teacher and agreement, median [min-max] over the seeds."""
     runs = defaultdict(list)
-    for path in sorted(root.glob("*/*/adapter_config.json")):
-        variant, method, _ = path.parent.name.rsplit("-", 2)
-        runs[(path.parent.parent.name, method, variant)].append(json.loads(path.read_text())["task"]["distillation"])
+    for data, variant, method, record in variant_records(root):
+        runs[(data, method, variant)].append(record)
     print("| data | student | variant | gain kept, median [min-max] | held-out KL to the teacher | agreement "
           "| training seconds | seeds |")
     print("| --- | --- | --- | --- | --- | --- | ---: | ---: |")
@@ -177,7 +190,7 @@ def variants_table(root: Path) -> None:
     for (data, method, variant), rows in sorted(runs.items()):
         kept = [d["kept_gain"] for d in rows if d["kept_gain"] is not None]
         print(f"| {data} | {method} | {variant} | {spread(kept, 100, 1) if kept else '-'} "
-              f"| {spread([d['distilled']['kl_to_teacher'] for d in rows], 1, 3)} "
+              f"| {spread([d['distilled']['kl_to_teacher'] for d in rows], 1, 4)} "
               f"| {spread([d['distilled']['agreement'] for d in rows], 100, 2)} "
               f"| {statistics.median(d['distilled']['train_seconds'] for d in rows):.0f} | {len(rows)} |")
 
