@@ -106,3 +106,20 @@ def test_compress_input_errors(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "o")]) == 2
     assert "either --peft-lora" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("options", [["--temperature", "2"], ["--epochs", "3", "--hidden-weight", "0"],
+                                     ["--train-limit", "100"], ["--group-lr", "theta=1e-2"], ["--no-group-by-length"]])
+def test_distillation_options_without_data_are_refused(tmp_path, capsys, options):
+    """Without --data a PEFT LoRA gets a weight-space fit, which reads none of these: the user who
+    gave them meant to distil, and is told so instead of getting a fit that ignored them."""
+    from test_hostile import one_line_error
+
+    _, peft_dir = peft_lora_dir(tmp_path)
+    out = tmp_path / "fit"
+    err = one_line_error(["compress", str(out), "--peft-lora", str(peft_dir), "--method", "unilora", *options],
+                         capsys, "give --data", "for a weight-space fit")
+    assert all(option in err for option in options if option.startswith("--") and option != "--no-group-by-length")
+    one_line_error(["compress", str(out), "--peft-lora", str(peft_dir), "--method", "unilora", "--targets", "q_proj"],
+                   capsys, "drop --targets")
+    assert not out.exists()

@@ -219,6 +219,24 @@ def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
                     "--model", str(model)], capsys, "--label-names")
     one_line_error(["compress", out, "--peft-lora", str(exported), "--data", str(texts), "--method", "unilora",
                     "--model", str(model), "--label-names", "a,b,c"], capsys, "head.safetensors")
+    # the student adapts the teacher's layers: a choice of layers would do nothing
+    one_line_error(["compress", out, "--adapter", str(run / "adapter"), "--method", "unilora", "--targets", "query"],
+                   capsys, "drop --targets")
+
+
+def test_the_weight_space_start_takes_the_refinement_options(teacher_run, tmp_path, monkeypatch, capsys):
+    """--steps and --lr refine the distillation's starting point as they refine a weight-space fit."""
+    import unilora.distill
+
+    model, run = teacher_run
+    seen = []
+    fit = unilora.distill.compress
+    monkeypatch.setattr(unilora.distill, "compress", lambda *a, **k: seen.append(k) or fit(*a, **k))
+    assert main(["compress", str(tmp_path / "s"), "--adapter", str(run / "adapter"), "--method", "unilora",
+                 "--theta-dim", "200", "--train-limit", "16", "--test-limit", "16", "--epochs", "1",
+                 "--steps", "3", "--lr", "0.05", "--no-progress"]) == 0
+    assert seen == [{"steps": 3, "lr": 0.05}]
+    capsys.readouterr()
 
 
 def test_the_teacher_runs_once_per_training_text(teacher_run):

@@ -314,8 +314,16 @@ def cmd_compress(args) -> int:
     check_writable(Path(args.out), ADAPTER_FILES, args.overwrite, "adapter")
     if args.adapter or args.data or args.finetuned_model:
         return _compress_by_distillation(args)
+    given = [option for option, value in _distillation_options(args) if value is not None]
+    if given:  # a weight-space fit would silently ignore them: the user most likely meant to distil
+        one = len(given) == 1
+        raise UniLoraError(f"{', '.join(given)} {'is a distillation option' if one else 'are distillation options'}: "
+                           f"give --data (the texts to match the teacher on) to distil, or drop {'it' if one else 'them'} "
+                           "for a weight-space fit")
     if bool(args.peft_lora) == bool(args.base_weights or args.finetuned_weights):
         raise UniLoraError("give either --peft-lora DIR or both --base-weights and --finetuned-weights")
+    if args.peft_lora and args.targets:
+        raise UniLoraError(_TARGETS_OF_A_LORA)
     if args.peft_lora:
         updates = from_peft_lora(args.peft_lora)
         source, rank = f"peft-lora:{args.peft_lora}", args.rank or updates[0].a.shape[0]
@@ -345,6 +353,17 @@ def cmd_compress(args) -> int:
     return 0
 
 
+_TARGETS_OF_A_LORA = ("--targets chooses the layers of a full fine-tune (--finetuned-model, or checkpoints); the "
+                      "compact adapter of a LoRA teacher adapts the layers that LoRA adapted: drop --targets")
+
+
+def _distillation_options(args) -> list[tuple[str, object]]:
+    """The options of `compress` that only distillation reads, with their values (None: not given)."""
+    names = ("model", "label_names", "temperature", "hidden_weight", "epochs", "batch_size", "group_by_length",
+             "eval_every", "max_length", "group_lr", "train_limit", "test_limit", "test_data")
+    return [("--" + name.replace("_", "-"), getattr(args, name)) for name in names]
+
+
 def _compress_by_distillation(args) -> int:
     from dataclasses import asdict
 
@@ -366,6 +385,8 @@ def _compress_by_distillation(args) -> int:
     if args.finetuned_model and not args.model:
         raise UniLoraError("--finetuned-model needs --model BASE: the model it was fine-tuned from, which the "
                            "compact adapter is trained on")
+    if args.targets and not args.finetuned_model:
+        raise UniLoraError(_TARGETS_OF_A_LORA)
     dataset, label_names = None, None
     peft_classifier = bool(args.peft_lora) and peft_teacher_kind(args.peft_lora) == "seq-cls"
     if args.label_names and not peft_classifier:
@@ -404,7 +425,7 @@ def _compress_by_distillation(args) -> int:
     causal = teacher.kind == "causal-lm"
     started = time.time()
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
-                              temperature=args.temperature, hidden_weight=args.hidden_weight)
+                              temperature=args.temperature, hidden_weight=args.hidden_weight, fit_lr=args.lr)
     before, after = report["before"], report["after"]
     summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
                "base_model": report["base"], "kept_gain": report["kept_gain"],

@@ -406,7 +406,7 @@ def _per_text_loss(logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> 
 
 def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDataset | LMDataset,
             settings: TrainSettings, fit_steps: int = 0, temperature: float | None = None,
-            hidden_weight: float | None = None):
+            hidden_weight: float | None = None, fit_lr: float = 1e-3):
     """The compact adapter trained to match `teacher` (at `temperature`, a classifier also its pooled
     features with `hidden_weight`; None: the kind's default). Returns (student model, report)."""
     causal = teacher.kind == "causal-lm"
@@ -445,7 +445,7 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
     student = get_model(model, config)
     order = {slot.name: i for i, slot in enumerate(student.layout.slots)}
     updates = sorted(teacher.updates, key=lambda u: order[u.name])  # the fit's layout = the student's
-    fitted, layout, fit_report = compress(updates, student.projection.config, steps=fit_steps)
+    fitted, layout, fit_report = compress(updates, student.projection.config, steps=fit_steps, lr=fit_lr)
     assert layout.slots == student.layout.slots, "the weight-space fit must share the student's layout"
     student.projection.load_state_dict(fitted.state_dict())
     if not causal:
