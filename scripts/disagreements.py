@@ -16,6 +16,7 @@ import torch
 from unilora.classification import build_classifier, encode, predict_logits
 from unilora.data import load_dataset
 from unilora.distill import teacher_from_adapter
+from unilora.errors import UniLoraError
 
 
 def main(teacher_dir: str, student_dir: str, data: str | None = None) -> None:
@@ -42,4 +43,7 @@ def main(teacher_dir: str, student_dir: str, data: str | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    except UniLoraError as error:  # a wrong folder or data: one line, as the CLI gives it
+        sys.exit(f"error: {error}")

@@ -120,6 +120,15 @@ def test_distillation_options_without_data_are_refused(tmp_path, capsys, options
     err = one_line_error(["compress", str(out), "--peft-lora", str(peft_dir), "--method", "unilora", *options],
                          capsys, "give --data", "for a weight-space fit")
     assert all(option in err for option in options if option.startswith("--") and option != "--no-group-by-length")
+    assert not out.exists()
+
+
+def test_targets_of_a_lora_are_refused(tmp_path, capsys):
+    """A LoRA's compact adapter adapts the LoRA's layers: --targets would do nothing."""
+    from test_hostile import one_line_error
+
+    _, peft_dir = peft_lora_dir(tmp_path)
+    out = tmp_path / "fit"
     one_line_error(["compress", str(out), "--peft-lora", str(peft_dir), "--method", "unilora", "--targets", "q_proj"],
                    capsys, "drop --targets")
     assert not out.exists()

@@ -312,6 +312,9 @@ def cmd_compress(args) -> int:
     from .writing import check_writable
 
     check_writable(Path(args.out), ADAPTER_FILES, args.overwrite, "adapter")
+    if args.targets and (args.adapter or args.peft_lora):
+        raise UniLoraError("--targets chooses the layers of a full fine-tune (--finetuned-model, or checkpoints); the "
+                           "compact adapter of a LoRA teacher adapts the layers that LoRA adapted: drop --targets")
     if args.adapter or args.data or args.finetuned_model:
         return _compress_by_distillation(args)
     given = [option for option, value in _distillation_options(args) if value is not None]
@@ -322,8 +325,6 @@ def cmd_compress(args) -> int:
                            "for a weight-space fit")
     if bool(args.peft_lora) == bool(args.base_weights or args.finetuned_weights):
         raise UniLoraError("give either --peft-lora DIR or both --base-weights and --finetuned-weights")
-    if args.peft_lora and args.targets:
-        raise UniLoraError(_TARGETS_OF_A_LORA)
     if args.peft_lora:
         updates = from_peft_lora(args.peft_lora)
         source, rank = f"peft-lora:{args.peft_lora}", args.rank or updates[0].a.shape[0]
@@ -351,10 +352,6 @@ def cmd_compress(args) -> int:
               "source's update, so it will behave much like the base model; a larger --theta-dim keeps more "
               "(d = D is exact), or train a small adapter on the task itself with `unilora finetune`")
     return 0
-
-
-_TARGETS_OF_A_LORA = ("--targets chooses the layers of a full fine-tune (--finetuned-model, or checkpoints); the "
-                      "compact adapter of a LoRA teacher adapts the layers that LoRA adapted: drop --targets")
 
 
 def _distillation_options(args) -> list[tuple[str, object]]:
@@ -385,8 +382,6 @@ def _compress_by_distillation(args) -> int:
     if args.finetuned_model and not args.model:
         raise UniLoraError("--finetuned-model needs --model BASE: the model it was fine-tuned from, which the "
                            "compact adapter is trained on")
-    if args.targets and not args.finetuned_model:
-        raise UniLoraError(_TARGETS_OF_A_LORA)
     dataset, label_names = None, None
     peft_classifier = bool(args.peft_lora) and peft_teacher_kind(args.peft_lora) == "seq-cls"
     if args.label_names and not peft_classifier:
