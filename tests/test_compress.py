@@ -109,7 +109,8 @@ def test_compress_input_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options", [["--temperature", "2"], ["--epochs", "3", "--hidden-weight", "0"],
-                                     ["--train-limit", "100"], ["--group-lr", "theta=1e-2"], ["--no-group-by-length"]])
+                                     ["--train-limit", "100"], ["--group-lr", "theta=1e-2"], ["--no-group-by-length"],
+                                     ["--hidden-layers", "all"]])
 def test_distillation_options_without_data_are_refused(tmp_path, capsys, options):
     """Without --data a PEFT LoRA gets a weight-space fit, which reads none of these: the user who
     gave them meant to distil, and is told so instead of getting a fit that ignored them."""

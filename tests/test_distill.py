@@ -72,7 +72,7 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
     else:
         assert recorded["kept_gain"] is None and recorded["kept_gain_interval"] is None
     assert recorded["settings"]["eval_every"] == 5 and recorded["temperature"] == 1.0  # a classifier's defaults
-    assert recorded["hidden_weight"] == 1.0
+    assert recorded["hidden_weight"] == 1.0 and recorded["hidden_layers"] == "all"
     # the student's own cost, apart from scoring teacher, base, fit and the evaluations
     assert 0 < recorded["distilled"]["train_seconds"] < recorded["seconds"]
     assert f"time: {recorded['distilled']['train_seconds']:.0f} s training the student" in printed
@@ -142,7 +142,9 @@ def test_matching_pooled_features_brings_the_students_closer_to_the_teachers(tea
         assert main(["compress", str(out), "--adapter", str(run / "adapter"), "--method", "unilora", "--theta-dim",
                      "200", "--train-limit", "96", "--test-limit", "64", "--epochs", "6", "--batch-size", "8",
                      "--hidden-weight", weight, "--no-progress"]) == 0
-        assert read_adapter(out).task["distillation"]["hidden_weight"] == float(weight)
+        recorded = read_adapter(out).task["distillation"]
+        assert recorded["hidden_weight"] == float(weight)
+        assert recorded["hidden_layers"] == (None if weight == "0" else "all")  # no features matched at 0
         tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
         _, student = teacher_from_adapter(out, str(model))  # any adapter of ours runs merged
         texts = encode(tokenizer, rotten_tomatoes().test_texts[:64], 64)
@@ -151,6 +153,78 @@ def test_matching_pooled_features_brings_the_students_closer_to_the_teachers(tea
         distance[weight] = float(((taught - target) ** 2).mean() / target.var(0).mean())
     assert distance["3"] < 0.3 * distance["0"], distance
     capsys.readouterr()
+
+
+def test_the_classifier_pools_every_layer_when_asked(teacher_run):
+    """With output_hidden_states the classifier returns every encoder layer's output pooled as the
+    head's input is (the last one is that input); without, none."""
+    from unilora.classification import build_classifier
+
+    model, _ = teacher_run
+    tokenizer, classifier = build_classifier(str(model), 2, 0)
+    classifier.eval()
+    inputs = tokenizer(["a short text", "and a longer second text to pool"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain, every = classifier(**inputs), classifier(**inputs, output_hidden_states=True)
+        layers = classifier.encoder(**inputs, output_hidden_states=True).hidden_states[1:]
+    assert plain.layer_pooled is None and every.layer_pooled.shape == (2, len(layers), 32)
+    torch.testing.assert_close(every.layer_pooled[:, -1], plain.pooled)
+    torch.testing.assert_close(every.logits, plain.logits)
+    real = inputs["attention_mask"][0].bool()  # the first text's padding is left out of its mean
+    torch.testing.assert_close(every.layer_pooled[0, 2], layers[2][0, real].mean(0))
+
+
+def test_matching_every_layer_brings_the_students_inner_layers_closer(teacher_run, tmp_path, capsys):
+    """With --hidden-layers all each encoder layer's pooled output is a target: on held-out texts
+    the student's inner layers end closer to the teacher's than with the last layer's alone."""
+    from unilora.classification import encode, predict
+    from unilora.data import rotten_tomatoes
+    from unilora.distill import teacher_from_adapter
+
+    model, run = teacher_run
+    tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
+    texts = encode(tokenizer, rotten_tomatoes().test_texts[:64], 64)
+    target = predict(teacher.model, tokenizer, texts, 32, every_layer=True)[1]
+    distance = {}
+    for layers in ("last", "all"):
+        out = tmp_path / layers
+        assert main(["compress", str(out), "--adapter", str(run / "adapter"), "--method", "unilora", "--theta-dim",
+                     "200", "--train-limit", "96", "--test-limit", "16", "--epochs", "6", "--batch-size", "8",
+                     "--hidden-weight", "3", "--hidden-layers", layers, "--no-progress"]) == 0
+        assert read_adapter(out).task["distillation"]["hidden_layers"] == layers
+        _, student = teacher_from_adapter(out, str(model))
+        taught = predict(student.model, tokenizer, texts, 32, every_layer=True)[1]
+        inner = (taught - target)[:, :-1].pow(2).mean((0, 2)) / target[:, :-1].var(0).mean(-1)
+        distance[layers] = float(inner.mean())
+    assert distance["all"] < 0.85 * distance["last"], distance  # 0.73 when written
+    capsys.readouterr()
+
+
+def test_the_features_unit_is_their_spread_and_stays_finite_without_one():
+    from unilora.distill import feature_scale
+
+    features = torch.randn(50, 3, 8) * torch.tensor([1.0, 2.0, 10.0]).view(1, 3, 1) + 5.0
+    torch.testing.assert_close(feature_scale(features), features.var(0, unbiased=False).mean(-1))
+    one_text = features[:1]  # no spread: the mean square, not a 1e-12 floor that makes any error huge
+    torch.testing.assert_close(feature_scale(one_text), one_text.pow(2).mean((0, 2)))
+    assert feature_scale(torch.zeros(4, 2, 8)).min() > 0
+
+
+def test_every_layers_features_that_would_not_fit_fall_back_or_are_refused(capsys):
+    """The teacher's pooled features of every layer are kept for every training text: past the
+    budget the default matches the head's input alone (and says so); an explicit "all" is refused."""
+    from types import SimpleNamespace
+
+    from unilora.distill import layers_to_match
+    from unilora.errors import UniLoraError
+
+    minilm = SimpleNamespace(num_hidden_layers=6, hidden_size=384)  # 9 KiB a text
+    assert layers_to_match(None, 2000, minilm) == "all" and layers_to_match("last", 10**9, minilm) == "last"
+    assert capsys.readouterr().err == ""
+    assert layers_to_match(None, 2000, minilm, budget=1 << 20) == "last"
+    assert "(--hidden-layers last)" in capsys.readouterr().err
+    with pytest.raises(UniLoraError, match="give fewer texts"):
+        layers_to_match("all", 2000, minilm, budget=1 << 20)
 
 
 def test_a_student_trains_without_the_frozen_models_dropout(teacher_run):
@@ -314,7 +388,7 @@ def test_a_causal_lm_adapter_is_distilled_on_its_own_data(lm_teacher, tmp_path, 
     assert student.config.modules_to_save in (None, [])
     recorded = student.task["distillation"]
     assert recorded["distilled"]["kl_to_teacher"] == pytest.approx(after, rel=1e-3)
-    assert recorded["hidden_weight"] == 0.0  # a causal LM matches its next-token distributions only
+    assert recorded["hidden_weight"] == 0.0 and recorded["hidden_layers"] is None  # next-token distributions only
     teacher_loss = recorded["distilled"]["teacher_eval_loss"]  # the student's eval loss moves to the teacher's
     assert abs(recorded["distilled"]["eval_loss"] - teacher_loss) < abs(recorded["weight_space_fit"]["eval_loss"]
                                                                           - teacher_loss)
@@ -359,8 +433,11 @@ def test_teacher_and_data_of_different_tasks_are_refused(lm_teacher, teacher_run
     for teacher in (lm_teacher, teacher_run[1] / "adapter"):  # an option that would do nothing is refused
         one_line_error(["compress", str(out), "--adapter", str(teacher), "--label-names", "a,b", "--method",
                         "unilora"], capsys, "other teachers record their classes or have none")
-    one_line_error(["compress", str(out), "--adapter", str(lm_teacher), "--hidden-weight", "1", "--method", "unilora"],
-                   capsys, "a causal LM student matches its teacher's next-token distributions only")
+    for option in (["--hidden-weight", "1"], ["--hidden-layers", "all"]):
+        one_line_error(["compress", str(out), "--adapter", str(lm_teacher), *option, "--method", "unilora"],
+                       capsys, "a causal LM student matches its teacher's next-token distributions only")
+    one_line_error(["compress", str(out), "--adapter", str(teacher_run[1] / "adapter"), "--hidden-layers", "all",
+                    "--hidden-weight", "0", "--method", "unilora"], capsys, "the weight is 0")
     assert not out.exists()
 
 

@@ -102,6 +102,9 @@ class ClassifierOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
     pooled: torch.Tensor | None = None  # the head's input before dropout (distillation can match it)
+    # with output_hidden_states: every encoder layer's output pooled the same way (batch x layers x
+    # hidden; the last is `pooled`), which distillation can match layer by layer
+    layer_pooled: torch.Tensor | None = None
 
 
 class SequenceClassifier(nn.Module):
@@ -118,9 +121,14 @@ class SequenceClassifier(nn.Module):
             self.classifier.bias.zero_()
 
     def forward(self, input_ids, attention_mask, labels=None, **kwargs) -> ClassifierOutput:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        count = mask.sum(1).clamp_min(1.0)
+        pooled = (hidden * mask).sum(1) / count
+        layers = getattr(out, "hidden_states", None)
+        # hidden_states[0] is the embeddings' output, which no adapter of the encoder's layers changes
+        layer_pooled = torch.stack([(h * mask).sum(1) / count for h in layers[1:]], 1) if layers else None
         logits = self.classifier(self.dropout(pooled))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return ClassifierOutput(loss, logits, pooled)
+        return ClassifierOutput(loss, logits, pooled, layer_pooled)

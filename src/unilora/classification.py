@@ -25,16 +25,20 @@ def predict_logits(model, tokenizer, encoded: list[list[int]], batch_size: int) 
     return predict(model, tokenizer, encoded, batch_size)[0]
 
 
-def predict(model, tokenizer, encoded: list[list[int]], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float logits and pooled features (the head's input) of every example, in the given order."""
+def predict(model, tokenizer, encoded: list[list[int]], batch_size: int,
+            every_layer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float logits and pooled features (the head's input; with `every_layer`, every encoder layer's,
+    examples x layers x hidden) of every example, in the given order."""
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     logits, pooled = [None] * len(encoded), [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        out = model(**collate(tokenizer, [encoded[i] for i in idx]))
-        for i, row, features in zip(idx, out.logits.float(), out.pooled.float()):
-            logits[i], pooled[i] = row, features
+        batch = collate(tokenizer, [encoded[i] for i in idx])
+        out = model(**batch, output_hidden_states=True) if every_layer else model(**batch)
+        features = out.layer_pooled if every_layer else out.pooled
+        for i, row, text_features in zip(idx, out.logits.float(), features.float()):
+            logits[i], pooled[i] = row, text_features
     return (torch.stack(logits), torch.stack(pooled)) if encoded else (torch.zeros(0), torch.zeros(0))
 
 

@@ -356,8 +356,8 @@ def cmd_compress(args) -> int:
 
 def _distillation_options(args) -> list[tuple[str, object]]:
     """The options of `compress` that only distillation reads, with their values (None: not given)."""
-    names = ("model", "label_names", "temperature", "hidden_weight", "epochs", "batch_size", "group_by_length",
-             "eval_every", "max_length", "group_lr", "train_limit", "test_limit", "test_data")
+    names = ("model", "label_names", "temperature", "hidden_weight", "hidden_layers", "epochs", "batch_size",
+             "group_by_length", "eval_every", "max_length", "group_lr", "train_limit", "test_limit", "test_data")
     return [("--" + name.replace("_", "-"), getattr(args, name)) for name in names]
 
 
@@ -420,12 +420,14 @@ def _compress_by_distillation(args) -> int:
     causal = teacher.kind == "causal-lm"
     started = time.time()
     student, report = distill(teacher, tokenizer, config, dataset, settings, fit_steps=args.steps,
-                              temperature=args.temperature, hidden_weight=args.hidden_weight, fit_lr=args.lr)
+                              temperature=args.temperature, hidden_weight=args.hidden_weight, fit_lr=args.lr,
+                              hidden_layers=args.hidden_layers)
     before, after = report["before"], report["after"]
     summary = {"weight_space_fit": before, "distilled": {k: v for k, v in after.items() if k != "epoch"},
                "base_model": report["base"], "kept_gain": report["kept_gain"],
                "kept_gain_interval": report["kept_gain_interval"], "settings": asdict(settings),
                "temperature": report["temperature"], "hidden_weight": report["hidden_weight"],
+               "hidden_layers": report["hidden_layers"],
                "teacher_pass_seconds": round(report["teacher_pass_seconds"], 2),
                "train_examples": len(dataset.train if causal else dataset.train_texts),
                "seconds": round(time.time() - started, 1)}
@@ -635,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-weight", type=_non_negative_float, help="distillation of a classifier: also match "
                    "the teacher's pooled features (the head's input), with this weight beside the KL of the logits; "
                    "the squared error is in units of the features' variance (default: 1; 0 turns it off)")
+    p.add_argument("--hidden-layers", choices=("last", "all"), help="distillation of a classifier: the pooled "
+                   "features matched, the last layer's (the head's input), or also every inner encoder layer's, each "
+                   "in units of its own variance, their mean at the same weight (default: all)")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
     _add_group_by_length(p, None, "on where the padding it saves pays for more epochs than the plan's and "
