@@ -13,7 +13,7 @@
 #   rank1, rank2, rank8   Uni-LoRA at rank 1, 2 and 8 instead of 4 (the same d; rank 2 on seeds
 #            5-7 of both datasets), VB-LoRA at rank 2 (fewer stored logits)
 #   logits1e-2, logits4e-2, logits8e-2, bank1e-2   VB-LoRA's rates (the recipe's: 2e-2 each)
-#   default-logits8e-2   the default command with VB-LoRA's logits at 8e-2 (seeds 5-7)
+#   default-logits8e-2   the default command with VB-LoRA's logits at 8e-2 (seeds 5-7 of both datasets)
 # Not reproduced here: layers-mean, layers-mean-h3, layers-mean-logits4e-2 (the six layers' terms
 # weighted alike, their plain mean) and tokens (every token's hidden state): variants tried and not
 # kept, whose code is not in the library.
@@ -70,7 +70,7 @@ student rotten_tomatoes bank1e-2 vblora 5 --hidden-layers last --group-lr bank=0
 JOBS
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
   echo "student $data rank2 unilora $seed --hidden-layers last --rank 2"; done; done >> "$out.jobs"
-for seed in 5 6 7; do echo "student rotten_tomatoes default-logits8e-2 vblora $seed --group-lr logits=0.08"; done \
-  >> "$out.jobs"
+for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
+  echo "student $data default-logits8e-2 vblora $seed --group-lr logits=0.08"; done; done >> "$out.jobs"
 xargs -P 2 -L 1 bash -c '"$@"' _ < "$out.jobs"
 python scripts/results_table.py --variants "$out/compress"
