@@ -122,13 +122,14 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, **kwargs) -> ClassifierOutput:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = out.last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
         count = mask.sum(1).clamp_min(1.0)
-        pooled = (hidden * mask).sum(1) / count
         layers = getattr(out, "hidden_states", None)
-        # hidden_states[0] is the embeddings' output, which no adapter of the encoder's layers changes
-        layer_pooled = torch.stack([(h * mask).sum(1) / count for h in layers[1:]], 1) if layers else None
+        if layers:  # [0] is the embeddings' output, which no adapter of the encoder's layers changes
+            layer_pooled = torch.stack([(h * mask).sum(1) / count for h in layers[1:]], 1)
+            pooled = layer_pooled[:, -1]  # the last layer's output is last_hidden_state
+        else:
+            layer_pooled, pooled = None, (out.last_hidden_state * mask).sum(1) / count
         logits = self.classifier(self.dropout(pooled))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ClassifierOutput(loss, logits, pooled, layer_pooled)

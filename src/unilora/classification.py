@@ -34,8 +34,7 @@ def predict(model, tokenizer, encoded: list[list[int]], batch_size: int,
     logits, pooled = [None] * len(encoded), [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate(tokenizer, [encoded[i] for i in idx])
-        out = model(**batch, output_hidden_states=True) if every_layer else model(**batch)
+        out = model(**collate(tokenizer, [encoded[i] for i in idx]), output_hidden_states=every_layer)
         features = out.layer_pooled if every_layer else out.pooled
         for i, row, text_features in zip(idx, out.logits.float(), features.float()):
             logits[i], pooled[i] = row, text_features
