@@ -4,16 +4,19 @@
 # (Rotten Tomatoes 2,000 reviews, all of BBC News; the seed sets the initialisation and the order
 # of the data, the split and the 2,000 reviews are every seed's), then each compressed into
 # Uni-LoRA and VB-LoRA with the default command (variant "default": the logits at temperature 1
-# and the pooled features of every encoder layer, weight 1, the frozen base model's dropout off)
-# and with the head's input as the only features ("last", the default before), and probes of what
-# limits the students (Rotten Tomatoes seed 5 unless said; the head's input alone, as when they ran):
+# and the pooled features of every encoder layer, weight 1, the frozen base model's dropout off,
+# distillation's rates: Uni-LoRA's θ at 4e-2, VB-LoRA's logits at 8e-2), with the recipe's rates
+# ("recipe-rates": θ and logits at 2e-2, the default before), with the head's input as the only
+# features ("last", the default before that), and probes of what limits the students (Rotten
+# Tomatoes seed 5 unless said; the head's input alone and the recipe's rates, as when they ran):
 #   cap18k   Uni-LoRA with twice the parameters (d = 18,000, 5.4 % of the teacher's)
 #   ep6      6 grouped epochs instead of 3 (twice the compute)
 #   data6k   Uni-LoRA on 6,000 reviews of the training split for one epoch (about the same steps)
 #   rank1, rank2, rank8   Uni-LoRA at rank 1, 2 and 8 instead of 4 (the same d; rank 2 on seeds
 #            5-7 of both datasets), VB-LoRA at rank 2 (fewer stored logits)
 #   logits1e-2, logits4e-2, logits8e-2, bank1e-2   VB-LoRA's rates (the recipe's: 2e-2 each)
-#   default-logits8e-2   the default command with VB-LoRA's logits at 8e-2 (seeds 5-7 of both datasets)
+#   theta1e-2, theta8e-2   Uni-LoRA's θ rate with every layer matched (8e-2 on seeds 5-7)
+#   default-rank2   the default command with Uni-LoRA at rank 2 (seeds 5-7 of both datasets)
 # Not reproduced here: layers-mean, layers-mean-h3, layers-mean-logits4e-2 (the six layers' terms
 # weighted alike, their plain mean) and tokens (every token's hidden state): variants tried and not
 # kept, whose code is not in the library.
@@ -43,6 +46,7 @@ student() {  # DATASET VARIANT METHOD SEED [OPTIONS...]
     --adapter "$out/sizes/$data-$(size "$data")/lora-seed$seed/adapter" --data "$data" $(limit "$data") --seed "$seed" \
     --eval-every 1000 --no-progress "$@" > "$out/$data-$variant-$method-seed$seed.log" 2>&1
 }
+recipe_rate() { if [ "$1" = unilora ]; then echo theta=0.02; else echo logits=0.02; fi; }
 export out
 export -f size limit teacher student
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do echo "teacher $data $seed"; done; done \
@@ -51,26 +55,30 @@ for data in rotten_tomatoes bbc_news; do
   for seed in 5 6 7; do
     for method in unilora vblora; do
       echo "student $data default $method $seed"
-      echo "student $data last $method $seed --hidden-layers last"
+      echo "student $data recipe-rates $method $seed --group-lr $(recipe_rate "$method")"
+      echo "student $data last $method $seed --hidden-layers last --group-lr $(recipe_rate "$method")"
     done
   done
 done > "$out.jobs"
+# the probes ran with the recipe's rates (rank 8's θ fitted to its D/d: 4e-2), given here explicitly
 cat >> "$out.jobs" <<'JOBS'
-student rotten_tomatoes cap18k unilora 5 --hidden-layers last --theta-dim 18000
-student rotten_tomatoes ep6 unilora 5 --hidden-layers last --epochs 6 --group-by-length
-student rotten_tomatoes ep6 vblora 5 --hidden-layers last --epochs 6 --group-by-length
-student rotten_tomatoes data6k unilora 5 --hidden-layers last --train-limit 6000 --epochs 1 --group-by-length
-student rotten_tomatoes rank1 unilora 5 --hidden-layers last --rank 1
-student rotten_tomatoes rank8 unilora 5 --hidden-layers last --rank 8
-student rotten_tomatoes rank2 vblora 5 --hidden-layers last --rank 2
+student rotten_tomatoes cap18k unilora 5 --hidden-layers last --theta-dim 18000 --group-lr theta=0.02
+student rotten_tomatoes ep6 unilora 5 --hidden-layers last --epochs 6 --group-by-length --group-lr theta=0.02
+student rotten_tomatoes ep6 vblora 5 --hidden-layers last --epochs 6 --group-by-length --group-lr logits=0.02
+student rotten_tomatoes data6k unilora 5 --hidden-layers last --train-limit 6000 --epochs 1 --group-by-length --group-lr theta=0.02
+student rotten_tomatoes rank1 unilora 5 --hidden-layers last --rank 1 --group-lr theta=0.02
+student rotten_tomatoes rank8 unilora 5 --hidden-layers last --rank 8 --group-lr theta=0.04
+student rotten_tomatoes rank2 vblora 5 --hidden-layers last --rank 2 --group-lr logits=0.02
 student rotten_tomatoes logits1e-2 vblora 5 --hidden-layers last --group-lr logits=0.01
 student rotten_tomatoes logits4e-2 vblora 5 --hidden-layers last --group-lr logits=0.04
 student rotten_tomatoes logits8e-2 vblora 5 --hidden-layers last --group-lr logits=0.08
-student rotten_tomatoes bank1e-2 vblora 5 --hidden-layers last --group-lr bank=0.01
+student rotten_tomatoes bank1e-2 vblora 5 --hidden-layers last --group-lr bank=0.01 --group-lr logits=0.02
+student rotten_tomatoes theta1e-2 unilora 5 --group-lr theta=0.01
 JOBS
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
-  echo "student $data rank2 unilora $seed --hidden-layers last --rank 2"; done; done >> "$out.jobs"
+  echo "student $data rank2 unilora $seed --hidden-layers last --rank 2 --group-lr theta=0.02"; done; done >> "$out.jobs"
+for seed in 5 6 7; do echo "student rotten_tomatoes theta8e-2 unilora $seed --group-lr theta=0.08"; done >> "$out.jobs"
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
-  echo "student $data default-logits8e-2 vblora $seed --group-lr logits=0.08"; done; done >> "$out.jobs"
+  echo "student $data default-rank2 unilora $seed --rank 2"; done; done >> "$out.jobs"
 xargs -P 2 -L 1 bash -c '"$@"' _ < "$out.jobs"
 python scripts/results_table.py --variants "$out/compress"

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from unilora.cli import main
 from unilora.io import read_adapter
+from unilora.recipes import DISTILL_GROUP_LRS, GROUP_LRS
 
 from conftest import edit_adapter_weights
 from test_causal_lm import chat_rows, llama_dir, tokenizer, write_jsonl  # noqa: F401 (fixtures)
@@ -103,6 +104,13 @@ def test_a_peft_export_with_its_head_is_a_teacher_too(teacher_run, tmp_path, cap
     head = load_file(str(exported / "head.safetensors"))
     student = read_adapter(out)
     assert all(torch.equal(student.head[k], v) for k, v in head.items())
+    # a classifier's VB-LoRA student trains its logits at distillation's rate, its bank at the recipe's
+    rates = student.task["distillation"]["settings"]["group_lrs"]
+    assert rates == {"bank": GROUP_LRS["vblora"]["bank"], "logits": DISTILL_GROUP_LRS["seq-cls"]["vblora"]["logits"]}
+    assert rates["logits"] != GROUP_LRS["vblora"]["logits"]
+    given = tmp_path / "given"  # a rate the user gives wins
+    assert main(["compress", str(given), "--adapter", str(run / "adapter"), *argv, "--group-lr", "logits=1e-2"]) == 0
+    assert read_adapter(given).task["distillation"]["settings"]["group_lrs"]["logits"] == 1e-2
 
 
 def test_unlabelled_texts_are_enough(teacher_run, tmp_path, capsys):
@@ -468,6 +476,7 @@ def test_a_peft_lora_on_a_causal_lm_is_a_teacher(llama_dir, tmp_path, capsys):
     assert after < fit, printed
     student = read_adapter(out)
     assert student.task["compressed_from"].startswith("peft-lora:") and student.task["kind"] == "text"
+    assert student.task["distillation"]["settings"]["group_lrs"] == GROUP_LRS["vblora"]  # a causal LM's: the recipe's
     assert sorted(student.config.target_modules)[0] == "model.layers.0.self_attn.q_proj"
 
 

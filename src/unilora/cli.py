@@ -368,7 +368,7 @@ def _compress_by_distillation(args) -> int:
     from .data import has_labels
     from . import distill as teachers
     from .distill import distill, peft_teacher_kind
-    from .recipes import GROUP_LRS, METHOD_DEFAULTS
+    from .recipes import METHOD_DEFAULTS, distillation_group_lrs
     from .train import TrainSettings
 
     if sum(map(bool, (args.adapter, args.peft_lora, args.finetuned_model))) != 1 or args.base_weights \
@@ -412,7 +412,7 @@ def _compress_by_distillation(args) -> int:
                              auto_vector_length=not is_embedded(teacher.record["model"]))
     given = dict(args.group_lr or [])
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size,
-                             group_lrs={**GROUP_LRS[args.method], **given},
+                             group_lrs={**distillation_group_lrs(teacher.kind, args.method), **given},
                              max_length=args.max_length or teacher.record.get("max_length")
                              or TASK_DEFAULTS[teacher.kind][1],
                              seed=args.seed, progress=not args.no_progress, fit_rates="theta" not in given,
@@ -649,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_positive_int, help="distillation: tokens per example (default: the "
                    "teacher's, else 64 for a classifier and 256 for a causal LM)")
     p.add_argument("--group-lr", type=_group_lr, action="append", metavar="NAME=RATE", help="distillation: one "
-                   "group's rate (default: the method's, as in finetune)")
+                   "group's rate (default: the method's; a classifier's VB-LoRA logits and Uni-LoRA θ faster, "
+                   "recipes.DISTILL_GROUP_LRS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     _add_data_options(p, data_help="distillation: the texts to match the teacher on (its training data by default "
