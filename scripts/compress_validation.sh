@@ -18,8 +18,8 @@
 #   theta1e-2, theta8e-2   Uni-LoRA's θ rate with every layer matched (8e-2 on seeds 5-7)
 #   default-rank2   the default command with Uni-LoRA at rank 2 (seeds 5-7 of both datasets)
 # Not reproduced here: layers-mean, layers-mean-h3, layers-mean-logits4e-2 (the six layers' terms
-# weighted alike, their plain mean) and tokens (every token's hidden state): variants tried and not
-# kept, whose code is not in the library.
+# weighted alike, their plain mean), tokens (every token's hidden state) and head5e-3 (the carried
+# head trained too, at 5e-3): variants tried and not kept, whose code is not in the library.
 # The variants with the base's dropout on (docs/results-compress/validation/base-dropout/: t1, t2,
 # hidden1, bank2x, hidden03, hidden3, b16) ran with the code of commit e319ad0, before the dropout
 # was turned off; this script of that commit reproduces them (b16, not in it: the default command
