@@ -17,6 +17,7 @@
 #   logits1e-2, logits4e-2, logits8e-2, bank1e-2   VB-LoRA's rates (the recipe's: 2e-2 each)
 #   theta1e-2, theta8e-2   Uni-LoRA's θ rate with every layer matched (8e-2 on seeds 5-7)
 #   default-rank2   the default command with Uni-LoRA at rank 2 (seeds 5-7 of both datasets)
+#   t05      the default command with Uni-LoRA at temperature 0.5 (seeds 5-7 of both datasets)
 # Not reproduced here: layers-mean, layers-mean-h3, layers-mean-logits4e-2 (the six layers' terms
 # weighted alike, their plain mean), tokens (every token's hidden state) and head5e-3 (the carried
 # head trained too, at 5e-3): variants tried and not kept, whose code is not in the library.
@@ -79,6 +80,7 @@ for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
   echo "student $data rank2 unilora $seed --hidden-layers last --rank 2 --group-lr theta=0.02"; done; done >> "$out.jobs"
 for seed in 5 6 7; do echo "student rotten_tomatoes theta8e-2 unilora $seed --group-lr theta=0.08"; done >> "$out.jobs"
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
-  echo "student $data default-rank2 unilora $seed --rank 2"; done; done >> "$out.jobs"
+  echo "student $data default-rank2 unilora $seed --rank 2"
+  echo "student $data t05 unilora $seed --temperature 0.5"; done; done >> "$out.jobs"
 xargs -P 2 -L 1 bash -c '"$@"' _ < "$out.jobs"
 python scripts/results_table.py --variants "$out/compress"
