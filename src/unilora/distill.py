@@ -42,8 +42,8 @@ from .validation import check_finite, check_header, tensor_header
 HEAD_MODULE = "classifier"
 # The default softening, per teacher kind. A classifier: against 2, students at 1 ended closer to
 # the teacher in held-out KL in 10 of 12 runs (Rotten Tomatoes, BBC News), against 0.5 in 6 of 6
-# (Uni-LoRA, seeds 5-7). A causal LM: at 1 the
-# SmolLM2 students (seed 1) ended at KL 0.18 / 0.20 against 0.13 at 2 (docs/results.md).
+# (Uni-LoRA, seeds 5-7). A causal LM: at 1 the SmolLM2 students (seed 1) ended at KL 0.18 / 0.20
+# against 0.13 at 2 (docs/results.md).
 TEMPERATURE = {"seq-cls": 1.0, "causal-lm": 2.0}
 # The default weight of matching a classifier's pooled features beside the logits' KL: at 1, on
 # seeds kept apart from the reported ones (5-7), held-out KL to the teacher fell in 12 of 12 runs at
