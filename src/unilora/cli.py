@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import METHODS, VBLORA_SELECTIONS, AdapterConfig
 from .errors import UniLoraError
+from .recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 
 TASKS = ("seq-cls", "causal-lm")
 
@@ -637,9 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-weight", type=_non_negative_float, help="distillation of a classifier: also match "
                    "the teacher's pooled features (the head's input), with this weight beside the KL of the logits; "
                    "the squared error is in units of the features' variance (default: 1; 0 turns it off)")
-    p.add_argument("--hidden-layers", choices=("last", "all"), help="distillation of a classifier: the pooled "
+    p.add_argument("--hidden-layers", choices=HIDDEN_LAYERS, help="distillation of a classifier: the pooled "
                    "features matched, the last layer's (the head's input), or also every inner encoder layer's, each "
-                   "in units of its own variance, their mean at the same weight (default: all)")
+                   f"in units of its own variance, their mean at the same weight (default: {DEFAULT_HIDDEN_LAYERS})")
     p.add_argument("--epochs", type=_positive_int, help="distillation (default: chosen like finetune's)")
     p.add_argument("--batch-size", type=_positive_int, help="distillation (default: chosen like finetune's)")
     _add_group_by_length(p, None, "on where the padding it saves pays for more epochs than the plan's and "

@@ -35,6 +35,7 @@ from .layers import AdaptedLayer
 from .lm_data import LMDataset
 from .model import AdaptedModel, get_model
 from .plan import LM_BATCH_SIZE, plan_run
+from .recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 from .teacher_outputs import CACHE_BUDGET_BYTES, TeacherCache, stored
 from .train import Task, TrainSettings, fit_rates_to, fitted_max_length, read_task_adapter, task_kind, train
 from .validation import check_finite, check_header, tensor_header
@@ -49,12 +50,6 @@ TEMPERATURE = {"seq-cls": 1.0, "causal-lm": 2.0}
 # seeds kept apart from the reported ones (5-7), held-out KL to the teacher fell in 12 of 12 runs at
 # the same cost. A causal LM matches its next-token distributions only.
 HIDDEN_WEIGHT = {"seq-cls": 1.0, "causal-lm": 0.0}
-# Which of a classifier's pooled features are matched: "last" (the head's input) or "all" (also
-# every inner encoder layer's output, pooled the same way). "all": on seeds 5-7, held-out KL to the
-# teacher fell in 10 of 12 runs against "last" (and rose by 0.0001 and 5 % in the two others), by
-# 8-19 % for VB-LoRA on Rotten Tomatoes, at the same cost (docs/results.md).
-HIDDEN_LAYERS = ("last", "all")
-DEFAULT_HIDDEN_LAYERS = "all"
 
 
 class Teacher:
