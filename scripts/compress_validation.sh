@@ -18,6 +18,9 @@
 #   theta1e-2, theta8e-2   Uni-LoRA's θ rate with every layer matched (8e-2 on seeds 5-7)
 #   default-rank2   the default command with Uni-LoRA at rank 2 (seeds 5-7 of both datasets)
 #   t05      the default command with Uni-LoRA at temperature 0.5 (seeds 5-7 of both datasets)
+#   cap3pct  the default command with Uni-LoRA's d at 3 % of the teacher's parameters (d = 9,953;
+#            seeds 5-7 of both datasets)
+#   rank3    the default command with Uni-LoRA at rank 3 (Rotten Tomatoes seeds 5-7)
 # Not reproduced here: layers-mean, layers-mean-h3, layers-mean-logits4e-2 (the six layers' terms
 # weighted alike, their plain mean), tokens (every token's hidden state) and head5e-3 (the carried
 # head trained too, at 5e-3): variants tried and not kept, whose code is not in the library.
@@ -81,6 +84,8 @@ for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
 for seed in 5 6 7; do echo "student rotten_tomatoes theta8e-2 unilora $seed --group-lr theta=0.08"; done >> "$out.jobs"
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
   echo "student $data default-rank2 unilora $seed --rank 2"
-  echo "student $data t05 unilora $seed --temperature 0.5"; done; done >> "$out.jobs"
+  echo "student $data t05 unilora $seed --temperature 0.5"
+  echo "student $data cap3pct unilora $seed --theta-dim 9953"; done; done >> "$out.jobs"
+for seed in 5 6 7; do echo "student rotten_tomatoes rank3 unilora $seed --rank 3"; done >> "$out.jobs"
 xargs -P 2 -L 1 bash -c '"$@"' _ < "$out.jobs"
 python scripts/results_table.py --variants "$out/compress"
