@@ -25,6 +25,7 @@
 #            zero_delta; θ still starts from the weight-space fit; seeds 5-7 of both datasets)
 #   draw2, draw3   the default command with other draws of Uni-LoRA's projection (--adapter-seed
 #            = seed + 10 and seed + 20, nothing else changed; seeds 5-7 of both datasets)
+#   cap3pct-draw2   cap3pct with the draw of draw2
 # Not reproduced here: layers-mean, layers-mean-h3, layers-mean-logits4e-2 (the six layers' terms
 # weighted alike, their plain mean), tokens (every token's hidden state) and head5e-3 (the carried
 # head trained too, at 5e-3): variants tried and not kept, whose code is not in the library.
@@ -94,6 +95,7 @@ for seed in 5 6 7; do echo "student rotten_tomatoes rank3 unilora $seed --rank 3
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
   echo "student $data pools unilora $seed --init zero_delta"
   echo "student $data draw2 unilora $seed --adapter-seed $((seed + 10))"
-  echo "student $data draw3 unilora $seed --adapter-seed $((seed + 20))"; done; done >> "$out.jobs"
+  echo "student $data draw3 unilora $seed --adapter-seed $((seed + 20))"
+  echo "student $data cap3pct-draw2 unilora $seed --theta-dim 9953 --adapter-seed $((seed + 10))"; done; done >> "$out.jobs"
 xargs -P 2 -L 1 bash -c '"$@"' _ < "$out.jobs"
 python scripts/results_table.py --variants "$out/compress"
