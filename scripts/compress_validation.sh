@@ -90,12 +90,11 @@ for seed in 5 6 7; do echo "student rotten_tomatoes theta8e-2 unilora $seed --gr
 for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
   echo "student $data default-rank2 unilora $seed --rank 2"
   echo "student $data t05 unilora $seed --temperature 0.5"
-  echo "student $data cap3pct unilora $seed --theta-dim 9953"; done; done >> "$out.jobs"
-for seed in 5 6 7; do echo "student rotten_tomatoes rank3 unilora $seed --rank 3"; done >> "$out.jobs"
-for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
+  echo "student $data cap3pct unilora $seed --theta-dim 9953"
   echo "student $data pools unilora $seed --init zero_delta"
   echo "student $data draw2 unilora $seed --adapter-seed $((seed + 10))"
   echo "student $data draw3 unilora $seed --adapter-seed $((seed + 20))"
   echo "student $data cap3pct-draw2 unilora $seed --theta-dim 9953 --adapter-seed $((seed + 10))"; done; done >> "$out.jobs"
+for seed in 5 6 7; do echo "student rotten_tomatoes rank3 unilora $seed --rank 3"; done >> "$out.jobs"
 xargs -P 2 -L 1 bash -c '"$@"' _ < "$out.jobs"
 python scripts/results_table.py --variants "$out/compress"
