@@ -191,6 +191,9 @@ def test_bad_targets_say_what_exists():
         adapted("bert", "lora", target_modules="(unclosed")
     with pytest.raises(UniLoraError, match="unknown method"):
         AdapterConfig(method="dora")
+    # a relation between two fields is refused with the config, before any model or data is touched
+    with pytest.raises(UniLoraError, match="zero_delta' needs theta_dim >= 2"):
+        AdapterConfig(method="unilora", init="zero_delta", theta_dim=1)
 
 
 def test_loading_onto_a_different_layout_is_refused(tmp_path):

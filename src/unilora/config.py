@@ -90,6 +90,8 @@ class AdapterConfig:
              f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         integer("theta_dim", 1)
         need(isinstance(self.init, str) and self.init in UNILORA_INITS, f"init must be one of {UNILORA_INITS}, got {self.init!r}")
+        need(self.init != "zero_delta" or self.theta_dim >= 2,
+             "init='zero_delta' needs theta_dim >= 2 (one slot pool for A, one for B)")
         number("init_scale", 0.0)
         need(isinstance(self.fixed_parts, str) and self.fixed_parts in ("seeded", "stored"),
              f"fixed_parts must be 'seeded' or 'stored', got {self.fixed_parts!r}")

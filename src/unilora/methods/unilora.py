@@ -48,8 +48,6 @@ class UniLoRAProjection(Projection):
         zero_delta = config.init == "zero_delta"
         if d > D:
             raise UniLoraError(f"theta_dim d={d} exceeds D={D} (the LoRA parameter count); choose d <= {D}")
-        if zero_delta and d < 2:
-            raise UniLoraError("init='zero_delta' needs theta_dim >= 2 (one slot pool for A, one for B)")
         index_dtype = torch.int32 if D < 2**31 else torch.int64
         if config.fixed_parts == "stored":  # filled by load_stored_tensors (nothing to draw, nothing shared)
             self.fixed = None
