@@ -94,9 +94,10 @@ def compress_table(root: Path, sizes: Path) -> None:
         runs[(task["dataset"] if "dataset" in task else path.parent.parent.name, meta["adapter"]["method"])].append(
             (task["distillation"], teacher, meta))
     print("| data | student | % of the teacher's params | teacher accuracy | base (teacher's head) | weight-space fit "
-          "| distilled student | gain kept, median [min-max] | each seed's gain kept [95 % interval] | agreement | student seconds: training / all "
-          "| teacher seconds: training / all | seeds |")
-    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: |")
+          "| distilled student | gain kept, median [min-max] | each seed's gain kept [95 % interval] "
+          "| gain kept in eval loss, median [min-max] | each seed's, in eval loss [95 % interval] | agreement "
+          "| student seconds: training / all | teacher seconds: training / all | seeds |")
+    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: |")
     for (data, method), rows in sorted(runs.items()):
         def median(get):
             return statistics.median(get(d, t) for d, t, _ in rows)
@@ -110,7 +111,8 @@ def compress_table(root: Path, sizes: Path) -> None:
               f"| {100 * median(lambda d, t: d['weight_space_fit']['student_accuracy']):.2f} "
               f"| {100 * median(lambda d, t: d['distilled']['student_accuracy']):.2f} "
               + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
-              + f"| {each_kept(rows)} | {100 * median(lambda d, t: d['distilled']['agreement']):.2f} "
+              + f"| {each_kept(rows)} | {kept_spread(rows, 'eval_loss')} | {each_kept(rows, 'eval_loss')} "
+              f"| {100 * median(lambda d, t: d['distilled']['agreement']):.2f} "
               f"| {seconds(rows, lambda d, t, m: d['distilled'])} / {median(lambda d, t: d['seconds']):.0f} "
               f"| {seconds(rows, lambda d, t, m: t)} / {median(lambda d, t: t['seconds']):.0f} | {len(rows)} |")
 
@@ -149,11 +151,25 @@ def compress_lm_table(root: Path) -> None:
               f"| {seconds(rows, lambda d, t, m: t)} / {median(lambda d, t, m: t['seconds']):.0f} | {len(rows)} |")
 
 
-def each_kept(rows) -> str:
+def measured_gain(record: dict, measure: str | None) -> tuple[float | None, list | None]:
+    """A run's share of the gain and its interval: the headline's (measure None), or one measure's
+    (a classifier's "eval_loss"); None for runs recorded before that measure was."""
+    if measure is None:
+        return record["kept_gain"], record.get("kept_gain_interval")
+    gain = record.get("kept_gain_by_measure", {}).get(measure, {})
+    return gain.get("kept"), gain.get("interval")
+
+
+def kept_spread(rows, measure: str) -> str:
+    kept = [k for k, _ in (measured_gain(d, measure) for d, _, _ in rows) if k is not None]
+    return f"{100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}]" if kept else "-"
+
+
+def each_kept(rows, measure: str | None = None) -> str:
     """Each run's share of the teacher's gain with its interval over the held-out texts (gain.py):
     how much of the spread between seeds is the test set's noise. "-" for a run without one."""
     def one(record: dict) -> str:
-        kept, interval = record["kept_gain"], record.get("kept_gain_interval")
+        kept, interval = measured_gain(record, measure)
         if kept is None:
             return "-"
         return f"{100 * kept:.1f}" + (f" [{100 * interval[0]:.0f}-{100 * interval[1]:.0f}]" if interval else "")

@@ -72,6 +72,17 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
         assert interval is None or interval[0] <= kept <= interval[1]
     else:
         assert recorded["kept_gain"] is None and recorded["kept_gain_interval"] is None
+    # the same gain in eval loss on the labels: the mean cross-entropy of base, teacher and student
+    by_measure = recorded["kept_gain_by_measure"]
+    assert list(by_measure) == ["accuracy", "eval_loss"] and by_measure["accuracy"]["kept"] == recorded["kept_gain"]
+    base_loss, teacher_loss = recorded["base_model"]["eval_loss"], last["teacher_eval_loss"]
+    assert recorded["weight_space_fit"]["teacher_eval_loss"] == pytest.approx(teacher_loss)
+    if teacher_loss < base_loss:
+        kept = (base_loss - last["eval_loss"]) / (base_loss - teacher_loss)
+        assert by_measure["eval_loss"]["kept"] == pytest.approx(kept, rel=1e-4)
+        assert f"eval loss on the labels: teacher {teacher_loss:.4f}, student {last['eval_loss']:.4f}" in printed
+    else:
+        assert by_measure["eval_loss"] == {"kept": None, "interval": None}
     assert recorded["settings"]["eval_every"] == 5 and recorded["temperature"] == 1.0  # a classifier's defaults
     assert recorded["hidden_weight"] == 1.0 and recorded["hidden_layers"] == "all"
     # the student's own cost, apart from scoring teacher, base, fit and the evaluations
@@ -345,6 +356,38 @@ def test_the_teacher_runs_once_per_training_text(teacher_run):
             torch.testing.assert_close(row, alone.logits[0].float(), atol=1e-5, rtol=1e-4)
 
 
+def test_a_classifier_is_scored_per_text_in_accuracy_and_eval_loss(teacher_run):
+    """Each held-out text gets two scores, the model's and the teacher's, for each measure of the
+    gain: 1 or 0 for a right or wrong answer, and minus its cross-entropy on the label, as the
+    model gives it on that text alone."""
+    from unilora.classification import build_classifier
+    from unilora.data import TextDataset, rotten_tomatoes
+    from unilora.distill import DistillTask, teacher_from_adapter
+
+    model, run = teacher_run
+    tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
+    data = rotten_tomatoes()
+    texts, labels = data.test_texts[:10], data.test_labels[:10]
+    task = DistillTask(teacher, tokenizer, TextDataset("t", ["0", "1"], texts[:2], [], texts, labels), 64)
+    _, base = build_classifier(str(model), 2, 0)
+    with torch.no_grad():
+        base.classifier.load_state_dict(teacher.head)
+    result = task.evaluate(base.eval(), final=False)
+    assert list(task.text_scores) == ["accuracy", "eval_loss"]
+    for who, scored in (("model", base), ("teacher", teacher.model)):
+        with torch.no_grad():
+            alone = torch.cat([scored(**tokenizer([text], truncation=True, max_length=64, return_tensors="pt")).logits
+                               for text in texts]).float()
+        truth = torch.tensor(labels)
+        scores = task.text_scores
+        assert torch.equal(scores["accuracy"][who], (alone.argmax(-1) == truth).float())
+        own = -torch.nn.functional.cross_entropy(alone, truth, reduction="none").double()
+        torch.testing.assert_close(scores["eval_loss"][who], own, atol=1e-5, rtol=1e-4)
+    assert result["eval_loss"] == pytest.approx(float(-task.text_scores["eval_loss"]["model"].mean()))
+    assert result["teacher_eval_loss"] == pytest.approx(float(-task.text_scores["eval_loss"]["teacher"].mean()))
+    assert result["eval_loss"] != pytest.approx(result["teacher_eval_loss"])  # the teacher differs from its base
+
+
 def test_a_teacher_from_our_adapter_runs_merged_and_gives_the_adapters_outputs(teacher_run):
     from unilora import AdaptedModel
     from unilora.classification import build_classifier
@@ -604,7 +647,8 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
     with torch.no_grad():
         own = [task._target_logits(teacher.model, one) for one in alone]
     losses = sorted(float(torch.nn.functional.cross_entropy(*pair, reduction="sum")) for pair in own)
-    scores = task.text_scores
+    assert list(task.text_scores) == ["eval_loss"]  # a causal LM's one measure
+    scores = task.text_scores["eval_loss"]
     torch.testing.assert_close(sorted((-scores["model"]).tolist()), losses, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(scores["teacher"], scores["model"], atol=1e-3, rtol=1e-4)
     tokens = sum(len(targets) for _, targets in own)

@@ -69,3 +69,29 @@ def test_the_printed_share_says_how_sure_it_is():
         "; the student keeps 90.1 % of the teacher's gain over the base (95 % interval over the held-out texts: "
         "80.2-100.5 %)")
     assert "within the noise of 60 held-out texts" in _kept_gain_text(1.2, None, 60, "texts")
+
+
+def test_every_measure_of_the_held_out_texts_gets_its_share():
+    """A classifier is scored in accuracy and in eval loss on its labels: each measure's share uses
+    its own scores (the base's from its own evaluation), accuracy first as the headline; a measure
+    the teacher did not gain in has no share, whatever the other says."""
+    from unilora.distill import _kept_gains
+
+    generator = torch.Generator().manual_seed(1)
+    base_acc, teacher_acc, student_acc = _right_or_wrong(300, 0.6, 0.8, 0.75, generator)
+    base_loss, teacher_loss = torch.rand(300, generator=generator) + 0.5, torch.rand(300, generator=generator) + 0.2
+    noise = 0.05 * torch.randn(300, generator=generator)
+    student_loss = (base_loss + 3 * teacher_loss) / 4 + noise  # about three quarters of the way
+    base = {"accuracy": {"model": base_acc}, "eval_loss": {"model": -base_loss}}
+    last = {"accuracy": {"model": student_acc, "teacher": teacher_acc},
+            "eval_loss": {"model": -student_loss, "teacher": -teacher_loss}}
+    gains = _kept_gains(base, last)
+    assert list(gains) == ["accuracy", "eval_loss"]
+    assert gains["accuracy"]["kept"] == pytest.approx(kept_gain(base_acc, teacher_acc, student_acc))
+    kept = float((base_loss - student_loss).sum() / (base_loss - teacher_loss).sum())  # the ratio of mean losses
+    assert gains["eval_loss"]["kept"] == pytest.approx(kept) and 0.7 < kept < 0.8
+    low, high = gains["eval_loss"]["interval"]
+    assert low < kept < high
+    last["eval_loss"]["teacher"] = -base_loss - 0.1  # a teacher worse than its base in loss
+    assert _kept_gains(base, last)["eval_loss"] == {"kept": None, "interval": None}
+    assert _kept_gains(None, last) == {} and _kept_gains(base, None) == {}  # no labels: nothing to score

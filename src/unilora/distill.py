@@ -257,8 +257,9 @@ class DistillTask(Task):
         self.pooled_variance: torch.Tensor | None = None  # per layer matched: of its features over the texts
         self.teacher_pass_seconds = 0.0
         # the last evaluation's score per held-out text, of the model scored and of the teacher
-        # (gain.py); None without labels
-        self.text_scores: dict[str, torch.Tensor] | None = None
+        # (gain.py), per measure: accuracy (1 or 0 a text) first, then minus the text's eval loss on
+        # its label, a finer measure of the same gain; None without labels
+        self.text_scores: dict[str, dict[str, torch.Tensor]] | None = None
 
     def batch(self, indices: list[int]) -> dict:
         if self.teacher_train is None:
@@ -299,9 +300,13 @@ class DistillTask(Task):
         result = {"agreement": float((predicted == teacher).float().mean()), "kl_to_teacher": float(kl)}
         if self.test_labels:
             labels = torch.tensor(self.test_labels)
-            self.text_scores = {"model": (predicted == labels).float(), "teacher": (teacher == labels).float()}
-            result["student_accuracy"] = float(self.text_scores["model"].mean())
-            result["teacher_accuracy"] = float(self.text_scores["teacher"].mean())
+            loss, teacher_loss = (F.cross_entropy(rows, labels, reduction="none").double()
+                                  for rows in (logits, self.teacher_test))
+            self.text_scores = {"accuracy": {"model": (predicted == labels).float(), "teacher": (teacher == labels).float()},
+                                "eval_loss": {"model": -loss, "teacher": -teacher_loss}}
+            result["student_accuracy"] = float(self.text_scores["accuracy"]["model"].mean())
+            result["teacher_accuracy"] = float(self.text_scores["accuracy"]["teacher"].mean())
+            result["eval_loss"], result["teacher_eval_loss"] = float(loss.mean()), float(teacher_loss.mean())
         return result
 
     def record(self) -> dict:
@@ -332,7 +337,7 @@ class LMDistillTask(CausalLMTask):
         self.teacher_top: list[torch.Tensor] = []  # per evaluation batch
         self.teacher_test_loss = 0.0
         self.teacher_text_losses: list[torch.Tensor] = []  # per evaluation batch, one summed loss per text
-        self.text_scores: dict[str, torch.Tensor] | None = None  # as DistillTask's: minus each text's loss
+        self.text_scores: dict[str, dict[str, torch.Tensor]] | None = None  # as DistillTask's, eval loss only
         self.teacher_metric: float | None = None  # the teacher's score on generations, once
         self.teacher_pass_seconds = 0.0
 
@@ -412,8 +417,8 @@ class LMDistillTask(CausalLMTask):
             kl += float(kl_per_row(student, teacher, "sum"))
             agree += float((student.argmax(-1) == teacher_top).sum())
             count += len(targets)
-        self.text_scores = {"model": -torch.cat(text_losses), "teacher": -torch.cat(self.teacher_text_losses)}
-        loss, count = float(-self.text_scores["model"].sum()), max(1.0, count)
+        self.text_scores = {"eval_loss": {"model": -torch.cat(text_losses), "teacher": -torch.cat(self.teacher_text_losses)}}
+        loss, count = float(-self.text_scores["eval_loss"]["model"].sum()), max(1.0, count)
         result = {"agreement": agree / count, "kl_to_teacher": kl / count, "eval_loss": loss / count,
                   "perplexity": math.exp(min(loss / count, 50.0)), "teacher_eval_loss": self.teacher_test_loss / count}
         metric = self.dataset.metric
@@ -511,19 +516,27 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
               "teacher_pass_seconds": task.teacher_pass_seconds, "before": before, "after": after, "history": history,
               "max_length": task.max_length, "plan": chosen, "record": task.record(),
               "test_examples": task.test_size()}
-    report["kept_gain"], report["kept_gain_interval"] = _kept_gain(base_scores, task.text_scores)
+    report["kept_gain_by_measure"] = _kept_gains(base_scores, task.text_scores)
+    # the first measure is the headline: a classifier's accuracy, a causal LM's eval loss
+    headline = next(iter(report["kept_gain_by_measure"].values()), {"kept": None, "interval": None})
+    report["kept_gain"], report["kept_gain_interval"] = headline["kept"], headline["interval"]
     return student.eval(), report
 
 
-def _kept_gain(base: dict | None, last: dict | None) -> tuple[float | None, tuple[float, float] | None]:
-    """The share of the teacher's gain over the base model that the student has (in accuracy for a
-    classifier scored on labels, in eval loss for a causal LM) and its interval over the held-out
-    texts; None where there is nothing to score or no gain."""
+def _kept_gains(base: dict | None, last: dict | None) -> dict[str, dict]:
+    """Per measure of the held-out texts (a classifier's accuracy and eval loss on its labels, a
+    causal LM's eval loss), the share of the teacher's gain over the base model that the student
+    has and its interval over the texts; empty where there is nothing to score, None where the
+    teacher gained nothing."""
     if base is None or last is None:
-        return None, None
-    scores = base["model"], last["teacher"], last["model"]
-    kept = kept_gain(*scores)
-    return kept, (kept_gain_interval(*scores) if kept is not None and len(scores[0]) > 1 else None)
+        return {}
+    gains = {}
+    for measure, scores in last.items():
+        triple = base[measure]["model"], scores["teacher"], scores["model"]
+        kept = kept_gain(*triple)
+        gains[measure] = {"kept": kept,
+                          "interval": kept_gain_interval(*triple) if kept is not None and len(triple[0]) > 1 else None}
+    return gains
 
 
 def _carry_head(student: AdaptedModel, head: dict[str, torch.Tensor]) -> None:

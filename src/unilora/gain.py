@@ -1,9 +1,10 @@
 """The share of a teacher's gain over the base model that a distilled student keeps, and how far
 that share can be trusted on the held-out texts it was measured on.
 
-Each model gets one score per held-out text, higher is better: 1 or 0 for a classifier's right or
-wrong answer, minus the summed token loss for a causal LM. Every model is scored on the same texts
-(and, for a causal LM, the same tokens), so the share of the gain is
+Each model gets one score per held-out text and measure, higher is better: 1 or 0 for a
+classifier's right or wrong answer, minus its cross-entropy on the label for a classifier's eval
+loss, minus the summed token loss for a causal LM. Every model is scored on the same texts (and,
+for a causal LM, the same tokens), so the share of the gain is
 
     kept = sum(student - base) / sum(teacher - base)
 
