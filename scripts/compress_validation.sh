@@ -26,6 +26,10 @@
 #   draw2, draw3   the default command with other draws of Uni-LoRA's projection (--adapter-seed
 #            = seed + 10 and seed + 20, nothing else changed; seeds 5-7 of both datasets)
 #   cap3pct-draw2   cap3pct with the draw of draw2
+#   hw05, hw3, hw10   the default command with Uni-LoRA's pooled features at weight 0.5, 3 and 10
+#            instead of 1 (the same draw of P; seeds 5-7 of both datasets, hw10 Rotten Tomatoes 5-6)
+#   cap18k-default   the default command with Uni-LoRA at d = 18,000 (5.4 % of the teacher's
+#            parameters; Rotten Tomatoes seeds 5-7)
 # Not reproduced here: layers-mean, layers-mean-h3, layers-mean-logits4e-2 (the six layers' terms
 # weighted alike, their plain mean), tokens (every token's hidden state) and head5e-3 (the carried
 # head trained too, at 5e-3): variants tried and not kept, whose code is not in the library.
@@ -94,7 +98,11 @@ for data in rotten_tomatoes bbc_news; do for seed in 5 6 7; do
   echo "student $data pools unilora $seed --init zero_delta"
   echo "student $data draw2 unilora $seed --adapter-seed $((seed + 10))"
   echo "student $data draw3 unilora $seed --adapter-seed $((seed + 20))"
-  echo "student $data cap3pct-draw2 unilora $seed --theta-dim 9953 --adapter-seed $((seed + 10))"; done; done >> "$out.jobs"
+  echo "student $data cap3pct-draw2 unilora $seed --theta-dim 9953 --adapter-seed $((seed + 10))"
+  echo "student $data hw05 unilora $seed --hidden-weight 0.5"
+  echo "student $data hw3 unilora $seed --hidden-weight 3"; done; done >> "$out.jobs"
+for seed in 5 6; do echo "student rotten_tomatoes hw10 unilora $seed --hidden-weight 10"; done >> "$out.jobs"
+for seed in 5 6 7; do echo "student rotten_tomatoes cap18k-default unilora $seed --theta-dim 18000"; done >> "$out.jobs"
 for seed in 5 6 7; do echo "student rotten_tomatoes rank3 unilora $seed --rank 3"; done >> "$out.jobs"
 xargs -P 2 -L 1 bash -c '"$@"' _ < "$out.jobs"
 python scripts/results_table.py --variants "$out/compress"
