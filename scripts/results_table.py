@@ -102,7 +102,6 @@ def compress_table(root: Path, sizes: Path) -> None:
         def median(get):
             return statistics.median(get(d, t) for d, t, _ in rows)
 
-        kept = [d["kept_gain"] for d, _, _ in rows if d["kept_gain"] is not None]  # None: the teacher gained nothing
         share = statistics.median(100 * m["stored_params"] / t["stored_params"] for _, t, m in rows) \
             if all("stored_params" in m for _, _, m in rows) else None
         print(f"| {data} | {method} | {'-' if share is None else f'{share:.1f}%'} "
@@ -110,8 +109,7 @@ def compress_table(root: Path, sizes: Path) -> None:
               f"| {100 * median(lambda d, t: d['base_model']['student_accuracy']):.2f} "
               f"| {100 * median(lambda d, t: d['weight_space_fit']['student_accuracy']):.2f} "
               f"| {100 * median(lambda d, t: d['distilled']['student_accuracy']):.2f} "
-              + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
-              + f"| {each_kept(rows)} | {kept_spread(rows, 'eval_loss')} | {each_kept(rows, 'eval_loss')} "
+              f"| {kept_spread(rows)} | {each_kept(rows)} | {kept_spread(rows, 'eval_loss')} | {each_kept(rows, 'eval_loss')} "
               f"| {100 * median(lambda d, t: d['distilled']['agreement']):.2f} "
               f"| {seconds(rows, lambda d, t, m: d['distilled'])} / {median(lambda d, t: d['seconds']):.0f} "
               f"| {seconds(rows, lambda d, t, m: t)} / {median(lambda d, t: t['seconds']):.0f} | {len(rows)} |")
@@ -137,14 +135,12 @@ def compress_lm_table(root: Path) -> None:
         def median(get):
             return statistics.median(get(d, t, m) for d, t, m in rows)
 
-        kept = [d["kept_gain"] for d, _, _ in rows if d["kept_gain"] is not None]
         print(f"| {data} | {method} | {median(lambda d, t, m: 100 * m['stored_params'] / t['stored_params']):.2f}% "
               f"| {median(lambda d, t, m: d['distilled']['teacher_eval_loss']):.3f} "
               f"| {median(lambda d, t, m: d['base_model']['eval_loss']):.3f} "
               f"| {median(lambda d, t, m: d['weight_space_fit']['eval_loss']):.3f} "
               f"| {median(lambda d, t, m: d['distilled']['eval_loss']):.3f} "
-              + (f"| {100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}] " if kept else "| - ")
-              + f"| {each_kept(rows)} | {100 * median(lambda d, t, m: d['distilled']['agreement']):.2f} "
+              f"| {kept_spread(rows)} | {each_kept(rows)} | {100 * median(lambda d, t, m: d['distilled']['agreement']):.2f} "
               f"| {median(lambda d, t, m: d['distilled'].get('teacher_rougeL', float('nan'))):.1f} / "
               f"{median(lambda d, t, m: d['distilled'].get('rougeL', float('nan'))):.1f} "
               f"| {seconds(rows, lambda d, t, m: d['distilled'])} / {median(lambda d, t, m: d['seconds']):.0f} "
@@ -160,7 +156,8 @@ def measured_gain(record: dict, measure: str | None) -> tuple[float | None, list
     return gain.get("kept"), gain.get("interval")
 
 
-def kept_spread(rows, measure: str) -> str:
+def kept_spread(rows, measure: str | None = None) -> str:
+    """The runs' shares of the gain, median [min-max]; runs whose teacher gained nothing (None) are left out."""
     kept = [k for k, _ in (measured_gain(d, measure) for d, _, _ in rows) if k is not None]
     return f"{100 * statistics.median(kept):.1f} % [{100 * min(kept):.1f}-{100 * max(kept):.1f}]" if kept else "-"
 
