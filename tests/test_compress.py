@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import unilora
 from unilora import AdapterConfig
 from unilora.cli import main
-from unilora.compress import LowRankUpdate, balanced, compress, delta_error, from_peft_lora
+from unilora.tools.compress import LowRankUpdate, balanced, compress, delta_error, from_peft_lora
 
 from conftest import build, logits_of
 

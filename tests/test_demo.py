@@ -7,9 +7,9 @@ import shutil
 import pytest
 from transformers import BertConfig, BertModel
 
-from unilora.backbones import resolve_model
+from unilora.models.backbones import resolve_model
 from unilora.cli import main
-from unilora.data import rotten_tomatoes
+from unilora.data.text import rotten_tomatoes
 
 
 def test_rotten_tomatoes_is_split_by_movie():
@@ -70,8 +70,8 @@ def test_adapter_on_the_wrong_model_is_refused(tmp_path, capsys):
 
 
 def test_bbc_headlines_pairs_each_article_with_its_own_first_line():
-    from unilora.data import bbc_news
-    from unilora.lm_data import ARTICLE_WORDS, bbc_headlines
+    from unilora.data.text import bbc_news
+    from unilora.data.lm import ARTICLE_WORDS, bbc_headlines
 
     news, headlines = bbc_news(), bbc_headlines()
     assert len(headlines.train) + len(headlines.test) == 2_225 and headlines.metric == "rougeL"

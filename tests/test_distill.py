@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from unilora.cli import main
-from unilora.io import read_adapter
-from unilora.recipes import DISTILL_GROUP_LRS, GROUP_LRS
+from unilora.store.io import read_adapter
+from unilora.training.recipes import DISTILL_GROUP_LRS, GROUP_LRS
 
 from conftest import edit_adapter_weights
 from test_causal_lm import chat_rows, llama_dir, tokenizer, write_jsonl  # noqa: F401 (fixtures)
@@ -125,7 +125,7 @@ def test_a_peft_export_with_its_head_is_a_teacher_too(teacher_run, tmp_path, cap
 
 
 def test_unlabelled_texts_are_enough(teacher_run, tmp_path, capsys):
-    from unilora.data import rotten_tomatoes
+    from unilora.data.text import rotten_tomatoes
 
     model, run = teacher_run
     texts = tmp_path / "texts.txt"
@@ -150,9 +150,9 @@ def test_unlabelled_texts_are_enough(teacher_run, tmp_path, capsys):
 def test_matching_pooled_features_brings_the_students_closer_to_the_teachers(teacher_run, tmp_path, capsys):
     """With --hidden-weight the student also matches the head's input: on held-out texts its pooled
     features end closer to the teacher's than those of a student trained on the logits alone."""
-    from unilora.classification import encode, predict
-    from unilora.data import rotten_tomatoes
-    from unilora.distill import teacher_from_adapter
+    from unilora.training.classification import encode, predict
+    from unilora.data.text import rotten_tomatoes
+    from unilora.training.distill import teacher_from_adapter
 
     model, run = teacher_run
     distance = {}
@@ -177,7 +177,7 @@ def test_matching_pooled_features_brings_the_students_closer_to_the_teachers(tea
 def test_the_classifier_pools_every_layer_when_asked(teacher_run):
     """With output_hidden_states the classifier returns every encoder layer's output pooled as the
     head's input is (the last one is that input); without, none."""
-    from unilora.classification import build_classifier
+    from unilora.training.classification import build_classifier
 
     model, _ = teacher_run
     tokenizer, classifier = build_classifier(str(model), 2, 0)
@@ -196,9 +196,9 @@ def test_the_classifier_pools_every_layer_when_asked(teacher_run):
 def test_matching_every_layer_brings_the_students_inner_layers_closer(teacher_run, tmp_path, capsys):
     """With --hidden-layers all each encoder layer's pooled output is a target: on held-out texts
     the student's inner layers end closer to the teacher's than with the last layer's alone."""
-    from unilora.classification import encode, predict
-    from unilora.data import rotten_tomatoes
-    from unilora.distill import teacher_from_adapter
+    from unilora.training.classification import encode, predict
+    from unilora.data.text import rotten_tomatoes
+    from unilora.training.distill import teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -220,7 +220,7 @@ def test_matching_every_layer_brings_the_students_inner_layers_closer(teacher_ru
 
 
 def test_the_features_unit_is_their_spread_and_stays_finite_without_one():
-    from unilora.distill import feature_scale
+    from unilora.training.distill import feature_scale
 
     features = torch.randn(50, 3, 8) * torch.tensor([1.0, 2.0, 10.0]).view(1, 3, 1) + 5.0
     torch.testing.assert_close(feature_scale(features), features.var(0, unbiased=False).mean(-1))
@@ -234,8 +234,8 @@ def test_every_layers_features_that_would_not_fit_fall_back_or_are_refused(capsy
     budget the default matches the head's input alone (and says so); an explicit "all" is refused."""
     from types import SimpleNamespace
 
-    from unilora.distill import layers_to_match
-    from unilora.errors import UniLoraError
+    from unilora.training.distill import layers_to_match
+    from unilora.core.errors import UniLoraError
 
     minilm = SimpleNamespace(num_hidden_layers=6, hidden_size=384)  # 9 KiB a text
     assert layers_to_match(None, 2000, minilm) == "all" and layers_to_match("last", 10**9, minilm) == "last"
@@ -251,9 +251,9 @@ def test_a_student_trains_without_the_frozen_models_dropout(teacher_run):
     dropout is off (finetune keeps it on), the adapter's own dropout and training-only selection
     still act."""
     from unilora import AdapterConfig, get_model
-    from unilora.classification import build_classifier
-    from unilora.distill import student_train_mode
-    from unilora.train import Task
+    from unilora.training.classification import build_classifier
+    from unilora.training.distill import student_train_mode
+    from unilora.training.loop import Task
 
     model, _ = teacher_run
     tokenizer, base = build_classifier(str(model), 2, 0)
@@ -319,12 +319,12 @@ def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
 
 def test_the_weight_space_start_takes_the_refinement_options(teacher_run, tmp_path, monkeypatch, capsys):
     """--steps and --lr refine the distillation's starting point as they refine a weight-space fit."""
-    import unilora.distill
+    import unilora.training.distill
 
     model, run = teacher_run
     seen = []
-    fit = unilora.distill.compress
-    monkeypatch.setattr(unilora.distill, "compress", lambda *a, **k: seen.append(k) or fit(*a, **k))
+    fit = unilora.training.distill.compress
+    monkeypatch.setattr(unilora.training.distill, "compress", lambda *a, **k: seen.append(k) or fit(*a, **k))
     assert main(["compress", str(tmp_path / "s"), "--adapter", str(run / "adapter"), "--method", "unilora",
                  "--theta-dim", "200", "--train-limit", "16", "--test-limit", "16", "--epochs", "1",
                  "--steps", "3", "--lr", "0.05", "--no-progress"]) == 0
@@ -335,8 +335,8 @@ def test_the_weight_space_start_takes_the_refinement_options(teacher_run, tmp_pa
 def test_the_teacher_runs_once_per_training_text(teacher_run):
     """Its logits for all training texts are computed in one pass at the first batch; any later
     batch reads the logits the teacher gives that text alone."""
-    from unilora.data import TextDataset, rotten_tomatoes
-    from unilora.distill import DistillTask, teacher_from_adapter
+    from unilora.data.text import TextDataset, rotten_tomatoes
+    from unilora.training.distill import DistillTask, teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -360,9 +360,9 @@ def test_a_classifier_is_scored_per_text_in_accuracy_and_eval_loss(teacher_run):
     """Each held-out text gets two scores, the model's and the teacher's, for each measure of the
     gain: 1 or 0 for a right or wrong answer, and minus its cross-entropy on the label, as the
     model gives it on that text alone."""
-    from unilora.classification import build_classifier
-    from unilora.data import TextDataset, rotten_tomatoes
-    from unilora.distill import DistillTask, teacher_from_adapter
+    from unilora.training.classification import build_classifier
+    from unilora.data.text import TextDataset, rotten_tomatoes
+    from unilora.training.distill import DistillTask, teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -390,8 +390,8 @@ def test_a_classifier_is_scored_per_text_in_accuracy_and_eval_loss(teacher_run):
 
 def test_a_teacher_from_our_adapter_runs_merged_and_gives_the_adapters_outputs(teacher_run):
     from unilora import AdaptedModel
-    from unilora.classification import build_classifier
-    from unilora.distill import teacher_from_adapter
+    from unilora.training.classification import build_classifier
+    from unilora.training.distill import teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -454,7 +454,7 @@ def test_a_causal_lm_student_plans_small_batches_and_runs_the_rest_in_finetunes(
                                                                                monkeypatch):
     """Left to the plan, a causal-LM student trains one epoch in batches of 2 (plan.py); the
     teacher's pass, the evaluations and the generations still run in batches of 8."""
-    import unilora.distill as distill_module
+    import unilora.training.distill as distill_module
 
     no_grad_batches, original = [], distill_module.batches_by_length
 
@@ -496,7 +496,7 @@ def test_a_peft_lora_on_a_causal_lm_is_a_teacher(llama_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from unilora.distill import teacher_from_peft_lora
+    from unilora.training.distill import teacher_from_peft_lora
 
     torch.manual_seed(0)
     peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(llama_dir), LoraConfig(
@@ -529,7 +529,7 @@ def test_a_peft_lora_on_gpt2_conv1d_layers_is_a_teacher(tokenizer, tmp_path, cap
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from unilora.distill import teacher_from_peft_lora
+    from unilora.training.distill import teacher_from_peft_lora
 
     folder = tmp_path / "tiny-gpt2"
     torch.manual_seed(0)
@@ -562,7 +562,7 @@ def test_a_fully_fine_tuned_causal_lm_is_a_teacher(llama_dir, teacher_run, tmp_p
     from test_hostile import one_line_error
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from unilora.distill import teacher_from_finetuned
+    from unilora.training.distill import teacher_from_finetuned
 
     base, tuned = LlamaForCausalLM.from_pretrained(llama_dir), LlamaForCausalLM.from_pretrained(llama_dir)
     generator = torch.Generator().manual_seed(2)
@@ -608,9 +608,9 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
     """The training texts' next-token distributions are computed in one pass at the first batch and
     read after that (past the cache's budget they are recomputed in their batches, the same); the
     held-out texts are scored by the teacher once, however often the student is evaluated."""
-    from unilora.causal_lm import collate, lm_dataset_of
-    from unilora.distill import LMDistillTask, teacher_from_adapter
-    from unilora.train import TrainSettings
+    from unilora.training.causal_lm import collate, lm_dataset_of
+    from unilora.training.distill import LMDistillTask, teacher_from_adapter
+    from unilora.training.loop import TrainSettings
 
     tokenizer, teacher = teacher_from_adapter(lm_teacher)
     dataset = lm_dataset_of(teacher.record, lm_teacher)
@@ -658,9 +658,9 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
 def test_distillation_plans_with_the_lengths_of_its_texts(teacher_run, tmp_path, monkeypatch, capsys):
     """`compress` leaves grouping to the plan (None, so it can pay for epochs) and gives it the
     token count of every training text, as encoded for the student."""
-    import unilora.distill as distill_module
-    from unilora.classification import dataset_of, encode
-    from unilora.distill import teacher_from_adapter
+    import unilora.training.distill as distill_module
+    from unilora.training.classification import dataset_of, encode
+    from unilora.training.distill import teacher_from_adapter
 
     seen = {}
 

@@ -91,7 +91,7 @@ def test_outputs_follow_the_umask(tmp_path):
 CRASHING_SAVE = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
-    import unilora.writing as writing
+    import unilora.store.writing as writing
     from unilora import AdapterConfig, get_model
     from conftest import build, method_options
     kill_at, calls = int(sys.argv[1]), [0]

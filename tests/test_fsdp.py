@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unilora import AdapterConfig, get_model
-from unilora.distributed import fully_shard_adapted, transformer_blocks
+from unilora.engine.distributed import fully_shard_adapted, transformer_blocks
 
 from conftest import build, method_options
 from ranks import init_gloo, leave_rank, run_ranks

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from unilora.cli import _kept_gain_text
-from unilora.gain import kept_gain, kept_gain_interval
+from unilora.cli.main import _kept_gain_text
+from unilora.training.gain import kept_gain, kept_gain_interval
 
 
 def _right_or_wrong(n: int, base: float, teacher: float, student: float, generator) -> tuple[torch.Tensor, ...]:
@@ -75,7 +75,7 @@ def test_every_measure_of_the_held_out_texts_gets_its_share():
     """A classifier is scored in accuracy and in eval loss on its labels: each measure's share uses
     its own scores (the base's from its own evaluation), accuracy first as the headline; a measure
     the teacher did not gain in has no share, whatever the other says."""
-    from unilora.distill import _kept_gains
+    from unilora.training.distill import _kept_gains
 
     generator = torch.Generator().manual_seed(1)
     base_acc, teacher_acc, student_acc = _right_or_wrong(300, 0.6, 0.8, 0.75, generator)

@@ -156,12 +156,12 @@ def test_a_huge_declared_size_is_refused_before_allocating(tmp_path):
 
     def giant(meta):
         meta["layout"][0][1] = 2**31
-        meta["layout_fingerprint"] = unilora.layout.Layout.from_json(meta["layout"]).fingerprint()
-        meta["D"] = unilora.layout.Layout.from_json(meta["layout"]).D
+        meta["layout_fingerprint"] = unilora.core.layout.Layout.from_json(meta["layout"]).fingerprint()
+        meta["D"] = unilora.core.layout.Layout.from_json(meta["layout"]).D
 
     edit_adapter_config(path, giant)
     with pytest.raises(UniLoraError, match="would allocate"):
-        unilora.inspection.describe(path)
+        unilora.tools.inspection.describe(path)
 
 
 # --- evaluate: labels by name, data from the adapter ----------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 import unilora
 from unilora import AdapterConfig, LayoutMismatchError, UniLoraError, get_model
-from unilora.layers import AdaptedLayer
+from unilora.engine.layers import AdaptedLayer
 
 from conftest import HEADS, build, edit_adapter_config, logits_of, method_options
 
@@ -239,7 +239,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("unilora.io.save_file", explode)
+    monkeypatch.setattr("unilora.store.io.save_file", explode)
     with pytest.raises(OSError):
         model.save_pretrained(tmp_path / "a")
     with pytest.raises(OSError):

@@ -54,7 +54,7 @@ def test_ours_to_peft_keeps_a_scaling_where_peft_can(rows, tmp_path):
         torch.testing.assert_close(peft_model(input_ids=rows).logits, ours(input_ids=rows).logits, atol=1e-5, rtol=0)
     trained_adapter("llama", "vblora", tmp_path / "scaled-vblora", alpha=8.0)
     with pytest.raises(UniLoraError, match="no scaling"):
-        unilora.peft_native.to_peft(tmp_path / "scaled-vblora", tmp_path / "out")
+        unilora.tools.peft_native.to_peft(tmp_path / "scaled-vblora", tmp_path / "out")
 
 
 def peft_config(kind, arch, **options):

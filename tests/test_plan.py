@@ -1,4 +1,4 @@
-"""The schedule chosen from the run (unilora.plan) and the training loop's use of it: batch size
+"""The schedule chosen from the run (unilora.training.plan) and the training loop's use of it: batch size
 and epochs from the dataset size, evaluations, gradient clipping when asked, overrides, the record."""
 
 import json
@@ -10,9 +10,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from conftest import VOCAB, build, method_options
 from unilora import AdapterConfig, get_model
 from unilora.cli import main
-from unilora.errors import UniLoraError
-from unilora.plan import TARGET_STEPS, plan_run, short_run_warning
-from unilora.train import Task, TrainSettings, train
+from unilora.core.errors import UniLoraError
+from unilora.training.plan import TARGET_STEPS, plan_run, short_run_warning
+from unilora.training.loop import Task, TrainSettings, train
 
 from test_demo import small_bert
 from test_hostile import one_line_error
@@ -164,7 +164,7 @@ def _padded_tokens(order, lengths, batch_size):
 def test_length_grouped_batches_are_a_shuffle_with_less_padding(n, batch_size):
     import random
 
-    from unilora.batching import LENGTH_WINDOW, length_grouped, padded_tokens
+    from unilora.data.batching import LENGTH_WINDOW, length_grouped, padded_tokens
 
     rng = random.Random(0)
     lengths = [rng.randint(1, 64) for _ in range(n)]
@@ -187,7 +187,7 @@ def test_length_grouped_batches_are_a_shuffle_with_less_padding(n, batch_size):
 def test_distillation_groups_by_length_where_it_saves_padding_and_spends_it_on_epochs():
     import random
 
-    from unilora.batching import grouped_share
+    from unilora.data.batching import grouped_share
 
     rng = random.Random(0)
     mixed = [rng.choice([10, 60]) for _ in range(2000)]  # short and long texts: grouping halves the padding

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unilora import AdapterConfig, UniLoraError
-from unilora.layout import Layout, Slot
+from unilora.core.layout import Layout, Slot
 from unilora.methods import PROJECTIONS
 from unilora.methods.fastfood import fwht
 from unilora.methods.unilora import balanced_assignment

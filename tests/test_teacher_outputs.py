@@ -2,8 +2,8 @@
 
 import torch
 
-from unilora.distill import kl_per_row
-from unilora.teacher_outputs import TeacherCache, stored
+from unilora.training.distill import kl_per_row
+from unilora.training.teacher_outputs import TeacherCache, stored
 
 
 def test_stored_log_probabilities_give_the_kl_and_its_gradient():

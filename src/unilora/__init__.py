@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .config import METHODS, AdapterConfig
-from .errors import LayoutMismatchError, UniLoraError
-from .model import AdaptedModel, get_model
+from .core.config import METHODS, AdapterConfig
+from .core.errors import LayoutMismatchError, UniLoraError
+from .engine.model import AdaptedModel, get_model
 
 from_pretrained = AdaptedModel.from_pretrained
 
@@ -14,7 +14,7 @@ _INTEGRATIONS = ("Trainer", "AdapterTrainerMixin", "adapter_trainer")
 def __getattr__(name: str):
     # transformers.Trainer is heavy to import: load the integration only when asked for
     if name in _INTEGRATIONS:
-        from . import integrations
+        from .engine import integrations
 
         return getattr(integrations, name)
     raise AttributeError(f"module 'unilora' has no attribute '{name}'")

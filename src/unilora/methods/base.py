@@ -9,9 +9,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..errors import UniLoraError
-from ..layout import Layout
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
+from ..core.layout import Layout
 
 
 class ScaledFactors(NamedTuple):

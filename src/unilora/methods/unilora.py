@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UniLoraError
-from ..rng import SeededStream
+from ..core.errors import UniLoraError
+from ..core.rng import SeededStream
 from .base import Projection, shared_fixed_parts
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UniLoraError
+from ..core.errors import UniLoraError
 from .base import Projection
 
 # Logits that an adapter saved in top-k form did not keep are rebuilt this far below the

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..rng import SeededStream
+from ..core.rng import SeededStream
 from .base import Projection, ScaledFactors, shared_fixed_parts
 
 

@@ -21,7 +21,7 @@ import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import can_return_loss, find_labels
 
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 from .model import AdaptedModel
 
 

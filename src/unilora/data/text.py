@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 
 BUILTIN_DATASETS = ("rotten_tomatoes", "bbc_news")
 

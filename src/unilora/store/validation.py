@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 
 MAX_JSON_BYTES = 16 * 2**20
 

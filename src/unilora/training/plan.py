@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from .batching import grouped_share
+from ..data.batching import grouped_share
 
 # about the budget the recipe's rates were tuned on (126 steps)
 TARGET_STEPS = 120

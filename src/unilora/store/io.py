@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import AdapterConfig
-from .errors import UniLoraError
-from .layout import Layout, Slot
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
+from ..core.layout import Layout, Slot
 from .validation import Fields, check_allocation, check_finite, check_header, read_json_object, tensor_header
 from .writing import Recognisers, write_json_atomic, write_output_dir
 
@@ -171,7 +171,7 @@ def _check_meta(meta: dict, path: Path) -> tuple[AdapterConfig, Layout]:
 
 def _check_task(task, path: Path) -> None:
     """What `finetune` records: the task kind, model, data and what each kind needs."""
-    from .lm_data import KINDS, METRICS
+    from ..data.lm import KINDS, METRICS
 
     kind = task.string("task", default="seq-cls")
     if kind not in ("seq-cls", "causal-lm"):
@@ -196,7 +196,7 @@ def _check_task(task, path: Path) -> None:
 
 def read_adapter(directory) -> AdapterFile:
     """Read and validate an adapter directory (see the module docstring for the order)."""
-    from .methods import PROJECTIONS
+    from ..methods import PROJECTIONS
 
     path = Path(directory)
     if not path.is_dir():

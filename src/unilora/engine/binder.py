@@ -35,9 +35,9 @@ import threading
 
 import torch
 
-from .errors import UniLoraError
-from .methods import Projection
-from .methods.base import ScaledFactors
+from ..core.errors import UniLoraError
+from ..methods import Projection
+from ..methods.base import ScaledFactors
 
 
 def _rebuild_like(template, items: list):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import AdapterConfig
-from .errors import UniLoraError
-from .model import get_model
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
+from ..engine.model import get_model
 
 ROBERTA_SIZES = {
     "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

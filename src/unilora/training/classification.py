@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .backbones import SequenceClassifier, load_backbone
-from .data import BUILTIN_DATASETS, TextDataset, load_dataset
-from .errors import UniLoraError
-from .model import AdaptedModel
-from .train import Task, TrainSettings, fitted_max_length, recorded_data
+from ..models.backbones import SequenceClassifier, load_backbone
+from ..data.text import BUILTIN_DATASETS, TextDataset, load_dataset
+from ..core.errors import UniLoraError
+from ..engine.model import AdaptedModel
+from .loop import Task, TrainSettings, fitted_max_length, recorded_data
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -23,22 +23,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backbones import load_causal_lm
+from ..models.backbones import load_causal_lm
 from .causal_lm import IGNORE, CausalLMTask, batches_by_length, collate as lm_collate, score_generations
 from .classification import build_classifier, collate, encode, predict, predict_logits
-from .compress import LowRankUpdate, compress, from_peft_lora
-from .config import AdapterConfig
-from .data import TextDataset
-from .errors import UniLoraError
+from ..tools.compress import LowRankUpdate, compress, from_peft_lora
+from ..core.config import AdapterConfig
+from ..data.text import TextDataset
+from ..core.errors import UniLoraError
 from .gain import kept_gain, kept_gain_interval
-from .layers import AdaptedLayer
-from .lm_data import LMDataset
-from .model import AdaptedModel, get_model
+from ..engine.layers import AdaptedLayer
+from ..data.lm import LMDataset
+from ..engine.model import AdaptedModel, get_model
 from .plan import LM_BATCH_SIZE, plan_run
 from .recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 from .teacher_outputs import CACHE_BUDGET_BYTES, TeacherCache, stored
-from .train import Task, TrainSettings, fit_rates_to, fitted_max_length, read_task_adapter, task_kind, train
-from .validation import check_finite, check_header, tensor_header
+from .loop import Task, TrainSettings, fit_rates_to, fitted_max_length, read_task_adapter, task_kind, train
+from ..store.validation import check_finite, check_header, tensor_header
 
 HEAD_MODULE = "classifier"
 # The default softening, per teacher kind. A classifier: against 2, students at 1 ended closer to
@@ -86,7 +86,7 @@ def teacher_from_adapter(directory, model_name: str | None = None):
 
 def peft_teacher_kind(directory) -> str:
     """"causal-lm" for a PEFT LoRA saved from a causal LM (its task_type), else "seq-cls"."""
-    from .validation import read_json_object
+    from ..store.validation import read_json_object
 
     meta = read_json_object(Path(directory) / "adapter_config.json", "a PEFT adapter config")
     return "causal-lm" if meta.get("task_type") == "CAUSAL_LM" else "seq-cls"
@@ -96,8 +96,8 @@ def teacher_from_peft_lora(directory, label_names: list[str] | None, model_name:
     """(tokenizer, teacher) from a PEFT LoRA: on a causal LM (task_type CAUSAL_LM), or on the encoder
     of a classifier with the head in head.safetensors (what `unilora export` writes for one). The
     LoRA is merged into a copy of the base model (linear layers, and GPT-2's Conv1D)."""
-    from .targeting import is_conv1d
-    from .validation import read_json_object
+    from ..core.targeting import is_conv1d
+    from ..store.validation import read_json_object
 
     directory = Path(directory)
     meta = read_json_object(directory / "adapter_config.json", "a PEFT adapter config")
@@ -140,9 +140,9 @@ def teacher_from_finetuned(directory, base_name: str, targets, rank: int):
     """(tokenizer, teacher) from a fully fine-tuned causal LM (a model folder) and its base model.
     The weight-space start is the truncated SVD of W_ft − W_base of every targeted linear layer, at
     the student's rank."""
-    from .backbones import is_causal_lm
-    from .compress import truncated
-    from .targeting import base_module, find_targets, is_conv1d
+    from ..models.backbones import is_causal_lm
+    from ..tools.compress import truncated
+    from ..core.targeting import base_module, find_targets, is_conv1d
 
     if not is_causal_lm(str(directory)):
         raise UniLoraError(f"'{directory}' is not a causal LM: a fully fine-tuned teacher is taken for causal LMs "

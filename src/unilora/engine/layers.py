@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binder import FactorBinder
-from .methods.base import ScaledFactors
+from ..methods.base import ScaledFactors
 from .routing import AdapterRouter
-from .targeting import is_conv1d
+from ..core.targeting import is_conv1d
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .io import CONFIG_NAME, HEAD_PREFIX, WEIGHTS_NAME, read_adapter
-from .methods import PROJECTIONS
+from ..store.io import CONFIG_NAME, HEAD_PREFIX, WEIGHTS_NAME, read_adapter
+from ..methods import PROJECTIONS
 
 
 def rebuild_projection(adapter_dir):

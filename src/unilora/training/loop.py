@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .batching import length_grouped
-from .config import AdapterConfig
-from .errors import UniLoraError
-from .io import AdapterFile, is_adapter_dir, read_adapter
-from .model import AdaptedModel, get_model
+from ..data.batching import length_grouped
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
+from ..store.io import AdapterFile, is_adapter_dir, read_adapter
+from ..engine.model import AdaptedModel, get_model
 from .plan import plan_run, short_run_warning
-from .validation import read_json_object
-from .writing import check_writable, write_json_atomic, write_output_dir
+from ..store.validation import read_json_object
+from ..store.writing import check_writable, write_json_atomic, write_output_dir
 
 
 def _is_our_metrics(path: Path) -> bool:
@@ -290,7 +290,7 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
 def task_for(data) -> Task:
     from .causal_lm import CausalLMTask
     from .classification import ClassificationTask
-    from .lm_data import LMDataset
+    from ..data.lm import LMDataset
 
     return CausalLMTask(data) if isinstance(data, LMDataset) else ClassificationTask(data)
 

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 
 # entry name -> does the existing entry at this path come from us?
 Recognisers = dict[str, Callable[[Path], bool]]

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from .binder import FactorBinder
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 
 BASE = "__base__"  # a row that runs the base model alone
 DEFAULT_CACHE_LIMIT_BYTES = 2 * 1024**3

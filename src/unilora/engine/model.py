@@ -14,21 +14,21 @@ import torch
 from torch import nn
 
 from .binder import FactorBinder
-from .config import AdapterConfig
-from .errors import LayoutMismatchError, UniLoraError
-from .io import FORMAT_VERSION, HEAD_PREFIX, AdapterFile, read_adapter, write_adapter_dir
+from ..core.config import AdapterConfig
+from ..core.errors import LayoutMismatchError, UniLoraError
+from ..store.io import FORMAT_VERSION, HEAD_PREFIX, AdapterFile, read_adapter, write_adapter_dir
 from .layers import AdaptedLayer, LayerAdapter, SavedHead
-from .layout import Layout, Slot
-from .methods import PROJECTIONS, Projection
-from .methods.vblora import with_vector_length
+from ..core.layout import Layout, Slot
+from ..methods import PROJECTIONS, Projection
+from ..methods.vblora import with_vector_length
 from .routing import BASE, AdapterRouter
-from .targeting import base_module, find_targets, is_adaptable, is_conv1d, linear_shape, name_matches
+from ..core.targeting import base_module, find_targets, is_adaptable, is_conv1d, linear_shape, name_matches
 
 DEFAULT_ADAPTER = "default"
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

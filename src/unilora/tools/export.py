@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 from .inspection import rebuild_projection
-from .io import save_tensors, written_by_us
-from .validation import check_finite
-from .writing import write_output_dir
+from ..store.io import save_tensors, written_by_us
+from ..store.validation import check_finite
+from ..store.writing import write_output_dir
 
 # a PEFT LoRA folder we exported: its safetensors files say so in their header
 EXPORT_FILES = {
@@ -65,8 +65,8 @@ def _is_finetuned_classifier(meta: dict) -> bool:
 
 def base_model_name(meta: dict) -> str | None:
     """The name or path the base model was loaded from (embedded models by their hub names)."""
-    from .backbones import EMBEDDED_HUB_NAME, is_embedded
-    from .embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
+    from ..models.backbones import EMBEDDED_HUB_NAME, is_embedded
+    from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 
     name = (meta.get("task") or {}).get("model") or (meta.get("base_model") or {}).get("name_or_path")
     if name and is_embedded(name):

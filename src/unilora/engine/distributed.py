@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import UniLoraError
+from ..core.errors import UniLoraError
 from .model import AdaptedModel
 
 

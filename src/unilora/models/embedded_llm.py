@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import UniLoraError
-from .writing import apply_umask
+from ..core.errors import UniLoraError
+from ..store.writing import apply_umask
 
 EMBEDDED_LLM = "SmolLM2-135M-Instruct"
 EMBEDDED_LLM_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -41,7 +41,7 @@ def cache_root() -> Path:
 
 
 def _source() -> Path:
-    from .data import package_file
+    from ..data.text import package_file
 
     return package_file(_PACKAGE[0], f"{_PACKAGE[1]}/{_GGUF_FILE}")
 

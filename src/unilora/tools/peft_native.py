@@ -31,16 +31,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import AdapterConfig
-from .errors import UniLoraError
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
 from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap
 from .inspection import rebuild_projection
-from .io import save_tensors, write_adapter_dir
-from .layout import Layout, Slot
-from .methods import PROJECTIONS
-from .targeting import base_module, is_adaptable, linear_shape
-from .validation import check_finite
-from .writing import write_output_dir
+from ..store.io import save_tensors, write_adapter_dir
+from ..core.layout import Layout, Slot
+from ..methods import PROJECTIONS
+from ..core.targeting import base_module, is_adaptable, linear_shape
+from ..store.validation import check_finite
+from ..store.writing import write_output_dir
 
 PEFT_TYPES = {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA"}
 _PREFIX = "base_model.model."
@@ -263,7 +263,7 @@ def model_skeleton(name_or_path: str, task_type: str | None) -> torch.nn.Module:
     """The model's modules and shapes, without weights (built on the meta device from its config)."""
     import transformers
 
-    from .backbones import _local_or_hub
+    from ..models.backbones import _local_or_hub
 
     classes = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
@@ -312,7 +312,7 @@ def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[st
     projection = PROJECTIONS[config.method](layout, config)
     projection.check_stored_values(tensors, config)
     projection.load_stored_tensors(tensors)
-    from .model import adapter_metadata
+    from ..engine.model import adapter_metadata
 
     heads = sorted({key[len("head."):].rsplit(".", 1)[0] for key in tensors if key.startswith("head.")})
     meta = adapter_metadata(config, layout, projection, head_modules=modules_to_save if heads else [],

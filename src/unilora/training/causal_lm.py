@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backbones import load_causal_lm
-from .errors import UniLoraError
-from .lm_data import BUILTIN_LM_TASKS, LMDataset, load_lm_dataset
-from .model import AdaptedModel
-from .train import Task, TrainSettings, fitted_max_length, recorded_data
+from ..models.backbones import load_causal_lm
+from ..core.errors import UniLoraError
+from ..data.lm import BUILTIN_LM_TASKS, LMDataset, load_lm_dataset
+from ..engine.model import AdaptedModel
+from .loop import Task, TrainSettings, fitted_max_length, recorded_data
 
 IGNORE = -100  # label of a token that carries no loss (prompt, user turns, padding)
 
@@ -310,8 +310,8 @@ def evaluate_lm_adapter(adapter, dataset: LMDataset | None, model_name: str | No
 
 def prompts_from_file(path: str | Path) -> list:
     """Prompts to generate from: JSONL rows with "prompt" (text) or "messages" (a conversation)."""
-    from .data import _read_table
-    from .lm_data import check_messages
+    from ..data.text import _read_table
+    from ..data.lm import check_messages
 
     path = Path(path)
     if not path.is_file():
@@ -333,7 +333,7 @@ def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge
                           model_name: str | None = None, batch_size: int = 8) -> list[str]:
     """Generations of a saved causal-LM adapter. A text prompt is sent as a user turn through the chat
     template when the adapter learned from chat data; a conversation always is."""
-    from .train import read_task_adapter, task_kind
+    from .loop import read_task_adapter, task_kind
 
     adapter, task = read_task_adapter(adapter_dir)
     if task_kind(task) != "causal-lm":
@@ -348,9 +348,9 @@ def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge
 def demo_causal_lm(method: str, out: str, train_limit: int, test_limit: int) -> int:
     """`unilora demo --task causal-lm`: BBC News headlines on SmolLM2, one held-out article's
     headline generated before and after training."""
-    from .cli import main
-    from .embedded_llm import EMBEDDED_LLM
-    from .lm_data import bbc_headlines
+    from ..cli.main import main
+    from ..models.embedded_llm import EMBEDDED_LLM
+    from ..data.lm import bbc_headlines
 
     held_out = bbc_headlines().test[-1]["messages"]  # from the test split: never trained on
     prompt, reference = held_out[0]["content"], held_out[1]["content"]

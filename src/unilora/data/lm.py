@@ -16,8 +16,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import _decode, _field, _read_table, bbc_news, rotten_tomatoes, seeded_split
-from .errors import UniLoraError
+from .text import _decode, _field, _read_table, bbc_news, rotten_tomatoes, seeded_split
+from ..core.errors import UniLoraError
 
 KINDS = ("text", "prompt_completion", "chat")
 METRICS = ("rougeL", "accuracy", "exact_match")

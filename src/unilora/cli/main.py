@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import METHODS, VBLORA_SELECTIONS, AdapterConfig
-from .errors import UniLoraError
-from .recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
+from ..core.config import METHODS, VBLORA_SELECTIONS, AdapterConfig
+from ..core.errors import UniLoraError
+from ..training.recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 
 TASKS = ("seq-cls", "causal-lm")
 
@@ -89,7 +89,7 @@ def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
 def _adapter_config(args, targets, modules_to_save=(), defaults=None, auto_vector_length=False) -> AdapterConfig:
     """The adapter config from the method's defaults and the options given. With
     `auto_vector_length`, VB-LoRA's b is chosen from the model (the recipe's b fits MiniLM only)."""
-    from .recipes import METHOD_DEFAULTS
+    from ..training.recipes import METHOD_DEFAULTS
 
     options = dict((defaults or METHOD_DEFAULTS)[args.method])
     if auto_vector_length:
@@ -118,12 +118,12 @@ def _add_data_options(parser: argparse.ArgumentParser, data_help: str = DATA_HEL
 
 def _load_data(args, task: str):
     if task == "causal-lm":
-        from .lm_data import load_lm_dataset
+        from ..data.lm import load_lm_dataset
 
         dataset = load_lm_dataset(args.data, args.text_column, args.test_data, seed=0,
                                   metric=getattr(args, "metric", None))
     else:
-        from .data import load_dataset
+        from ..data.text import load_dataset
 
         if getattr(args, "metric", None):
             raise UniLoraError("--metric scores generated answers and goes with --task causal-lm")
@@ -138,8 +138,8 @@ TASK_DEFAULTS = {"seq-cls": ("all-MiniLM-L6-v2", 64), "causal-lm": ("SmolLM2-135
 def _resolve_task(args) -> str:
     """--task, else what the data and the model say (lm_data.is_lm_data); an LLM with labelled
     data is ambiguous."""
-    from .backbones import is_causal_lm
-    from .lm_data import is_lm_data
+    from ..models.backbones import is_causal_lm
+    from ..data.lm import is_lm_data
 
     causal_model = args.model is not None and is_causal_lm(args.model)
     task = args.task
@@ -169,7 +169,7 @@ def _resolve_task(args) -> str:
 
 
 def _add_lm_options(parser: argparse.ArgumentParser) -> None:
-    from .lm_data import METRICS
+    from ..data.lm import METRICS
 
     g = parser.add_argument_group("causal LM")
     g.add_argument("--metric", choices=METRICS, help="score generated test answers: rougeL, accuracy (first word), "
@@ -189,11 +189,11 @@ def _targets(text: str):
 
 
 def cmd_finetune(args) -> int:
-    from .backbones import is_embedded
-    from .data import small_classes
-    from .recipes import GROUP_LRS, HEAD_LR
-    from .train import RUN_FILES, TrainSettings, finetune
-    from .writing import check_writable
+    from ..models.backbones import is_embedded
+    from ..data.text import small_classes
+    from ..training.recipes import GROUP_LRS, HEAD_LR
+    from ..training.loop import RUN_FILES, TrainSettings, finetune
+    from ..store.writing import check_writable
 
     out = Path(args.out or f"runs/{args.method}-{Path(args.data or 'rotten_tomatoes').stem}-seed{args.seed}")
     check_writable(out, RUN_FILES, args.overwrite, "run")  # before any data is read or model loaded
@@ -233,7 +233,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .train import evaluate_adapter, read_task_adapter, task_kind
+    from ..training.loop import evaluate_adapter, read_task_adapter, task_kind
 
     adapter, task = read_task_adapter(args.adapter)
     if args.data is None and args.test_data:
@@ -250,7 +250,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .causal_lm import generate_from_adapter, prompts_from_file
+    from ..training.causal_lm import generate_from_adapter, prompts_from_file
 
     if bool(args.prompt) == bool(args.prompts):
         raise UniLoraError("give either --prompt TEXT or --prompts FILE.jsonl")
@@ -265,7 +265,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspection import describe, save_selection_plot
+    from ..tools.inspection import describe, save_selection_plot
 
     info = describe(args.adapter)
     png = None
@@ -284,7 +284,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_peft_lora
+    from ..tools.export import export_peft_lora
 
     report = export_peft_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite)
     for line in report:
@@ -293,7 +293,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .peft_native import from_peft, is_peft_dir, to_peft
+    from ..tools.peft_native import from_peft, is_peft_dir, to_peft
 
     if is_peft_dir(args.source):
         report = from_peft(args.source, args.out, overwrite=args.overwrite, model=args.model)
@@ -308,9 +308,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from .compress import compress, from_checkpoints, from_peft_lora, peft_fan_in_fan_out, save_compressed
-    from .io import ADAPTER_FILES
-    from .writing import check_writable
+    from ..tools.compress import compress, from_checkpoints, from_peft_lora, peft_fan_in_fan_out, save_compressed
+    from ..store.io import ADAPTER_FILES
+    from ..store.writing import check_writable
 
     check_writable(Path(args.out), ADAPTER_FILES, args.overwrite, "adapter")
     if args.targets and (args.adapter or args.peft_lora):
@@ -365,12 +365,12 @@ def _distillation_options(args) -> list[tuple[str, object]]:
 def _compress_by_distillation(args) -> int:
     from dataclasses import asdict
 
-    from .backbones import is_embedded
-    from .data import has_labels
-    from . import distill as teachers
-    from .distill import distill, peft_teacher_kind
-    from .recipes import METHOD_DEFAULTS, distillation_group_lrs
-    from .train import TrainSettings
+    from ..models.backbones import is_embedded
+    from ..data.text import has_labels
+    from ..training import distill as teachers
+    from ..training.distill import distill, peft_teacher_kind
+    from ..training.recipes import METHOD_DEFAULTS, distillation_group_lrs
+    from ..training.loop import TrainSettings
 
     if sum(map(bool, (args.adapter, args.peft_lora, args.finetuned_model))) != 1 or args.base_weights \
             or args.finetuned_weights:
@@ -472,8 +472,8 @@ def _compress_by_distillation(args) -> int:
 
 def _distillation_data(args, teacher):
     """The texts to match the teacher on: --data (labelled or not), else the data it was trained on."""
-    from .data import BUILTIN_DATASETS, has_labels, texts_dataset
-    from .lm_data import BUILTIN_LM_TASKS
+    from ..data.text import BUILTIN_DATASETS, has_labels, texts_dataset
+    from ..data.lm import BUILTIN_LM_TASKS
 
     causal = teacher.kind == "causal-lm"
     if args.data in (BUILTIN_DATASETS if causal else BUILTIN_LM_TASKS):
@@ -483,10 +483,10 @@ def _distillation_data(args, teacher):
     if causal:
         if args.data:
             return _load_data(args, "causal-lm")
-        from .causal_lm import lm_dataset_of
+        from ..training.causal_lm import lm_dataset_of
 
         return lm_dataset_of(teacher.record, args.adapter).limited(args.train_limit, args.test_limit, seed=0)
-    from .classification import dataset_of
+    from ..training.classification import dataset_of
 
     if args.data is not None and has_labels(args.data, args.label_column):
         return _load_data(args, "seq-cls")
@@ -496,7 +496,7 @@ def _distillation_data(args, teacher):
 
 
 def _kept_gain_text(kept: float | None, interval: tuple[float, float] | None, texts: int, held_out: str) -> str:
-    from .gain import LEVEL
+    from ..training.gain import LEVEL
 
     if kept is None:
         return ""
@@ -512,8 +512,8 @@ COMPRESS_ERROR_WARNING = 0.5
 
 
 def cmd_count(args) -> int:
-    from .counting import count_for_arch
-    from .recipes import PAPER_DEFAULTS
+    from ..tools.counting import count_for_arch
+    from ..training.recipes import PAPER_DEFAULTS
 
     config = _adapter_config(args, ["query", "value"], defaults=PAPER_DEFAULTS)
     options = {k: v for k, v in config.to_dict().items() if k not in ("target_modules", "modules_to_save")}
@@ -528,7 +528,7 @@ def cmd_demo(args) -> int:
     """Train a small adapter in a few CPU minutes: a Rotten Tomatoes classifier on the embedded
     MiniLM, or (causal-lm) BBC News headlines on SmolLM2, showing a held-out generation before and after."""
     if args.task == "causal-lm":
-        from .causal_lm import demo_causal_lm
+        from ..training.causal_lm import demo_causal_lm
 
         return demo_causal_lm(args.method, args.out, args.train_limit or 96, args.test_limit or 24)
     argv = ["finetune", "--method", args.method, "--data", "rotten_tomatoes", "--train-limit",

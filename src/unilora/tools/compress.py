@@ -19,14 +19,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import AdapterConfig
-from .errors import UniLoraError
-from .io import write_adapter_dir
-from .layout import Layout, Slot
-from .methods import PROJECTIONS
-from .methods.vblora import with_vector_length
-from .targeting import name_matches
-from .validation import Fields, check_finite, check_header, read_json_object, tensor_header
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
+from ..store.io import write_adapter_dir
+from ..core.layout import Layout, Slot
+from ..methods import PROJECTIONS
+from ..methods.vblora import with_vector_length
+from ..core.targeting import name_matches
+from ..store.validation import Fields, check_finite, check_header, read_json_object, tensor_header
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -206,7 +206,7 @@ def compress(updates: list[LowRankUpdate], config: AdapterConfig, steps: int = 0
 
 def save_compressed(projection, layout: Layout, config: AdapterConfig, out_dir, source: str,
                     fan_in_fan_out: bool = False, overwrite: bool = False) -> None:
-    from .model import adapter_metadata
+    from ..engine.model import adapter_metadata
 
     metadata = adapter_metadata(config, layout, projection, fan_in_fan_out=fan_in_fan_out, compressed_from=source)
     write_adapter_dir(out_dir, metadata, projection.stored_tensors(), overwrite=overwrite)

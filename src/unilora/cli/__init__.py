@@ -1,0 +1,5 @@
+"""The `unilora` command."""
+
+from .main import main
+
+__all__ = ["main"]

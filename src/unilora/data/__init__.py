@@ -1,0 +1,1 @@
+"""Data for fine-tuning, read offline: tables and text files, the built-in data sets, and batching."""

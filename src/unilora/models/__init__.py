@@ -1,0 +1,1 @@
+"""Base models loaded offline: encoders and causal LMs, the embedded MiniLM and SmolLM2."""

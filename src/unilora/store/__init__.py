@@ -1,0 +1,1 @@
+"""What unilora reads from and writes to disk: validated reading, atomic writing, adapter folders."""
