@@ -1,9 +1,14 @@
-"""unilora: extreme parameter-efficient fine-tuning, every LoRA variant as a projection θ_D = P θ_d."""
+"""unilora: extreme parameter-efficient fine-tuning, every LoRA variant as a projection θ_D = P θ_d.
 
-__version__ = "0.1.0"
+The package is layered (docs/design.md): core, methods, data and store, engine and models, tools,
+training, cli; this module gathers the public API.
+"""
 
-from .core.config import METHODS, AdapterConfig
+from ._version import __version__
+from .core.config import AdapterConfig
 from .core.errors import LayoutMismatchError, UniLoraError
+from .core.registry import method_names
+from .engine.distributed import fully_shard_adapted
 from .engine.model import AdaptedModel, get_model
 
 from_pretrained = AdaptedModel.from_pretrained
@@ -12,6 +17,8 @@ _INTEGRATIONS = ("Trainer", "AdapterTrainerMixin", "adapter_trainer")
 
 
 def __getattr__(name: str):
+    if name == "METHODS":  # read from the registry, so that a method registered later is listed too
+        return method_names()
     # transformers.Trainer is heavy to import: load the integration only when asked for
     if name in _INTEGRATIONS:
         from .engine import integrations
@@ -27,6 +34,8 @@ __all__ = [
     "LayoutMismatchError",
     "METHODS",
     "UniLoraError",
+    "__version__",
     "from_pretrained",
+    "fully_shard_adapted",
     "get_model",
 ]

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..core.config import METHODS, VBLORA_SELECTIONS, AdapterConfig
+from ..core.config import VBLORA_SELECTIONS, AdapterConfig
+from ..core.registry import method_names
 from ..core.errors import UniLoraError
+from ..core.tasks import METRICS
 from ..training.recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 
 TASKS = ("seq-cls", "causal-lm")
@@ -74,7 +76,7 @@ def _group_lr(text: str) -> tuple[str, float]:
 
 def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("adapter (defaults per method: see unilora.recipes)")
-    g.add_argument("--method", choices=METHODS, default="unilora")
+    g.add_argument("--method", choices=method_names(), default="unilora")
     g.add_argument("--rank", type=_positive_int)
     g.add_argument("--theta-dim", type=_positive_int, help="Uni-LoRA / Fastfood: length d of the trained vector")
     g.add_argument("--num-vectors", type=_positive_int, help="VB-LoRA: bank size h")
@@ -169,8 +171,6 @@ def _resolve_task(args) -> str:
 
 
 def _add_lm_options(parser: argparse.ArgumentParser) -> None:
-    from ..data.lm import METRICS
-
     g = parser.add_argument_group("causal LM")
     g.add_argument("--metric", choices=METRICS, help="score generated test answers: rougeL, accuracy (first word), "
                    "exact_match (default: the built-in task's metric; none for files)")
@@ -192,7 +192,8 @@ def cmd_finetune(args) -> int:
     from ..models.backbones import is_embedded
     from ..data.text import small_classes
     from ..training.recipes import GROUP_LRS, HEAD_LR
-    from ..training.loop import RUN_FILES, TrainSettings, finetune
+    from ..training.loop import TrainSettings
+    from ..training.runs import RUN_FILES, finetune
     from ..store.writing import check_writable
 
     out = Path(args.out or f"runs/{args.method}-{Path(args.data or 'rotten_tomatoes').stem}-seed{args.seed}")
@@ -233,7 +234,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ..training.loop import evaluate_adapter, read_task_adapter, task_kind
+    from ..training.runs import evaluate_adapter
+    from ..training.records import read_task_adapter
+    from ..core.tasks import task_kind
 
     adapter, task = read_task_adapter(args.adapter)
     if args.data is None and args.test_data:
@@ -684,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train and evaluate a small adapter in a few CPU minutes (Rotten Tomatoes "
                        "classification, or BBC News headlines with --task causal-lm)")
     p.add_argument("--task", choices=TASKS, default="seq-cls")
-    p.add_argument("--method", choices=METHODS, default="unilora")
+    p.add_argument("--method", choices=method_names(), default="unilora")
     p.add_argument("--train-limit", type=_positive_int, help="training examples (default 3000; causal-lm 96)")
     p.add_argument("--test-limit", type=_positive_int, help="test examples (default 1000; causal-lm 24)")
     p.add_argument("--out", default="runs/demo")

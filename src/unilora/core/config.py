@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .errors import UniLoraError
+from .registry import method_names
 
-METHODS = ("lora", "vera", "tied_lora", "vblora", "unilora", "fastfood")
 VBLORA_SELECTIONS = ("topk", "all", "noisy_topk", "gumbel", "st_gumbel")
 UNILORA_INITS = ("uniform", "zero_delta")
 
@@ -72,8 +72,8 @@ class AdapterConfig:
             need(ok, f"{name} must be a finite number {'>' if open_low else '>='} {low}"
                      f"{'' if high == math.inf else f' and <= {high}'}, got {value!r}")
 
-        need(isinstance(self.method, str) and self.method in METHODS,
-             f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        need(isinstance(self.method, str) and self.method in method_names(),
+             f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         integer("rank", 1, 2**20)
         integer("seed", 0, 2**63 - 1)
         need(self.alpha is None or (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from .errors import UniLoraError
@@ -61,6 +62,17 @@ def base_module(model: nn.Module, name: str) -> nn.Module:
     """The module at `name`, looking through an adapted layer to its base layer."""
     module = model.get_submodule(name)
     return module.base_layer if getattr(module, "wraps_base_layer", False) else module
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the module at `name` (dotted, as named_modules gives it)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as out × in (a GPT-2 Conv1D keeps its own as in × out)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def find_targets(model: nn.Module, targets, exclude: list[str] = ()) -> list[str]:

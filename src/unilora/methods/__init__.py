@@ -1,16 +1,11 @@
-"""Every method as a projection class, by name."""
+"""Every method as a projection class, registered by name as its module is imported here: a new
+method is one file plus one line below."""
 
-from .base import Projection
-from .fastfood import FastfoodProjection
-from .lora import LoRAProjection
-from .tied_lora import TiedLoRAProjection
-from .unilora import UniLoRAProjection
-from .vblora import VBLoRAProjection
-from .vera import VeRAProjection
+from ..core.registry import PROJECTIONS
+# each import registers its method, in the order the CLI and `unilora.METHODS` list them
+from . import lora, vera, tied_lora, vblora, unilora, fastfood  # noqa: F401, I001
+from .base import Projection, Recipe
+from .factory import build_projection, recipe_config, recipe_of, refuse_without_weights
 
-PROJECTIONS: dict[str, type[Projection]] = {
-    cls.method: cls
-    for cls in (LoRAProjection, VeRAProjection, TiedLoRAProjection, VBLoRAProjection, UniLoRAProjection, FastfoodProjection)
-}
-
-__all__ = ["PROJECTIONS", "Projection"]
+__all__ = ["PROJECTIONS", "Projection", "Recipe", "build_projection", "recipe_config", "recipe_of",
+           "refuse_without_weights"]

@@ -1,7 +1,13 @@
-"""The common shape of every method: a projection from trainable θ_d to θ_D = P θ_d."""
+"""The common shape of every method: a projection from trainable θ_d to θ_D = P θ_d.
+
+A method is one file: a Projection subclass registered by name (`@register_method`), its recipe
+(the defaults and learning rates used where a user leaves them open) and, where its frozen parts
+come from the base model's weights (an SVD), `needs_base_weights` and `attach`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from typing import Callable, NamedTuple
@@ -28,6 +34,22 @@ class ScaledFactors(NamedTuple):
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.d.unsqueeze(1) * self.a, self.bt * self.b
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A method's tuned settings, used where the user leaves a choice open (`finetune`, `compress`,
+    `count`); how each was chosen is written beside it in the method's file."""
+
+    defaults: dict  # AdapterConfig fields, tuned on the embedded MiniLM with all linear layers adapted
+    group_lrs: dict  # learning rate per parameter group (the names `param_groups` returns)
+    paper: dict | None = None  # the papers' settings on RoBERTa, for `unilora count`
+    # per teacher kind ("seq-cls", "causal-lm"): rates that replace group_lrs for a distilled student
+    distill_group_lrs: dict = dataclasses.field(default_factory=dict)
+    # D/d where the θ rate was tuned (each θ_d entry feeds D/d LoRA weights); other models scale it
+    tuned_sharing: float | None = None
+    # fields of `defaults` that fit MiniLM's shapes only: on other models the method chooses them
+    model_specific: tuple = ()
 
 
 class FixedParts:
@@ -65,11 +87,24 @@ class Projection(nn.Module):
 
     method: str = ""
     stochastic: bool = False  # a training-mode reconstruction that samples (VB-LoRA's noisy / Gumbel selection)
+    recipe: Recipe | None = None
+    # Frozen parts that come from the adapted layers' base weights (e.g. their SVD), given to
+    # `attach`; tools that build a projection without a model refuse such a method.
+    needs_base_weights: bool = False
 
     def __init__(self, layout: Layout, config: AdapterConfig):
         super().__init__()
         self.layout = layout
         self.config = config
+
+    @classmethod
+    def resolve_config(cls, config: AdapterConfig, layout: Layout) -> AdapterConfig:
+        """`config` with the settings it left to the method chosen for this layout (VB-LoRA's b)."""
+        return config
+
+    def attach(self, base_weights: list[torch.Tensor]) -> None:
+        """Called once, when the projection joins a model and before anything is loaded into it, with
+        each slot's frozen base weight (out × in, in layout order) where `needs_base_weights`."""
 
     # --- the projection -------------------------------------------------------------
     @property
@@ -103,6 +138,11 @@ class Projection(nn.Module):
     def project(self, theta: torch.Tensor) -> torch.Tensor:
         """θ_D for a given θ_d (flattened A, Bᵀ of every layer)."""
         return torch.cat([t.reshape(-1) for pair in self.factors_from(theta) for t in pair])
+
+    def fit_to(self, target: torch.Tensor) -> bool:
+        """Set the trained tensors to the least-squares fit of θ_D = `target`, where the method has a
+        closed form (True); False where it has none (compress then fits by gradient steps)."""
+        return False
 
     # --- training -------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -156,16 +196,29 @@ class Projection(nn.Module):
                     f"{mine.get(key)!r}; the seeded projection differs, so the adapter cannot be used here"
                 )
 
+    def share_fixed_parts_with(self, others) -> None:
+        """Moved to a device, projections of one seeded draw would each hold a copy of it: point this
+        one's fixed buffers at the copy another projection of the same draw holds (same device, dtype)."""
+        fixed = getattr(self, "fixed", None)
+        other = next((p for p in others if p is not self and fixed is not None and getattr(p, "fixed", None) is fixed),
+                     None)
+        if other is None:
+            return
+        for name, buffer in other.named_buffers(recurse=False):
+            mine = self._buffers.get(name)
+            if mine is not None and mine.device == buffer.device and mine.dtype == buffer.dtype:
+                self._buffers[name] = buffer
+
     # --- helpers --------------------------------------------------------------------
     def _require_tensors(self, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
         missing = [n for n in names if n not in tensors]
         if missing:
             raise UniLoraError(f"{self.method} adapter file lacks tensors {missing}; the file is incomplete or not a {self.method} adapter")
 
-    def _copy_into(self, param: torch.Tensor, value: torch.Tensor, name: str) -> None:
-        if tuple(value.shape) != tuple(param.shape):
-            raise UniLoraError(
-                f"adapter tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
-            )
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
+
+def copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    """Copy a tensor read from an adapter file into a parameter or buffer of the same shape."""
+    if tuple(value.shape) != tuple(param.shape):
+        raise UniLoraError(f"adapter tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))

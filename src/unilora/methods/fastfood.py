@@ -15,7 +15,8 @@ from torch import nn
 
 from ..core.errors import UniLoraError
 from ..core.rng import SeededStream
-from .base import Projection, shared_fixed_parts
+from ..core.registry import register_method
+from .base import Projection, Recipe, copy_into, shared_fixed_parts
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -29,8 +30,12 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@register_method
 class FastfoodProjection(Projection):
     method = "fastfood"
+    # rate not tuned
+    recipe = Recipe(defaults=dict(rank=4, theta_dim=9000), group_lrs={"theta": 5e-3},
+                    paper=dict(rank=4, theta_dim=23040))
 
     def __init__(self, layout, config):
         super().__init__(layout, config)
@@ -87,7 +92,7 @@ class FastfoodProjection(Projection):
 
     def load_stored_tensors(self, tensors):
         self._require_tensors(tensors, ["fastfood.theta_d"])
-        self._copy_into(self.theta_d, tensors["fastfood.theta_d"], "fastfood.theta_d")
+        copy_into(self.theta_d, tensors["fastfood.theta_d"], "fastfood.theta_d")
 
     def metadata(self):
         return {"padded_length": self.padded, "gauss_summary": self._gauss_summary}

@@ -7,11 +7,15 @@ import math
 import torch
 from torch import nn
 
-from .base import Projection
+from ..core.registry import register_method
+from .base import Projection, Recipe, copy_into
 
 
+@register_method
 class LoRAProjection(Projection):
     method = "lora"
+    # rate: the best of the sweep (scripts/tune_rates.sh); the next one up, 1e-2, diverged
+    recipe = Recipe(defaults=dict(rank=8), group_lrs={"lora": 3e-3}, paper=dict(rank=8))
 
     def __init__(self, layout, config):
         super().__init__(layout, config)
@@ -38,6 +42,11 @@ class LoRAProjection(Projection):
     def build_bytes(cls, layout, config):
         return 12 * layout.D  # the parameter, an init buffer, a reconstruction
 
+    def fit_to(self, target):
+        with torch.no_grad():
+            self.weights.copy_(target)
+        return True
+
     def param_groups(self):
         return {"lora": [self.weights]}
 
@@ -46,4 +55,4 @@ class LoRAProjection(Projection):
 
     def load_stored_tensors(self, tensors):
         self._require_tensors(tensors, ["lora.weights"])
-        self._copy_into(self.weights, tensors["lora.weights"], "lora.weights")
+        copy_into(self.weights, tensors["lora.weights"], "lora.weights")

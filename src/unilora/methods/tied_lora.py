@@ -12,11 +12,15 @@ import math
 import torch
 from torch import nn
 
-from .base import Projection
+from ..core.registry import register_method
+from .base import Projection, Recipe, copy_into
 
 
+@register_method
 class TiedLoRAProjection(Projection):
     method = "tied_lora"
+    # rates not tuned
+    recipe = Recipe(defaults=dict(rank=8), group_lrs={"shared": 1e-3, "scales": 1e-2}, paper=dict(rank=8))
 
     def __init__(self, layout, config):
         super().__init__(layout, config)
@@ -74,7 +78,7 @@ class TiedLoRAProjection(Projection):
     def load_stored_tensors(self, tensors):
         names = list(self.stored_tensors())
         self._require_tensors(tensors, names)
-        self._copy_into(self.scales, tensors["tied_lora.scales"], "tied_lora.scales")
+        copy_into(self.scales, tensors["tied_lora.scales"], "tied_lora.scales")
         for g, (a, bt) in enumerate(zip(self.shared_a, self.shared_bt)):
-            self._copy_into(a, tensors[f"tied_lora.shared_a.{g}"], f"tied_lora.shared_a.{g}")
-            self._copy_into(bt, tensors[f"tied_lora.shared_bt.{g}"], f"tied_lora.shared_bt.{g}")
+            copy_into(a, tensors[f"tied_lora.shared_a.{g}"], f"tied_lora.shared_a.{g}")
+            copy_into(bt, tensors[f"tied_lora.shared_bt.{g}"], f"tied_lora.shared_bt.{g}")

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..core.rng import SeededStream
-from .base import Projection, ScaledFactors, shared_fixed_parts
+from ..core.registry import register_method
+from .base import Projection, Recipe, ScaledFactors, copy_into, shared_fixed_parts
 
 
 def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) -> torch.Tensor:
@@ -22,8 +23,11 @@ def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) 
     return torch.from_numpy(values.reshape(shape)).to(torch.float32)
 
 
+@register_method
 class VeRAProjection(Projection):
     method = "vera"
+    # rate: the best of the sweep (scripts/tune_rates.sh)
+    recipe = Recipe(defaults=dict(rank=256), group_lrs={"scales": 3e-2}, paper=dict(rank=1024))
 
     def __init__(self, layout, config):
         super().__init__(layout, config)
@@ -96,11 +100,11 @@ class VeRAProjection(Projection):
 
     def load_stored_tensors(self, tensors):
         self._require_tensors(tensors, ["vera.scales"])
-        self._copy_into(self.scales, tensors["vera.scales"], "vera.scales")
+        copy_into(self.scales, tensors["vera.scales"], "vera.scales")
         if self.config.fixed_parts == "stored":
             self._require_tensors(tensors, ["vera.shared_a", "vera.shared_bt"])
-            self._copy_into(self.shared_a, tensors["vera.shared_a"], "vera.shared_a")
-            self._copy_into(self.shared_bt, tensors["vera.shared_bt"], "vera.shared_bt")
+            copy_into(self.shared_a, tensors["vera.shared_a"], "vera.shared_a")
+            copy_into(self.shared_bt, tensors["vera.shared_bt"], "vera.shared_bt")
 
     def metadata(self):
         return {} if self._digest is None else {"shared_sha256": self._digest}

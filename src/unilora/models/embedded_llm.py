@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from ..core.resources import package_file
 from ..store.writing import apply_umask
 
 EMBEDDED_LLM = "SmolLM2-135M-Instruct"
@@ -41,8 +42,6 @@ def cache_root() -> Path:
 
 
 def _source() -> Path:
-    from ..data.text import package_file
-
     return package_file(_PACKAGE[0], f"{_PACKAGE[1]}/{_GGUF_FILE}")
 
 

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
+from ..core.tasks import LM_DATA_KINDS, METRICS, TASK_KINDS
+from ..methods import PROJECTIONS
 from .validation import Fields, check_allocation, check_finite, check_header, read_json_object, tensor_header
 from .writing import Recognisers, write_json_atomic, write_output_dir
 
@@ -171,18 +173,16 @@ def _check_meta(meta: dict, path: Path) -> tuple[AdapterConfig, Layout]:
 
 def _check_task(task, path: Path) -> None:
     """What `finetune` records: the task kind, model, data and what each kind needs."""
-    from ..data.lm import KINDS, METRICS
-
     kind = task.string("task", default="seq-cls")
-    if kind not in ("seq-cls", "causal-lm"):
+    if kind not in TASK_KINDS:
         raise UniLoraError(f"'{path}': task 'task' must be 'seq-cls' or 'causal-lm', found {kind!r}")
     if kind == "seq-cls":
         labels = task.strings("label_names")
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise UniLoraError(f"'{path}': task 'label_names' must hold at least two distinct names")
     else:
-        if task.string("kind") not in KINDS:
-            raise UniLoraError(f"'{path}': task 'kind' must be one of {list(KINDS)}")
+        if task.string("kind") not in LM_DATA_KINDS:
+            raise UniLoraError(f"'{path}': task 'kind' must be one of {list(LM_DATA_KINDS)}")
         if task.string("metric", default=None, allow_none=True) not in (None, *METRICS):
             raise UniLoraError(f"'{path}': task 'metric' must be one of {list(METRICS)} or null")
     task.string("model")
@@ -196,8 +196,6 @@ def _check_task(task, path: Path) -> None:
 
 def read_adapter(directory) -> AdapterFile:
     """Read and validate an adapter directory (see the module docstring for the order)."""
-    from ..methods import PROJECTIONS
-
     path = Path(directory)
     if not path.is_dir():
         hint = ""

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
+from ..store.adapter_file import adapter_metadata
 from ..store.io import write_adapter_dir
 from ..core.layout import Layout, Slot
-from ..methods import PROJECTIONS
-from ..methods.vblora import with_vector_length
+from ..methods import build_projection, refuse_without_weights
 from ..core.targeting import name_matches
 from ..store.validation import Fields, check_finite, check_header, read_json_object, tensor_header
 
@@ -170,17 +170,10 @@ def delta_error(factors, updates: list[LowRankUpdate], dtype: torch.dtype = torc
 
 def compress(updates: list[LowRankUpdate], config: AdapterConfig, steps: int = 0, lr: float = 1e-3):
     """Fit `config.method` to the updates. Returns (projection, layout, report)."""
+    refuse_without_weights(config.method, "a fit to a low-rank update")
     layout = Layout([Slot(u.name, u.a.shape[1], u.b.shape[0], config.rank) for u in updates])
-    config = with_vector_length(config, layout)
-    projection = PROJECTIONS[config.method](layout, config)
-    target_D = torch.cat([t.reshape(-1) for u in updates for t in balanced(u, config.rank)])
-    with torch.no_grad():
-        if config.method == "unilora":
-            # θ_d = Pᵀ θ_D: scatter-add every entry into its slot, times the slot's 1/sqrt(n_j)
-            theta = torch.zeros_like(projection.theta_d).index_add_(0, projection.indices.long(), target_D)
-            projection.theta_d.copy_(theta * projection.slot_scale)
-        elif config.method == "lora":
-            projection.weights.copy_(target_D)
+    projection = build_projection(config, layout)
+    projection.fit_to(torch.cat([t.reshape(-1) for u in updates for t in balanced(u, config.rank)]))
     total64 = sum(squared_norm(u, torch.float64) for u in updates)
     total = total64.float()
 
@@ -206,7 +199,5 @@ def compress(updates: list[LowRankUpdate], config: AdapterConfig, steps: int = 0
 
 def save_compressed(projection, layout: Layout, config: AdapterConfig, out_dir, source: str,
                     fan_in_fan_out: bool = False, overwrite: bool = False) -> None:
-    from ..engine.model import adapter_metadata
-
     metadata = adapter_metadata(config, layout, projection, fan_in_fan_out=fan_in_fan_out, compressed_from=source)
     write_adapter_dir(out_dir, metadata, projection.stored_tensors(), overwrite=overwrite)

@@ -127,7 +127,7 @@ def layer_prefix(meta: dict) -> str:
 
 def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False) -> list[str]:
     refuse_overlap(Path(adapter_dir), Path(out_dir))
-    meta, tensors, projection = rebuild_projection(adapter_dir)
+    meta, tensors, projection = rebuild_projection(adapter_dir, "`unilora export`")
     lora, r_out, names = peft_lora_tensors(projection, rank, layer_prefix(meta))
     task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
     lora.update(in_file)

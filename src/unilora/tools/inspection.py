@@ -8,15 +8,17 @@ from pathlib import Path
 
 import torch
 
+from ..methods import build_projection, refuse_without_weights
 from ..store.io import CONFIG_NAME, HEAD_PREFIX, WEIGHTS_NAME, read_adapter
-from ..methods import PROJECTIONS
 
 
-def rebuild_projection(adapter_dir):
-    """The adapter's projection, rebuilt from its (validated) config, layout and tensors alone.
-    Returns (config dict, all tensors with heads as head.*, projection in eval mode)."""
+def rebuild_projection(adapter_dir, what: str = "`unilora inspect`"):
+    """The adapter's projection, rebuilt from its (validated) config, layout and tensors alone, for
+    `what` (named when a method needs its base model). Returns (config dict, all tensors with heads as
+    head.*, projection in eval mode)."""
     adapter = read_adapter(adapter_dir)
-    projection = PROJECTIONS[adapter.config.method](adapter.layout, adapter.config)
+    refuse_without_weights(adapter.config.method, what)
+    projection = build_projection(adapter.config, adapter.layout)
     projection.check_metadata(adapter.meta.get("projection", {}))
     projection.load_stored_tensors(adapter.tensors)
     tensors = {**adapter.tensors, **{HEAD_PREFIX + k: v for k, v in adapter.head.items()}}

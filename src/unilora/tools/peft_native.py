@@ -35,9 +35,10 @@ from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap
 from .inspection import rebuild_projection
+from ..store.adapter_file import adapter_metadata
 from ..store.io import save_tensors, write_adapter_dir
 from ..core.layout import Layout, Slot
-from ..methods import PROJECTIONS
+from ..methods import build_projection
 from ..core.targeting import base_module, is_adaptable, linear_shape
 from ..store.validation import check_finite
 from ..store.writing import write_output_dir
@@ -110,7 +111,7 @@ def _peft_config(meta: dict, projection, task_type, modules_to_save, targets: li
 def to_peft(adapter_dir, out_dir, overwrite: bool = False) -> list[str]:
     """Write our adapter as PEFT's own directory of the same method."""
     refuse_overlap(Path(adapter_dir), Path(out_dir))
-    meta, tensors, projection = rebuild_projection(adapter_dir)
+    meta, tensors, projection = rebuild_projection(adapter_dir, "`unilora convert`")
     method = projection.config.method
     if method not in PEFT_TYPES:
         raise UniLoraError(f"PEFT 0.21.2 has no {method} adapter type; `unilora export` writes any adapter as PEFT LoRA")
@@ -263,13 +264,13 @@ def model_skeleton(name_or_path: str, task_type: str | None) -> torch.nn.Module:
     """The model's modules and shapes, without weights (built on the meta device from its config)."""
     import transformers
 
-    from ..models.backbones import _local_or_hub
+    from ..models.backbones import local_or_hub
 
     classes = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
     try:
-        config = transformers.AutoConfig.from_pretrained(_local_or_hub(name_or_path))
+        config = transformers.AutoConfig.from_pretrained(local_or_hub(name_or_path))
     except (OSError, ValueError) as err:
         raise UniLoraError(f"--model '{name_or_path}': no model config found there ({str(err).splitlines()[0]})") from None
     with torch.device("meta"):
@@ -309,11 +310,9 @@ def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[st
     layout = Layout(slots)
     check_finite({k: v for k, v in tensors.items() if v.is_floating_point()}, "refusing to convert",
                  "the PEFT adapter holds non-finite values")
-    projection = PROJECTIONS[config.method](layout, config)
+    projection = build_projection(config, layout)
     projection.check_stored_values(tensors, config)
     projection.load_stored_tensors(tensors)
-    from ..engine.model import adapter_metadata
-
     heads = sorted({key[len("head."):].rsplit(".", 1)[0] for key in tensors if key.startswith("head.")})
     meta = adapter_metadata(config, layout, projection, head_modules=modules_to_save if heads else [],
                             fan_in_fan_out=bool(peft_config.get("fan_in_fan_out", False)),

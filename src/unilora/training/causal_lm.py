@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 from ..models.backbones import load_causal_lm
 from ..core.errors import UniLoraError
+from ..core.tasks import task_kind
 from ..data.lm import BUILTIN_LM_TASKS, LMDataset, load_lm_dataset
 from ..engine.model import AdaptedModel
-from .loop import Task, TrainSettings, fitted_max_length, recorded_data
+from .loop import Task, TrainSettings, fitted_max_length
+from .records import read_task_adapter, recorded_data
 
 IGNORE = -100  # label of a token that carries no loss (prompt, user turns, padding)
 
@@ -310,14 +312,14 @@ def evaluate_lm_adapter(adapter, dataset: LMDataset | None, model_name: str | No
 
 def prompts_from_file(path: str | Path) -> list:
     """Prompts to generate from: JSONL rows with "prompt" (text) or "messages" (a conversation)."""
-    from ..data.text import _read_table
+    from ..data.tables import read_rows
     from ..data.lm import check_messages
 
     path = Path(path)
     if not path.is_file():
         raise UniLoraError(f"prompts file '{path}' does not exist")
     prompts = []
-    for line, row in _read_table(path):
+    for line, row in read_rows(path):
         if row.get("messages") is not None:
             prompts.append(check_messages(path, line, row["messages"], need_assistant=False))
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
@@ -333,8 +335,6 @@ def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge
                           model_name: str | None = None, batch_size: int = 8) -> list[str]:
     """Generations of a saved causal-LM adapter. A text prompt is sent as a user turn through the chat
     template when the adapter learned from chat data; a conversation always is."""
-    from .loop import read_task_adapter, task_kind
-
     adapter, task = read_task_adapter(adapter_dir)
     if task_kind(task) != "causal-lm":
         raise UniLoraError(f"'{adapter_dir}' is a classifier; `generate` needs a causal-LM adapter")

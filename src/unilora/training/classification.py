@@ -8,7 +8,8 @@ from ..models.backbones import SequenceClassifier, load_backbone
 from ..data.text import BUILTIN_DATASETS, TextDataset, load_dataset
 from ..core.errors import UniLoraError
 from ..engine.model import AdaptedModel
-from .loop import Task, TrainSettings, fitted_max_length, recorded_data
+from .loop import Task, TrainSettings, fitted_max_length
+from .records import recorded_data
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -30,6 +30,7 @@ from ..tools.compress import LowRankUpdate, compress, from_peft_lora
 from ..core.config import AdapterConfig
 from ..data.text import TextDataset
 from ..core.errors import UniLoraError
+from ..core.tasks import task_kind
 from .gain import kept_gain, kept_gain_interval
 from ..engine.layers import AdaptedLayer
 from ..data.lm import LMDataset
@@ -37,7 +38,8 @@ from ..engine.model import AdaptedModel, get_model
 from .plan import LM_BATCH_SIZE, plan_run
 from .recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 from .teacher_outputs import CACHE_BUDGET_BYTES, TeacherCache, stored
-from .loop import Task, TrainSettings, fit_rates_to, fitted_max_length, read_task_adapter, task_kind, train
+from .loop import Task, TrainSettings, fit_rates_to, fitted_max_length, train
+from .records import read_task_adapter
 from ..store.validation import check_finite, check_header, tensor_header
 
 HEAD_MODULE = "classifier"

@@ -1,9 +1,10 @@
-"""The training core shared by every task (single process or DDP via torchrun).
+"""The training loop shared by every task (single process or DDP via torchrun).
 
-A task (classification.ClassificationTask, causal_lm.CausalLMTask) says what differs: the model it
-builds, its examples, how a batch is made, how a model is evaluated and what the adapter records.
-The loop here owns the rest: seeds, the optimizer with per-group rates, the warm-up / linear-decay
-schedule, DDP, the progress bar, the history, and writing the run folder atomically.
+A task (classification.ClassificationTask, causal_lm.CausalLMTask, distill's tasks) says what
+differs: the model it builds, its examples, how a batch is made and scored, how a model is
+evaluated and what the adapter records. The loop owns the rest: the optimizer with per-group
+rates, the warm-up / linear-decay schedule, DDP, the progress bar and the history. A run folder
+around it (seeds, the adapted model, metrics.json) is runs.finetune's.
 """
 
 from __future__ import annotations
@@ -14,35 +15,17 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..data.batching import length_grouped
-from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
-from ..store.io import AdapterFile, is_adapter_dir, read_adapter
-from ..engine.model import AdaptedModel, get_model
-from .plan import plan_run, short_run_warning
-from ..store.validation import read_json_object
-from ..store.writing import check_writable, write_json_atomic, write_output_dir
-
-
-def _is_our_metrics(path: Path) -> bool:
-    try:
-        return read_json_object(path, "metrics").get("writer") == "unilora"
-    except (UniLoraError, OSError):
-        return False
-
-
-# history entries that describe an epoch rather than the run's result
-PER_EPOCH = ("epoch", "train_loss", "grad_norm_median", "grad_norm_max")
-
-# what `finetune` writes into OUT: replaced only as a whole, and only when we wrote it
-RUN_FILES = {"adapter": is_adapter_dir, "metrics.json": _is_our_metrics}
+from ..data.batching import length_grouped
+from ..engine.model import AdaptedModel
+from .plan import plan_run
+from .recipes import fitted_group_lrs
 
 
 @dataclass
@@ -132,7 +115,8 @@ class Task:
         raise NotImplementedError
 
 
-def _distributed() -> tuple[int, int]:
+def distributed() -> tuple[int, int]:
+    """(rank, world size): this process's place under torchrun (gloo joined on first use), else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -160,80 +144,17 @@ def fit_rates_to(model: AdaptedModel, settings: TrainSettings) -> str | None:
     note saying what changed, if anything did."""
     if not settings.fit_rates:
         return None
-    from .recipes import fitted_group_lrs
-
     config = model.adapter_config
     settings.group_lrs, note = fitted_group_lrs(config.method, settings.group_lrs, model.projection.layout.D,
                                                 config.theta_dim)
     return note
 
 
-def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSettings,
-             out_dir: str | Path, overwrite: bool = False) -> dict:
-    """Train an adapter on `data` (a classification TextDataset or a causal-LM LMDataset); write
-    OUT/adapter and OUT/metrics.json together, as one folder put in place at the end (OUT is
-    checked before training). Returns the metrics."""
-    rank, world = _distributed()
-    if rank == 0:
-        check_writable(Path(out_dir), RUN_FILES, overwrite, "run")
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    task = task_for(data)
-    base = task.build(model_name, settings)
-    model: AdaptedModel = get_model(base, adapter)
-    n_train = task.train_size()
-    plan = plan_run(settings, task.kind, n_train, world)
-    if plan and rank == 0:
-        print(f"note: {'; '.join(plan.values())} (each can be set: see 'unilora finetune --help')", file=sys.stderr)
-    short = short_run_warning(settings, task.kind, n_train, world)
-    if short and rank == 0:
-        print(f"warning: {short}", file=sys.stderr)
-    note = fit_rates_to(model, settings)
-    if note and rank == 0:
-        print(f"note: {note}", file=sys.stderr)
-
-    started = time.time()
-    history = train(model, task, settings, model.parameter_groups(settings.lr, settings.group_lrs,
-                                                                 settings.weight_decay))
-    metrics = {}
-    if rank == 0:
-        record = {"task": task.kind, "model": model_name, "dataset": task.data_name, **task.record()}
-        metrics = {
-            "writer": "unilora",
-            "task": task.kind,
-            "method": adapter.method,
-            "dataset": task.data_name,
-            "model": model_name,
-            **{k: v for k, v in history[-1].items() if k not in PER_EPOCH},
-            "history": history,
-            "stored_params": model.stored_param_count(),
-            "adapter_bytes": model.stored_bytes(),
-            "head_params": sum(p.numel() for p in model.head_parameters().values()),
-            "trainable_params": model.trainable_parameter_count(),
-            "train_examples": n_train,
-            "test_examples": task.test_size(),
-            "seconds": round(time.time() - started, 1),
-            "world_size": world,
-            "adapter": model.adapter_config.to_dict(),  # with any value chosen from the model (VB-LoRA b)
-            "settings": asdict(settings),
-            "plan": plan,  # the settings chosen from the run, and why
-        }
-
-        def write(staging: Path) -> None:
-            model.save_pretrained(staging / "adapter", task=record)
-            write_json_atomic(staging / "metrics.json", metrics)
-
-        write_output_dir(out_dir, write, RUN_FILES, overwrite, what="run", last=("metrics.json",))
-    if world > 1:
-        dist.barrier()
-    return metrics
-
-
 def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_groups: list[dict]) -> list[dict]:
     """The loop: AdamW over `param_groups`, linear warm-up then linear decay, DDP when launched by
     torchrun, evaluation after every epoch (on rank 0). Returns the history of evaluations.
     Any model that returns `.logits` / `.loss` trains here (the results scripts train PEFT's too)."""
-    rank, world = _distributed()
+    rank, world = distributed()
     trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     n_train = task.train_size()
     plan_run(settings, task.kind, n_train, world)  # callers other than finetune may leave fields open
@@ -285,51 +206,3 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
         if world > 1:
             dist.barrier()
     return history
-
-
-def task_for(data) -> Task:
-    from .causal_lm import CausalLMTask
-    from .classification import ClassificationTask
-    from ..data.lm import LMDataset
-
-    return CausalLMTask(data) if isinstance(data, LMDataset) else ClassificationTask(data)
-
-
-def task_kind(task: dict) -> str:
-    """The recorded task of an adapter (adapters from before causal-LM tasks are classifiers)."""
-    return task.get("task", "seq-cls")
-
-
-def read_task_adapter(adapter: str | Path | AdapterFile):
-    """The adapter (read and validated unless it already is) and its recorded task; refuses
-    adapters not saved by `finetune`."""
-    if not isinstance(adapter, AdapterFile):
-        adapter = read_adapter(adapter)
-    if not adapter.task:
-        raise UniLoraError(f"'{adapter.path}' was not saved by `unilora finetune` (no task info); use it from Python")
-    return adapter, adapter.task
-
-
-def recorded_data(task: dict, adapter_dir, builtins) -> tuple[str, dict]:
-    """(data spec, source record) of the data `finetune` recorded, if it is available here."""
-    source = task.get("data") or {}
-    spec = source.get("data")
-    if not spec or (spec not in builtins and not Path(spec).is_file()):
-        raise UniLoraError(f"'{adapter_dir}' does not record data that is available here"
-                           f"{f' ({spec})' if spec else ''}; pass --data")
-    return spec, source
-
-
-def evaluate_adapter(adapter: str | Path | AdapterFile, data=None, model_name: str | None = None,
-                     batch_size: int = 128, limits: tuple[int | None, int | None] = (None, None),
-                     max_new_tokens: int | None = None) -> dict:
-    """Scores of a saved adapter on `data`'s test split; without data, on the data it was trained on
-    (cut to `limits` = (train, test) sizes)."""
-    adapter, task = read_task_adapter(adapter)
-    if task_kind(task) == "causal-lm":
-        from .causal_lm import evaluate_lm_adapter
-
-        return evaluate_lm_adapter(adapter, data, model_name, batch_size, limits, max_new_tokens)
-    from .classification import evaluate_classifier
-
-    return evaluate_classifier(adapter, data, model_name, batch_size, limits)

@@ -1,0 +1,33 @@
+"""Every method by name. Each file in methods/ registers its Projection class here with
+`@register_method`, so that a new method is one file plus its import in methods/__init__.py. The
+registry sits in core so that the adapter config can check a method's name without importing the
+methods (which import the config)."""
+
+from __future__ import annotations
+
+from .errors import UniLoraError
+
+# method name -> its Projection subclass, in the order they registered
+PROJECTIONS: dict[str, type] = {}
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: make `cls` (a Projection subclass with a `method` name) available by name."""
+    name = getattr(cls, "method", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} sets no `method` name to register under")
+    if PROJECTIONS.get(name, cls) is not cls:
+        raise ValueError(f"method '{name}' is already registered, by {PROJECTIONS[name].__name__}")
+    PROJECTIONS[name] = cls
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(PROJECTIONS)
+
+
+def projection_class(method: str) -> type:
+    cls = PROJECTIONS.get(method)
+    if cls is None:
+        raise UniLoraError(f"unknown method {method!r}; choose one of {', '.join(PROJECTIONS)}")
+    return cls
