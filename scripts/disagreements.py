@@ -15,7 +15,7 @@ import torch
 
 from unilora.training.classification import build_classifier, encode, predict_logits
 from unilora.data.text import load_dataset
-from unilora.training.distill import teacher_from_adapter
+from unilora.training.teachers import teacher_from_adapter
 from unilora.core.errors import UniLoraError
 
 

@@ -152,7 +152,7 @@ def test_matching_pooled_features_brings_the_students_closer_to_the_teachers(tea
     features end closer to the teacher's than those of a student trained on the logits alone."""
     from unilora.training.classification import encode, predict
     from unilora.data.text import rotten_tomatoes
-    from unilora.training.distill import teacher_from_adapter
+    from unilora.training.teachers import teacher_from_adapter
 
     model, run = teacher_run
     distance = {}
@@ -198,7 +198,7 @@ def test_matching_every_layer_brings_the_students_inner_layers_closer(teacher_ru
     the student's inner layers end closer to the teacher's than with the last layer's alone."""
     from unilora.training.classification import encode, predict
     from unilora.data.text import rotten_tomatoes
-    from unilora.training.distill import teacher_from_adapter
+    from unilora.training.teachers import teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -336,7 +336,8 @@ def test_the_teacher_runs_once_per_training_text(teacher_run):
     """Its logits for all training texts are computed in one pass at the first batch; any later
     batch reads the logits the teacher gives that text alone."""
     from unilora.data.text import TextDataset, rotten_tomatoes
-    from unilora.training.distill import DistillTask, teacher_from_adapter
+    from unilora.training.distill import DistillTask
+    from unilora.training.teachers import teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -362,7 +363,8 @@ def test_a_classifier_is_scored_per_text_in_accuracy_and_eval_loss(teacher_run):
     model gives it on that text alone."""
     from unilora.training.classification import build_classifier
     from unilora.data.text import TextDataset, rotten_tomatoes
-    from unilora.training.distill import DistillTask, teacher_from_adapter
+    from unilora.training.distill import DistillTask
+    from unilora.training.teachers import teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -391,7 +393,7 @@ def test_a_classifier_is_scored_per_text_in_accuracy_and_eval_loss(teacher_run):
 def test_a_teacher_from_our_adapter_runs_merged_and_gives_the_adapters_outputs(teacher_run):
     from unilora import AdaptedModel
     from unilora.training.classification import build_classifier
-    from unilora.training.distill import teacher_from_adapter
+    from unilora.training.teachers import teacher_from_adapter
 
     model, run = teacher_run
     tokenizer, teacher = teacher_from_adapter(run / "adapter", str(model))
@@ -496,7 +498,7 @@ def test_a_peft_lora_on_a_causal_lm_is_a_teacher(llama_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from unilora.training.distill import teacher_from_peft_lora
+    from unilora.training.teachers import teacher_from_peft_lora
 
     torch.manual_seed(0)
     peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(llama_dir), LoraConfig(
@@ -529,7 +531,7 @@ def test_a_peft_lora_on_gpt2_conv1d_layers_is_a_teacher(tokenizer, tmp_path, cap
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from unilora.training.distill import teacher_from_peft_lora
+    from unilora.training.teachers import teacher_from_peft_lora
 
     folder = tmp_path / "tiny-gpt2"
     torch.manual_seed(0)
@@ -562,7 +564,7 @@ def test_a_fully_fine_tuned_causal_lm_is_a_teacher(llama_dir, teacher_run, tmp_p
     from test_hostile import one_line_error
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from unilora.training.distill import teacher_from_finetuned
+    from unilora.training.teachers import teacher_from_finetuned
 
     base, tuned = LlamaForCausalLM.from_pretrained(llama_dir), LlamaForCausalLM.from_pretrained(llama_dir)
     generator = torch.Generator().manual_seed(2)
@@ -609,7 +611,8 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
     read after that (past the cache's budget they are recomputed in their batches, the same); the
     held-out texts are scored by the teacher once, however often the student is evaluated."""
     from unilora.training.causal_lm import collate, lm_dataset_of
-    from unilora.training.distill import LMDistillTask, teacher_from_adapter
+    from unilora.training.distill import LMDistillTask
+    from unilora.training.teachers import teacher_from_adapter
     from unilora.training.loop import TrainSettings
 
     tokenizer, teacher = teacher_from_adapter(lm_teacher)
@@ -660,7 +663,7 @@ def test_distillation_plans_with_the_lengths_of_its_texts(teacher_run, tmp_path,
     token count of every training text, as encoded for the student."""
     import unilora.training.distill as distill_module
     from unilora.training.classification import dataset_of, encode
-    from unilora.training.distill import teacher_from_adapter
+    from unilora.training.teachers import teacher_from_adapter
 
     seen = {}
 

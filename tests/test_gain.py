@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from unilora.cli.main import _kept_gain_text
+from unilora.cli.commands import kept_gain_text as _kept_gain_text
 from unilora.training.gain import kept_gain, kept_gain_interval
 
 

@@ -22,13 +22,13 @@ from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
 from ..core.targeting import base_module, find_targets, is_conv1d, linear_shape
 from ..methods import Projection, build_projection
-from ..store.adapter_file import adapter_metadata, adapter_tensors, from_state_dict, load_into
+from ..store.adapter_file import adapter_metadata, adapter_tensors, from_state_dict, load_into, require_same_config
 from ..store.io import AdapterFile, read_adapter, write_adapter_dir
 from .binder import FactorBinder
 from .hf_compat import TransformersCompat, input_embeddings
 from .injection import base_weights, check_targets_exist, inject_layers, remove_adapter, unwrap, wrap_heads
 from .layers import AdaptedLayer
-from .routing import BASE, AdapterRouter
+from .routing import AdapterRouter
 
 DEFAULT_ADAPTER = "default"
 
@@ -66,19 +66,10 @@ class AdaptedModel(TransformersCompat, nn.Module):
         self.router = AdapterRouter()
         self._adapters: dict[str, _Adapter] = {}
         self._warned_inexact_unmerge = False
-        # One reconstruction per root forward (bound methods, not lambdas: copies and pickles
-        # of the model must drive their own router).
-        # Both roots: calls of the wrapped model (generate) and of this wrapper whose forward was
-        # replaced (TRL's fused LM head calls the backbone directly) each open one forward.
-        self._hooks = [
-            hook
-            for root in (base_model, self)
-            for hook in (root.register_forward_pre_hook(self.router.begin_forward, with_kwargs=True),
-                         root.register_forward_hook(self.router.end_forward, always_call=True))
-        ]
-        embeddings = input_embeddings(base_model)
-        if embeddings is not None:
-            self._hooks.append(embeddings.register_forward_hook(self.router.tie_hook))
+        # One reconstruction per root forward. Both roots: calls of the wrapped model (generate) and
+        # of this wrapper whose forward was replaced (TRL's fused LM head calls the backbone
+        # directly) each open one forward.
+        self._hooks = self.router.hook_into((base_model, self), input_embeddings(base_model))
         self.add_adapter(adapter_name, config, target_names=target_names)
 
     # --- the active adapter (what a single-adapter model had) -------------------------
@@ -127,7 +118,7 @@ class AdaptedModel(TransformersCompat, nn.Module):
     def add_adapter(self, adapter_name: str, config: AdapterConfig, target_names: list[str] | None = None) -> None:
         """Attach a fresh adapter named `adapter_name` (not made active: see set_adapter). Its
         method, targets and heads may differ from the other adapters'."""
-        self._check_new_name(adapter_name)
+        self.router.check_new_name(adapter_name)
         if self.merged:
             raise UniLoraError("an adapter is merged into the weights; call unmerge() before adding another")
         names = target_names or find_targets(self.model, config.target_modules, exclude=config.modules_to_save)
@@ -146,13 +137,6 @@ class AdaptedModel(TransformersCompat, nn.Module):
         if adapter_name != self.router.active:
             self._set_trainable(adapter_name, False)
 
-    def _check_new_name(self, name) -> None:
-        if not isinstance(name, str) or not name or "." in name or name == BASE:
-            raise UniLoraError(f"adapter name {name!r} is not allowed: use a non-empty name without '.', other than '{BASE}'")
-        if name in self._adapters:
-            raise UniLoraError(f"this model already holds an adapter named '{name}'; delete_adapter('{name}') first "
-                               "or choose another name")
-
     def _head(self, name: str, adapter_name: str | None = None) -> nn.Module:
         """Adapter `adapter_name`'s (default: the active one's) trained copy of head `name`."""
         return self.model.get_submodule(name).copies[adapter_name or self.router.active]
@@ -163,10 +147,6 @@ class AdaptedModel(TransformersCompat, nn.Module):
         for module in self._adapters[name].head_modules:
             for param_name, param in self._head(module, name).named_parameters():
                 yield module, param_name, param
-
-    def _heads(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
-        """Adapter `adapter_name`'s (default: the active one's) trained head parameters, by name."""
-        return {f"{m}.{n}": p for m, n, p in self._head_parameters(adapter_name)}
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter that runs, trains, merges and saves. Only it is
@@ -181,7 +161,7 @@ class AdaptedModel(TransformersCompat, nn.Module):
 
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
         self.projections[adapter_name].requires_grad_(trainable)
-        for param in self._heads(adapter_name).values():
+        for param in self.head_parameters(adapter_name).values():
             param.requires_grad_(trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -263,8 +243,9 @@ class AdaptedModel(TransformersCompat, nn.Module):
         return self.model
 
     # --- training -------------------------------------------------------------------
-    def head_parameters(self) -> dict[str, nn.Parameter]:
-        return self._heads()
+    def head_parameters(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+        """Adapter `adapter_name`'s (default: the active one's) trained head parameters, by name."""
+        return {f"{m}.{n}": p for m, n, p in self._head_parameters(adapter_name)}
 
     def parameter_groups(self, lr: float, group_lrs: dict[str, float] | None = None, weight_decay: float = 0.0) -> list[dict]:
         """Optimizer param groups of the active adapter: the method's own (e.g. bank, logits,
@@ -312,7 +293,7 @@ class AdaptedModel(TransformersCompat, nn.Module):
         sharded). `store` overrides VB-LoRA's config.store."""
         name = adapter_name or self.router.active
         self._require(name)
-        projection, heads = self.projections[name], self._heads(name)
+        projection, heads = self.projections[name], self.head_parameters(name)
         if state_dict is not None:  # keys as this model names them: its heads' copies, its projections
             head_keys = {f"{m}.{n}": f"model.{m}.copies.{name}.{n}" for m, n, _ in self._head_parameters(name)}
             projection, heads = from_state_dict(state_dict, projection, f"projections.{name}.", head_keys)
@@ -363,23 +344,18 @@ class AdaptedModel(TransformersCompat, nn.Module):
         """Load a saved adapter of the active adapter's configuration into it, in place (what
         resuming from a checkpoint does). VB-LoRA adapters may differ in `store`."""
         adapter = read_adapter(directory)
-        mine, theirs = self.adapter_config.to_dict(), adapter.config.to_dict()
-        mine.pop("store"), theirs.pop("store")
-        if mine != theirs:
-            changed = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise UniLoraError(f"'{directory}' holds an adapter configured differently from this model's ({changed}); "
-                               "load it with unilora.from_pretrained or model.load_adapter instead")
+        require_same_config(adapter, self.adapter_config)
         self._load_into(adapter, self.router.active)
 
     def _load_into(self, adapter: AdapterFile, adapter_name: str) -> None:
-        load_into(adapter, self._adapters[adapter_name].layout, self.projections[adapter_name], self._heads(adapter_name))
+        load_into(adapter, self._adapters[adapter_name].layout, self.projections[adapter_name], self.head_parameters(adapter_name))
         self._adapters[adapter_name].binder.invalidate()
 
     def load_adapter(self, directory: str | os.PathLike | AdapterFile, adapter_name: str,
                      is_trainable: bool = False) -> None:
         """Load a saved adapter beside the ones this model holds, under `adapter_name` (not made
         active: see set_adapter). Validated in full before anything is attached."""
-        self._check_new_name(adapter_name)
+        self.router.check_new_name(adapter_name)
         adapter = directory if isinstance(directory, AdapterFile) else read_adapter(directory)
         check_targets_exist(self.model, adapter.layout)
         self.add_adapter(adapter_name, adapter.config, target_names=[s.name for s in adapter.layout.slots])

@@ -126,6 +126,17 @@ class AdapterRouter:
                 self.mixing -= 1
 
     # --- hooks on the root modules ---------------------------------------------------------
+    def hook_into(self, roots, embeddings) -> list:
+        """Register the hooks that open and close a forward on each root module (a call of any of
+        them is one forward) and the tie on the input embeddings; returns their handles. Bound
+        methods, not lambdas: copies and pickles of the model must drive their own router."""
+        handles = [handle for root in roots
+                   for handle in (root.register_forward_pre_hook(self.begin_forward, with_kwargs=True),
+                                  root.register_forward_hook(self.end_forward, always_call=True))]
+        if embeddings is not None:
+            handles.append(embeddings.register_forward_hook(self.tie_hook))
+        return handles
+
     def _in_use(self) -> list[str]:
         if not self.enabled:
             return []
@@ -177,6 +188,13 @@ class AdapterRouter:
             del self._recent[name]
 
     # --- adapters --------------------------------------------------------------------------
+    def check_new_name(self, name) -> None:
+        if not isinstance(name, str) or not name or "." in name or name == BASE:
+            raise UniLoraError(f"adapter name {name!r} is not allowed: use a non-empty name without '.', other than '{BASE}'")
+        if name in self.binders:
+            raise UniLoraError(f"this model already holds an adapter named '{name}'; delete_adapter('{name}') first "
+                               "or choose another name")
+
     def add(self, name: str, binder: FactorBinder) -> None:
         self.binders[name] = binder
         if self.active is None:

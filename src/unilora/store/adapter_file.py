@@ -83,3 +83,14 @@ def load_into(adapter: AdapterFile, layout: Layout, projection: Projection, head
     projection.load_stored_tensors(adapter.tensors)
     for name, value in adapter.head.items():
         copy_into(heads[name], value, HEAD_PREFIX + name)
+
+
+def require_same_config(adapter: AdapterFile, config: AdapterConfig) -> None:
+    """Refuse an adapter configured otherwise than `config` (VB-LoRA's `store` may differ): what loading
+    its weights in place, as resuming a checkpoint does, needs."""
+    mine, theirs = config.to_dict(), adapter.config.to_dict()
+    mine.pop("store"), theirs.pop("store")
+    if mine != theirs:
+        changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+        raise UniLoraError(f"'{adapter.path}' holds an adapter configured differently from this model's ({changed}); "
+                           "load it with unilora.from_pretrained or model.load_adapter instead")

@@ -21,14 +21,19 @@ from safetensors.torch import load_file
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
-from ..store.adapter_file import adapter_metadata
-from ..store.io import write_adapter_dir
 from ..core.layout import Layout, Slot
-from ..methods import build_projection, refuse_without_weights
 from ..core.targeting import name_matches
+from ..methods import build_projection, recipe_config, refuse_without_weights
+from ..store.adapter_file import adapter_metadata
+from ..store.io import ADAPTER_FILES, write_adapter_dir
 from ..store.validation import Fields, check_finite, check_header, read_json_object, tensor_header
+from ..store.writing import check_writable
 
 _PEFT_PREFIX = "base_model.model."
+# above this relative error of ΔW a weight-space fit keeps too little to be worth using
+ERROR_WARNING = 0.5
+TARGETS_OF_A_LORA = ("--targets chooses the layers of a full fine-tune (--finetuned-model, or checkpoints); the "
+                     "compact adapter of a LoRA teacher adapts the layers that LoRA adapted: drop --targets")
 
 
 @dataclass
@@ -201,3 +206,41 @@ def save_compressed(projection, layout: Layout, config: AdapterConfig, out_dir, 
                     fan_in_fan_out: bool = False, overwrite: bool = False) -> None:
     metadata = adapter_metadata(config, layout, projection, fan_in_fan_out=fan_in_fan_out, compressed_from=source)
     write_adapter_dir(out_dir, metadata, projection.stored_tensors(), overwrite=overwrite)
+
+
+def weight_space_fit(out, *, peft_lora=None, base_weights=None, finetuned_weights=None, targets=None,
+                     method: str = "unilora", fields: dict | None = None, seed: int = 0, steps: int = 0,
+                     lr: float = 1e-3, overwrite: bool = False) -> dict:
+    """`unilora compress` without a teacher: a `method` adapter fitted to a PEFT LoRA's update, or to
+    the truncated SVD of a full fine-tune (`base_weights`, `finetuned_weights`: .safetensors; the
+    layers `targets` names, default query and value), saved to `out` (checked first). `fields`:
+    AdapterConfig fields over the method's recipe (rank: the LoRA's, or 8). Returns the fit's report,
+    with a warning where it keeps little of the update."""
+    check_writable(Path(out), ADAPTER_FILES, overwrite, "adapter")
+    if targets and peft_lora:
+        raise UniLoraError(TARGETS_OF_A_LORA)
+    if bool(peft_lora) == bool(base_weights or finetuned_weights):
+        raise UniLoraError("give either --peft-lora DIR or both --base-weights and --finetuned-weights")
+    fields = dict(fields or {})
+    if peft_lora:
+        updates = from_peft_lora(peft_lora)
+        source, rank = f"peft-lora:{peft_lora}", fields.get("rank") or updates[0].a.shape[0]
+        fan_in_fan_out = peft_fan_in_fan_out(peft_lora)
+    else:
+        if not (base_weights and finetuned_weights):
+            raise UniLoraError("--base-weights and --finetuned-weights go together")
+        rank = fields.get("rank") or 8
+        updates = from_checkpoints(base_weights, finetuned_weights, targets or ["query", "value"], rank)
+        source, fan_in_fan_out = f"checkpoints:{base_weights}|{finetuned_weights}", False
+    fields["rank"], adapter_seed = rank, fields.pop("seed", None)
+    config = recipe_config(method, sorted({u.name for u in updates}), seed=seed if adapter_seed is None else adapter_seed,
+                           tuned_model=False, **fields)
+    projection, layout, report = compress(updates, config, steps=steps, lr=lr)
+    save_compressed(projection, layout, projection.config, out, source, fan_in_fan_out, overwrite=overwrite)
+    report.update(method=projection.config.method, layers=len(updates), rank=rank, steps=steps, warning=None)
+    if report["relative_error"] > ERROR_WARNING:
+        report["warning"] = (f"relative error {report['relative_error']:.2f} > {ERROR_WARNING}: the compressed adapter "
+                             "keeps little of the source's update, so it will behave much like the base model; a larger "
+                             "--theta-dim keeps more (d = D is exact), or train a small adapter on the task itself with "
+                             "`unilora finetune`")
+    return report

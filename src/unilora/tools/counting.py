@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from transformers import RobertaConfig, RobertaModel
 
-from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..engine.model import get_model
+from ..methods import recipe_config, refuse_without_weights
 
 ROBERTA_SIZES = {
     "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -21,8 +22,6 @@ TARGET_PRESETS = {
 
 
 def build_roberta_skeleton(arch: str) -> torch.nn.Module:
-    from transformers import RobertaConfig, RobertaModel
-
     if arch not in ROBERTA_SIZES:
         raise UniLoraError(f"unknown arch '{arch}'; choose one of {', '.join(ROBERTA_SIZES)}")
     config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, **ROBERTA_SIZES[arch])
@@ -30,10 +29,13 @@ def build_roberta_skeleton(arch: str) -> torch.nn.Module:
         return RobertaModel(config, add_pooling_layer=False)
 
 
-def count_for_arch(arch: str, targets: str, **adapter_options) -> dict:
+def count_for_arch(arch: str, targets: str = "qv", method: str = "unilora", **fields) -> dict:
+    """`unilora count`: the counts of `method` on RoBERTa's `targets` at the papers' settings, with
+    the AdapterConfig `fields` that are not None over them."""
     if targets not in TARGET_PRESETS:
         raise UniLoraError(f"unknown targets '{targets}'; choose one of {', '.join(TARGET_PRESETS)}")
-    config = AdapterConfig(target_modules=TARGET_PRESETS[targets], **adapter_options)
+    refuse_without_weights(method, "`unilora count` (it builds RoBERTa from its config alone)")
+    config = recipe_config(method, TARGET_PRESETS[targets], paper=True, **fields)
     model = get_model(build_roberta_skeleton(arch), config)
     return {
         "arch": arch,

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from ..models.backbones import load_causal_lm
 from ..core.errors import UniLoraError
 from ..core.tasks import task_kind
-from ..data.lm import BUILTIN_LM_TASKS, LMDataset, load_lm_dataset
+from ..data.lm import BUILTIN_LM_TASKS, LMDataset, check_messages, load_lm_dataset
+from ..data.tables import read_rows
 from ..engine.model import AdaptedModel
 from .loop import Task, TrainSettings, fitted_max_length
 from .records import read_task_adapter, recorded_data
@@ -312,9 +313,6 @@ def evaluate_lm_adapter(adapter, dataset: LMDataset | None, model_name: str | No
 
 def prompts_from_file(path: str | Path) -> list:
     """Prompts to generate from: JSONL rows with "prompt" (text) or "messages" (a conversation)."""
-    from ..data.tables import read_rows
-    from ..data.lm import check_messages
-
     path = Path(path)
     if not path.is_file():
         raise UniLoraError(f"prompts file '{path}' does not exist")
@@ -343,29 +341,3 @@ def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge
         model.merge()
     chat = task.get("kind") == "chat"
     return generate(model, tokenizer, [prompt_ids(tokenizer, p, chat) for p in prompts], max_new_tokens, batch_size)
-
-
-def demo_causal_lm(method: str, out: str, train_limit: int, test_limit: int) -> int:
-    """`unilora demo --task causal-lm`: BBC News headlines on SmolLM2, one held-out article's
-    headline generated before and after training."""
-    from ..cli.main import main
-    from ..models.embedded_llm import EMBEDDED_LLM
-    from ..data.lm import bbc_headlines
-
-    held_out = bbc_headlines().test[-1]["messages"]  # from the test split: never trained on
-    prompt, reference = held_out[0]["content"], held_out[1]["content"]
-    tokenizer, lm = load_causal_lm(EMBEDDED_LLM)
-    encoded = [prompt_ids(tokenizer, prompt, chat=True)]
-    before = generate(lm, tokenizer, encoded, 24, 1)[0]
-    del lm
-    code = main(["finetune", "--task", "causal-lm", "--method", method, "--data", "bbc_headlines",
-                 "--train-limit", str(train_limit), "--test-limit", str(test_limit), "--epochs", "1",
-                 "--out", out, "--overwrite"])
-    if code:
-        return code
-    after = generate_from_adapter(Path(out) / "adapter", [prompt], 24)[0]
-    print(f"\nheld-out article: {prompt.split(chr(10))[-1][:200]}...")
-    print(f"reference headline: {reference}")
-    print(f"before training:    {before}")
-    print(f"after training:     {after}")
-    return 0

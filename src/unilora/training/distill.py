@@ -18,31 +18,27 @@ from __future__ import annotations
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
+from ..data.lm import LMDataset
+from ..data.text import TextDataset
+from ..engine.layers import AdaptedLayer
+from ..engine.model import AdaptedModel, get_model
 from ..models.backbones import load_causal_lm
+from ..tools.compress import compress
 from .causal_lm import IGNORE, CausalLMTask, batches_by_length, collate as lm_collate, score_generations
 from .classification import build_classifier, collate, encode, predict, predict_logits
-from ..tools.compress import LowRankUpdate, compress, from_peft_lora
-from ..core.config import AdapterConfig
-from ..data.text import TextDataset
-from ..core.errors import UniLoraError
-from ..core.tasks import task_kind
 from .gain import kept_gain, kept_gain_interval
-from ..engine.layers import AdaptedLayer
-from ..data.lm import LMDataset
-from ..engine.model import AdaptedModel, get_model
+from .loop import Task, TrainSettings, fit_rates_to, fitted_max_length, train
 from .plan import LM_BATCH_SIZE, plan_run
 from .recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 from .teacher_outputs import CACHE_BUDGET_BYTES, TeacherCache, stored
-from .loop import Task, TrainSettings, fit_rates_to, fitted_max_length, train
-from .records import read_task_adapter
-from ..store.validation import check_finite, check_header, tensor_header
+from .teachers import HEAD_MODULE, Teacher
 
-HEAD_MODULE = "classifier"
 # The default softening, per teacher kind. A classifier: against 2, students at 1 ended closer to
 # the teacher in held-out KL in 10 of 12 runs (Rotten Tomatoes, BBC News), against 0.5 in 6 of 6
 # (Uni-LoRA, seeds 5-7). A causal LM: at 1 the SmolLM2 students (seed 1) ended at KL 0.18 / 0.20
@@ -52,130 +48,6 @@ TEMPERATURE = {"seq-cls": 1.0, "causal-lm": 2.0}
 # seeds kept apart from the reported ones (5-7), held-out KL to the teacher fell in 12 of 12 runs at
 # the same cost. A causal LM matches its next-token distributions only.
 HIDDEN_WEIGHT = {"seq-cls": 1.0, "causal-lm": 0.0}
-
-
-class Teacher:
-    """A model whose outputs are matched: the model, its low-rank update per adapted layer (names
-    as in the model), its head tensors (a classifier's) and what an adapter records about the task."""
-
-    def __init__(self, model, updates: list[LowRankUpdate], head: dict[str, torch.Tensor], record: dict, source: str):
-        self.model, self.updates, self.head, self.record, self.source = model.eval(), updates, head, record, source
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @property
-    def kind(self) -> str:
-        return task_kind(self.record)
-
-
-def teacher_from_adapter(directory, model_name: str | None = None):
-    """(tokenizer, teacher) from an adapter saved by `finetune`: a classifier or a causal LM."""
-    adapter, task = read_task_adapter(directory)
-    if task_kind(task) == "causal-lm":
-        tokenizer, model = load_causal_lm(model_name or task["model"])
-    else:
-        tokenizer, model = build_classifier(model_name or task["model"], len(task["label_names"]), 0)
-    model = AdaptedModel.from_pretrained(model, adapter)
-    scaling = adapter.config.scaling
-    with torch.no_grad():
-        updates = [LowRankUpdate(slot.name, a.float().clone(), bt.t().float() * scaling)
-                   for (a, bt), slot in zip(model.projection.factors(), model.layout.slots)]
-    head = {k[len(HEAD_MODULE) + 1:]: v for k, v in adapter.head.items() if k.startswith(HEAD_MODULE + ".")}
-    # the teacher never changes: merged, its forwards cost what the base model's do (3-10 % less
-    # than unmerged for LoRA, Uni-LoRA and VB-LoRA teachers on MiniLM, batch 32 x 64 tokens)
-    return tokenizer, Teacher(model.merge_and_unload(), updates, head, dict(task), f"adapter:{directory}")
-
-
-def peft_teacher_kind(directory) -> str:
-    """"causal-lm" for a PEFT LoRA saved from a causal LM (its task_type), else "seq-cls"."""
-    from ..store.validation import read_json_object
-
-    meta = read_json_object(Path(directory) / "adapter_config.json", "a PEFT adapter config")
-    return "causal-lm" if meta.get("task_type") == "CAUSAL_LM" else "seq-cls"
-
-
-def teacher_from_peft_lora(directory, label_names: list[str] | None, model_name: str | None = None):
-    """(tokenizer, teacher) from a PEFT LoRA: on a causal LM (task_type CAUSAL_LM), or on the encoder
-    of a classifier with the head in head.safetensors (what `unilora export` writes for one). The
-    LoRA is merged into a copy of the base model (linear layers, and GPT-2's Conv1D)."""
-    from ..core.targeting import is_conv1d
-    from ..store.validation import read_json_object
-
-    directory = Path(directory)
-    meta = read_json_object(directory / "adapter_config.json", "a PEFT adapter config")
-    name = model_name or meta.get("base_model_name_or_path")
-    if not isinstance(name, str) or not name:
-        raise UniLoraError(f"'{directory}' does not name its base model; pass --model")
-    causal = peft_teacher_kind(directory) == "causal-lm"
-    head_path = directory / "head.safetensors"
-    if not causal and not head_path.is_file():
-        raise UniLoraError(f"'{directory}' has no head.safetensors: distillation needs the trained classifier head "
-                           "(`unilora export` of a `finetune` classifier writes it)")
-    updates = from_peft_lora(directory)
-    if causal:
-        tokenizer, model = load_causal_lm(name)
-        target, head, prefix = model, {}, ""
-        record = {"task": "causal-lm", "model": name}
-    else:
-        tokenizer, model = build_classifier(name, len(label_names), 0)
-        target, head, prefix = model.encoder, _read_head(head_path, model), "encoder."
-        record = {"task": "seq-cls", "model": name, "label_names": list(label_names)}
-    modules = dict(target.named_modules())
-    with torch.no_grad():
-        for update in updates:
-            module = modules.get(update.name)
-            conv1d = module is not None and is_conv1d(module)
-            delta = update.b @ update.a  # out × in; GPT-2's Conv1D keeps its weight as in × out
-            if conv1d:
-                delta = delta.t()
-            if not (isinstance(module, torch.nn.Linear) or conv1d) or module.weight.shape != delta.shape:
-                raise UniLoraError(f"'{directory}': layer '{update.name}' is not a matching linear layer of "
-                                   f"'{name}'; is this the model the adapter was trained on?")
-            module.weight += delta
-        if head:
-            model.classifier.load_state_dict(head)
-    updates = [LowRankUpdate(prefix + u.name, u.a, u.b) for u in updates]
-    return tokenizer, Teacher(model, updates, head, record, f"peft-lora:{directory}")
-
-
-def teacher_from_finetuned(directory, base_name: str, targets, rank: int):
-    """(tokenizer, teacher) from a fully fine-tuned causal LM (a model folder) and its base model.
-    The weight-space start is the truncated SVD of W_ft − W_base of every targeted linear layer, at
-    the student's rank."""
-    from ..models.backbones import is_causal_lm
-    from ..tools.compress import truncated
-    from ..core.targeting import base_module, find_targets, is_conv1d
-
-    if not is_causal_lm(str(directory)):
-        raise UniLoraError(f"'{directory}' is not a causal LM: a fully fine-tuned teacher is taken for causal LMs "
-                           "(a fine-tuned classifier's own head cannot be carried into an adapter's)")
-    tokenizer, tuned = load_causal_lm(str(directory))
-    _, base = load_causal_lm(base_name)
-    tuned_modules = dict(tuned.named_modules())
-    updates = []
-    with torch.no_grad():
-        for name in find_targets(base, targets):
-            module, other = base_module(base, name), tuned_modules.get(name)
-            if other is None or getattr(other, "weight", None) is None or other.weight.shape != module.weight.shape:
-                raise UniLoraError(f"'{directory}' has no layer '{name}' shaped as in '{base_name}'; is it a fine-tune "
-                                   "of that model?")
-            delta = other.weight.float() - module.weight.float()
-            check_finite({name: delta}, f"'{directory}'", "the fine-tuned weights are damaged")
-            updates.append(truncated(name, delta.t() if is_conv1d(module) else delta, rank))  # Conv1D: in × out
-    del base
-    record = {"task": "causal-lm", "model": base_name}
-    return tokenizer, Teacher(tuned, updates, {}, record, f"finetuned:{directory}")
-
-
-def _read_head(path: Path, classifier) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    expected = {f"{HEAD_MODULE}.{k}": (tuple(v.shape), "float") for k, v in classifier.classifier.state_dict().items()}
-    header = tensor_header(path)
-    check_header(path, header, expected)
-    tensors = load_file(str(path))
-    check_finite(tensors, f"'{path}'", "the head is damaged")
-    return {k[len(HEAD_MODULE) + 1:]: v.float() for k, v in tensors.items()}
 
 
 def kl_per_row(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:

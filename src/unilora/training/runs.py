@@ -1,13 +1,18 @@
-"""A run: what `unilora finetune` and `unilora evaluate` do, as library functions. `finetune` trains
-an adapter through the shared loop (loop.train) and writes the run folder, OUT/adapter and
-OUT/metrics.json, atomically; the task comes from the data (classification or causal LM)."""
+"""A run: what `unilora finetune` and `unilora evaluate` do, as library functions, so that a Python
+caller gets what the command line gets.
+
+`run_finetune` takes the command's options: it chooses the task (from the data and the model),
+the adapter config (the method's recipe) and the rates, then `finetune` trains through the shared
+loop (loop.train) and writes the run folder, OUT/adapter and OUT/metrics.json, atomically.
+`run_evaluate` scores a saved adapter on the data it records or on other data.
+"""
 
 from __future__ import annotations
 
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,8 +21,13 @@ import torch.distributed as dist
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.tasks import task_kind
-from ..data.lm import LMDataset
+from ..data.lm import LMDataset, is_lm_data
+from ..data.sources import DataSpec
+from ..data.text import TextDataset, small_classes
 from ..engine.model import AdaptedModel, get_model
+from ..methods import recipe_config
+from ..models.backbones import EMBEDDED_MODEL, is_causal_lm, is_embedded
+from ..models.embedded_llm import EMBEDDED_LLM
 from ..store.io import AdapterFile, is_adapter_dir
 from ..store.validation import read_json_object
 from ..store.writing import check_writable, write_json_atomic, write_output_dir
@@ -25,6 +35,7 @@ from .causal_lm import CausalLMTask, evaluate_lm_adapter
 from .classification import ClassificationTask, evaluate_classifier
 from .loop import Task, TrainSettings, distributed, fit_rates_to, train
 from .plan import plan_run, short_run_warning
+from .recipes import finetune_group_lrs
 from .records import read_task_adapter
 
 
@@ -117,3 +128,91 @@ def evaluate_adapter(adapter: str | Path | AdapterFile, data=None, model_name: s
     if task_kind(task) == "causal-lm":
         return evaluate_lm_adapter(adapter, data, model_name, batch_size, limits, max_new_tokens)
     return evaluate_classifier(adapter, data, model_name, batch_size, limits)
+
+
+# per task: (default model, max length)
+TASK_DEFAULTS = {"seq-cls": (EMBEDDED_MODEL, 64), "causal-lm": (EMBEDDED_LLM, 256)}
+
+
+def resolve_task(task: str | None, data: str | None, model: str | None, text_column: str = "text") -> tuple[str, str, str]:
+    """(task, data, model): `task` if given, else what the data and the model say (data.lm.is_lm_data;
+    an LLM with labelled data is ambiguous); the data and the model default per task."""
+    causal_model = model is not None and is_causal_lm(model)
+    if task is None:
+        if data is not None and is_lm_data(data, text_column):
+            task = "causal-lm"
+        elif causal_model:
+            raise UniLoraError(
+                f"'{model}' is a causal language model and "
+                + ("the data has labels" if data else "no --data was given")
+                + ": pass --task seq-cls to train a classifier on it, or --task causal-lm with text, "
+                "prompt/completion or chat data")
+        else:
+            task = "seq-cls"
+    if task == "causal-lm" and model is not None and not causal_model:
+        raise UniLoraError(f"'{model}' is not a causal language model (its config names no *ForCausalLM "
+                           "architecture); --task causal-lm needs one")
+    if data is None:
+        if task == "causal-lm":
+            raise UniLoraError("--task causal-lm needs --data (bbc_headlines, rotten_tomatoes_instruct, a .txt "
+                               "file, or JSONL with text, prompt/completion or chat messages)")
+        data = "rotten_tomatoes"
+    return task, data, model or TASK_DEFAULTS[task][0]
+
+
+@dataclass
+class FinetuneRun:
+    out: Path  # the run folder: OUT/adapter and OUT/metrics.json
+    task: str
+    dataset: TextDataset | LMDataset
+    metrics: dict  # empty on the ranks other than 0 under torchrun
+
+
+def run_finetune(data: DataSpec | None = None, *, task: str | None = None, model: str | None = None,
+                 method: str = "unilora", targets="all-linear", adapter: dict | None = None, seed: int = 0,
+                 lr: float | None = None, head_lr: float | None = None, group_lrs: dict[str, float] | None = None,
+                 max_length: int | None = None, out: str | Path | None = None, overwrite: bool = False,
+                 **schedule) -> FinetuneRun:
+    """`unilora finetune`: an adapter of `method` trained on `data` (a classifier or a causal LM, as
+    `resolve_task` decides), written to `out` (default runs/METHOD-DATA-seedN), which is checked
+    before anything is read or loaded.
+
+    `adapter`: AdapterConfig fields over the method's recipe (its "seed" defaults to `seed`); `lr`
+    sets every adapter group's rate, `head_lr` the classifier head's, `group_lrs` single groups (the
+    rest are the recipe's, Uni-LoRA's θ rate fitted to the model unless set); `schedule`:
+    TrainSettings fields (epochs, batch_size, warmup_ratio, max_grad_norm, eval_every, packing,
+    max_new_tokens, group_by_length, progress), those left out chosen from the run (plan.py)."""
+    data = data or DataSpec()
+    out = Path(out or f"runs/{method}-{Path(data.data or 'rotten_tomatoes').stem}-seed{seed}")
+    check_writable(out, RUN_FILES, overwrite, "run")  # before any data is read or model loaded
+    task, spec, model = resolve_task(task, data.data, model, data.text_column)
+    classify = task == "seq-cls"
+    rates, fit_rates = finetune_group_lrs(method, classify, lr, head_lr, group_lrs)
+    fields = dict(adapter or {})
+    adapter_seed = fields.pop("seed", None)
+    config = recipe_config(method, targets, modules_to_save=["classifier"] if classify else [],
+                           seed=seed if adapter_seed is None else adapter_seed, tuned_model=is_embedded(model), **fields)
+    dataset = data.replace(data=spec).load(task)  # fails early, before any training, on bad data options
+    small = small_classes(dataset) if classify else []
+    if small:
+        print(f"warning: few training examples for {', '.join(small[:5])}: under 10 per class, expect a weak or "
+              "majority-class model", file=sys.stderr)
+    settings = TrainSettings(max_length=max_length or TASK_DEFAULTS[task][1], lr=lr or 1e-3, group_lrs=rates, seed=seed,
+                             fit_rates=fit_rates, **schedule)
+    metrics = finetune(model, dataset, config, settings, out, overwrite=overwrite)
+    return FinetuneRun(out, task, dataset, metrics)
+
+
+def run_evaluate(adapter: str | Path | AdapterFile, data: DataSpec | None = None, model: str | None = None,
+                 max_new_tokens: int | None = None) -> dict:
+    """`unilora evaluate`: a saved adapter's scores on `data` (by default the data it records, cut to
+    the spec's limits); notes about the run (labels matched by name) under "notes"."""
+    data = data or DataSpec()
+    adapter, task = read_task_adapter(adapter)
+    if data.data is None and data.test_data:
+        raise UniLoraError("--test-data goes with --data (the training file of the test data)")
+    dataset = data.load(task_kind(task)) if data.data is not None else None
+    if dataset is None and data.metric:
+        raise UniLoraError("--metric goes with --data; without --data the recorded data's metric is used")
+    return evaluate_adapter(adapter, dataset, model, limits=(data.train_limit, data.test_limit),
+                            max_new_tokens=max_new_tokens)
