@@ -1,4 +1,8 @@
-"""Tiny random-init models of the four layouts the library must handle."""
+"""Tiny random-init models of the four layouts the library must handle, and the rule of the two
+test tiers."""
+
+import multiprocessing.process
+import subprocess
 
 import pytest
 import torch
@@ -14,6 +18,32 @@ from transformers import (
 )
 
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True)
+def slow_tier_rule(request, monkeypatch):
+    """A test that loads real pretrained weights or starts another process carries @pytest.mark.slow,
+    so that `pytest -m "not slow"` stays the fast tier: an unmarked test that does either fails."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import unilora.models.backbones as backbones
+
+    def refused(what):
+        def refuse(*args, **kwargs):
+            pytest.fail(f"this test {what}: mark it @pytest.mark.slow (see pyproject's markers)", pytrace=False)
+        return refuse
+
+    load_pretrained = backbones.load_pretrained
+
+    def load(name, model_class):
+        if backbones.is_embedded(name) or backbones.is_embedded_llm(name):
+            backbones.resolve_model(name)  # where the model cannot be found, that error is the test's
+            refused(f"loads the real weights of {name}")()
+        return load_pretrained(name, model_class)
+
+    monkeypatch.setattr(backbones, "load_pretrained", load)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refused("starts a process"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refused("starts a process"))
 
 
 def tiny_bert():

@@ -229,6 +229,7 @@ def test_task_choice_and_bad_lm_data_are_one_line_errors(llama_dir, tmp_path, ca
     assert not Path(out).exists()
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_classifier(tmp_path, capsys):
     out = tmp_path / "cls"
     assert main(["finetune", "--method", "lora", "--train-limit", "16", "--test-limit", "8", "--epochs", "1",
@@ -237,6 +238,7 @@ def test_generate_refuses_a_classifier(tmp_path, capsys):
     one_line_error(["generate", str(out / "adapter")], capsys, "give either --prompt TEXT or --prompts FILE.jsonl")
 
 
+@pytest.mark.slow
 def test_embedded_smollm2_is_the_gguf_model_dequantized_once(tmp_path, monkeypatch, capfd):
     """The cached fp32 model gives the logits of transformers' own GGUF load; the second load
     uses the cache (no message) and loads no GGUF."""
@@ -260,6 +262,7 @@ def test_embedded_smollm2_is_the_gguf_model_dequantized_once(tmp_path, monkeypat
     shutil.rmtree(tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_causal_lm_finetune_under_torchrun(llama_dir, tmp_path):
     import subprocess
     import sys

@@ -30,6 +30,7 @@ def test_count_matches_spec(argv, expected, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(expected)
 
 
+@pytest.mark.slow
 def test_count_as_a_module_prints_the_count_last():
     result = subprocess.run(
         [sys.executable, "-m", "unilora", "count", "--arch", "roberta-base", "--method", "vblora"],

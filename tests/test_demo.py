@@ -21,6 +21,7 @@ def test_rotten_tomatoes_is_split_by_movie():
     assert not train_movies & test_movies
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["unilora", "vblora"])
 def test_finetune_then_evaluate_on_real_weights(method, tmp_path, capsys):
     out = tmp_path / method
@@ -57,6 +58,7 @@ def test_vblora_on_another_model_chooses_its_vector_length(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["adapter"]["vector_length"] == 16
 
 
+@pytest.mark.slow
 def test_adapter_on_the_wrong_model_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--method", "unilora", "--train-limit", "32", "--test-limit", "32", "--epochs", "1",
@@ -81,6 +83,7 @@ def test_bbc_headlines_pairs_each_article_with_its_own_first_line():
     assert row[0]["content"].endswith(" ".join(body[:ARTICLE_WORDS])) and text.split("\n")[0] not in row[0]["content"]
 
 
+@pytest.mark.slow
 def test_causal_lm_demo_on_real_smollm2(tmp_path, capsys):
     """`unilora demo --task causal-lm` on the real SmolLM2 (dequantized once into the cache), cut
     to a few examples: it trains, scores ROUGE-L and prints a headline before and after."""

@@ -50,6 +50,7 @@ def _rank_main(rank, world, init_file, method, out_file):
     leave_rank()  # the rank ends here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["unilora", "vblora"])
 def test_ddp_matches_single_process_full_batch(method, tmp_path):
     out_file = tmp_path / "ddp.pt"
@@ -63,6 +64,7 @@ def test_ddp_matches_single_process_full_batch(method, tmp_path):
                            make_model(method).projection.theta), "training must have moved the shared vector"
 
 
+@pytest.mark.slow
 def test_finetune_cli_under_torchrun(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -114,6 +114,7 @@ CRASHING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_crash_during_replace_leaves_the_whole_old_or_the_whole_new_adapter(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(CRASHING_SAVE.format(tests=os.path.dirname(__file__)))

@@ -46,6 +46,7 @@ def test_blocks_are_found_from_the_model():
     assert [type(b).__name__ for b in transformer_blocks(model)] == ["LlamaDecoderLayer"] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["unilora", "vblora"])
 def test_fsdp2_matches_single_process_full_batch(method, tmp_path):
     out_file = tmp_path / "fsdp.pt"

@@ -180,6 +180,7 @@ def train_run(tmp_path, labels=("democrat", "republican")):
     return out / "adapter", rows
 
 
+@pytest.mark.slow
 def test_evaluate_matches_labels_by_name_and_uses_the_recorded_data(tmp_path, capsys):
     adapter, rows = train_run(tmp_path)
     capsys.readouterr()
@@ -194,6 +195,7 @@ def test_evaluate_matches_labels_by_name_and_uses_the_recorded_data(tmp_path, ca
         capsys, "['x_dem']")
 
 
+@pytest.mark.slow
 def test_evaluate_maps_label_ids_when_the_data_has_fewer_labels(tmp_path, capsys):
     adapter, rows = train_run(tmp_path, labels=("a", "b", "c"))
     two = write_rows(tmp_path / "two.jsonl", [r for r in rows if r["label"] != "b"])
@@ -202,6 +204,7 @@ def test_evaluate_maps_label_ids_when_the_data_has_fewer_labels(tmp_path, capsys
     assert "note: labels matched by name (a->a, c->c)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_without_recorded_data_asks_for_it(tmp_path, capsys):
     adapter, _ = train_run(tmp_path)
     (tmp_path / "train.jsonl").unlink()
@@ -230,6 +233,7 @@ def test_labels_seen_only_in_the_test_data_are_refused(tmp_path, capsys):
                    capsys, "['c']", "never in the training data")
 
 
+@pytest.mark.slow
 def test_a_json_array_file_trains_and_tiny_data_warns(tmp_path, capsys):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(6)]))
@@ -244,6 +248,7 @@ def test_zero_or_negative_counts_are_refused_by_the_parser(flag, tmp_path, capsy
         one_line_error(["finetune", flag, value, "--out", str(tmp_path / "o")], capsys, flag, "positive integer")
 
 
+@pytest.mark.slow
 def test_max_length_above_the_model_limit_is_clamped(tmp_path, capsys):
     data = write_rows(tmp_path / "d.jsonl", [{"text": f"word {i}", "label": "ab"[i % 2]} for i in range(12)])
     assert main(["finetune", "--data", str(data), "--max-length", "3004", "--epochs", "1", "--no-progress",
@@ -284,6 +289,7 @@ def test_compress_refuses_damaged_peft_adapters(tmp_path, capsys):
 
 
 # --- fuzzing: truncations, byte flips and config mutations under a memory bound --------------------------
+@pytest.mark.slow
 def test_fuzzed_adapter_files_load_correctly_or_fail_with_our_error():
     script = os.path.join(os.path.dirname(__file__), "fuzz_adapters.py")
     result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)

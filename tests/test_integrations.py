@@ -91,6 +91,7 @@ def _ddp_rank(rank, world, init_file, out_file):
     leave_rank()  # the rank ends here
 
 
+@pytest.mark.slow
 def test_ddp_with_checkpointing_matches_one_process_with_and_without_static_graph(tmp_path):
     out_file = tmp_path / "ddp.pt"
     run_ranks(_ddp_rank, lambda attempt: (2, str(tmp_path / f"init{attempt}"), str(out_file)))

@@ -19,7 +19,7 @@ _INTEGRATIONS = ("Trainer", "AdapterTrainerMixin", "adapter_trainer")
 def __getattr__(name: str):
     if name == "METHODS":  # read from the registry, so that a method registered later is listed too
         return method_names()
-    # transformers.Trainer is heavy to import: load the integration only when asked for
+    # deferred: transformers.Trainer loads accelerate and more (seconds); the integration loads when asked for
     if name in _INTEGRATIONS:
         from .engine import integrations
 

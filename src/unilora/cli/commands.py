@@ -10,9 +10,9 @@ from pathlib import Path
 
 from ..core.errors import UniLoraError
 from ..data.sources import DataSpec
+from ..tools.compress import weight_space_fit
 from ..tools.counting import count_for_arch
 from ..tools.export import export_peft_lora
-from ..tools.compress import weight_space_fit
 from ..tools.inspection import describe, save_selection_plot
 from ..tools.peft_native import from_peft, is_peft_dir, to_peft
 from ..training.causal_lm import generate_from_adapter, prompts_from_file

@@ -14,8 +14,16 @@ from ..core.errors import UniLoraError
 from ..core.registry import method_names
 from ..core.tasks import METRICS, TASK_KINDS
 from ..training.recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
-from .commands import (cmd_compress, cmd_convert, cmd_count, cmd_evaluate, cmd_export, cmd_finetune, cmd_generate,
-                       cmd_inspect)
+from .commands import (
+    cmd_compress,
+    cmd_convert,
+    cmd_count,
+    cmd_evaluate,
+    cmd_export,
+    cmd_finetune,
+    cmd_generate,
+    cmd_inspect,
+)
 from .demo import cmd_demo
 
 DESCRIPTION = "The `unilora` command: finetune, evaluate, generate, inspect, export, convert, compress, count, demo."

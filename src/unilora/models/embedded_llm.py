@@ -17,6 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+import transformers
+from transformers.utils import logging as hf_logging
+
 from ..core.errors import UniLoraError
 from ..core.resources import package_file
 from ..store.writing import apply_umask
@@ -89,18 +93,15 @@ def embedded_llm_folder() -> Path:
 
 
 def _dequantize(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     quiet_transformers()
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
         raise UniLoraError("loading the embedded SmolLM2 needs the gguf package: pip install 'unilora[llm]'")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if [m for m in missing if m != "lm_head.weight"] or unexpected:  # lm_head is tied to the embeddings
         raise UniLoraError(f"the GGUF weights do not fit the model built from its config "
@@ -112,7 +113,5 @@ def _dequantize(gguf: Path, out: Path) -> None:
 
 
 def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

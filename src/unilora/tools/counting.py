@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import RobertaConfig, RobertaModel
+import transformers
 
 from ..core.errors import UniLoraError
 from ..engine.model import get_model
@@ -24,9 +24,9 @@ TARGET_PRESETS = {
 def build_roberta_skeleton(arch: str) -> torch.nn.Module:
     if arch not in ROBERTA_SIZES:
         raise UniLoraError(f"unknown arch '{arch}'; choose one of {', '.join(ROBERTA_SIZES)}")
-    config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, **ROBERTA_SIZES[arch])
+    config = transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, **ROBERTA_SIZES[arch])
     with torch.device("meta"):
-        return RobertaModel(config, add_pooling_layer=False)
+        return transformers.RobertaModel(config, add_pooling_layer=False)
 
 
 def count_for_arch(arch: str, targets: str = "qv", method: str = "unilora", **fields) -> dict:

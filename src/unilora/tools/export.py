@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UniLoraError
-from .inspection import rebuild_projection
+from ..models.backbones import EMBEDDED_HUB_NAME, is_embedded
+from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 from ..store.io import save_tensors, written_by_us
 from ..store.validation import check_finite
 from ..store.writing import write_output_dir
+from .inspection import rebuild_projection
 
 # a PEFT LoRA folder we exported: its safetensors files say so in their header
 EXPORT_FILES = {
@@ -65,9 +67,6 @@ def _is_finetuned_classifier(meta: dict) -> bool:
 
 def base_model_name(meta: dict) -> str | None:
     """The name or path the base model was loaded from (embedded models by their hub names)."""
-    from ..models.backbones import EMBEDDED_HUB_NAME, is_embedded
-    from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
-
     name = (meta.get("task") or {}).get("model") or (meta.get("base_model") or {}).get("name_or_path")
     if name and is_embedded(name):
         return EMBEDDED_HUB_NAME

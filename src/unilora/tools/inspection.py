@@ -54,7 +54,7 @@ def describe(adapter_dir) -> dict:
 def save_selection_plot(adapter_dir, png_path, max_subvectors: int = 96) -> Path:
     """Seed 003 figures 3 and 8: how often each bank vector is selected, and which vectors the
     first sub-vectors select (the selection footprint)."""
-    import matplotlib
+    import matplotlib  # deferred: the optional `plots` extra, needed for VB-LoRA's plot only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -29,19 +29,21 @@ import re
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import safe_open
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
-from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap
-from .inspection import rebuild_projection
+from ..core.layout import Layout, Slot
+from ..core.targeting import base_module, is_adaptable, linear_shape
+from ..methods import build_projection
+from ..models.backbones import local_or_hub
 from ..store.adapter_file import adapter_metadata
 from ..store.io import save_tensors, write_adapter_dir
-from ..core.layout import Layout, Slot
-from ..methods import build_projection
-from ..core.targeting import base_module, is_adaptable, linear_shape
 from ..store.validation import check_finite
 from ..store.writing import write_output_dir
+from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap
+from .inspection import rebuild_projection
 
 PEFT_TYPES = {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA"}
 _PREFIX = "base_model.model."
@@ -262,10 +264,6 @@ def _vera_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, wei
 
 def model_skeleton(name_or_path: str, task_type: str | None) -> torch.nn.Module:
     """The model's modules and shapes, without weights (built on the meta device from its config)."""
-    import transformers
-
-    from ..models.backbones import local_or_hub
-
     classes = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}

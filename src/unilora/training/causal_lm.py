@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.backbones import load_causal_lm
 from ..core.errors import UniLoraError
 from ..core.tasks import task_kind
 from ..data.lm import BUILTIN_LM_TASKS, LMDataset, check_messages, load_lm_dataset
 from ..data.tables import read_rows
 from ..engine.model import AdaptedModel
+from ..models.backbones import load_causal_lm
 from .loop import Task, TrainSettings, fitted_max_length
 from .records import read_task_adapter, recorded_data
 
@@ -194,7 +194,7 @@ def score(metric: str, generations: list[str], references: list[str]) -> float:
     word is the reference's (case and punctuation ignored); exact_match: whole answers equal so."""
     if metric == "rougeL":
         try:
-            from rouge_score import rouge_scorer
+            from rouge_score import rouge_scorer  # deferred: the optional `llm` extra, for this metric only
         except ImportError:
             raise UniLoraError("the rougeL metric needs the rouge-score package: pip install rouge-score") from None
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..models.backbones import SequenceClassifier, load_backbone
-from ..data.text import BUILTIN_DATASETS, TextDataset, load_dataset
 from ..core.errors import UniLoraError
+from ..data.text import BUILTIN_DATASETS, TextDataset, load_dataset
 from ..engine.model import AdaptedModel
+from ..models.backbones import SequenceClassifier, load_backbone
 from .loop import Task, TrainSettings, fitted_max_length
 from .records import recorded_data
 
