@@ -65,7 +65,7 @@ def timed_generate(model, ids, new_tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="unilora", choices=unilora.core.config.METHODS)
+    parser.add_argument("--method", default="unilora", choices=unilora.METHODS)
     parser.add_argument("--targets", default="all-linear")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces docs/results.md: lora, vera, vblora, unilora x seeds 1-3 on Rotten Tomatoes and BBC News
-# with the embedded all-MiniLM-L6-v2 (all linear layers adapted, the defaults of unilora.recipes),
+# with the embedded all-MiniLM-L6-v2 (all linear layers adapted, the methods' recipes, unilora/methods/),
 # then prints the table. Seed 0 chose the learning rates (scripts/tune_rates.sh), so it is left out.
 # Two runs at a time with one thread each; about an hour on 2 cores. Finished runs are skipped,
 # so an interrupted sweep resumes. Usage: bash scripts/run_results.sh [OUT_DIR]

@@ -2,7 +2,7 @@
 # The dataset-size sweep of docs/results.md ("Dataset size"): the default `unilora finetune` command
 # (nothing but the data, its size and the seed) for lora, vera, vblora and unilora on Rotten Tomatoes
 # with 150, 500, 2,000 and all 10,162 training reviews and BBC News with 150 and all 1,781 articles,
-# each tested on its full test split. Seeds 1-3 (seeds 0 and 4 chose the defaults, unilora.plan);
+# each tested on its full test split. Seeds 1-3 (seeds 0 and 4 chose the defaults, unilora.training.plan);
 # the full Rotten Tomatoes set with the first two seeds, VeRA there with the first only (7 to 15
 # minutes per run here). Finished runs are skipped, so an interrupted sweep resumes. Evaluation
 # only after the last epoch (--eval-every 1000): evaluation draws no random numbers, so the

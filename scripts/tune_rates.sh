@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The learning-rate sweep behind unilora.recipes.GROUP_LRS (docs/results.md, "How the rates were
-# chosen"): seed 0 only, Rotten Tomatoes, 2,000 training reviews x 2 epochs, the full test split.
+# The learning-rate sweep behind the methods' rates (each method's recipe, in unilora/methods/;
+# docs/results.md, "How the rates were chosen"): seed 0 only, Rotten Tomatoes, 2,000 training
+# reviews x 2 epochs, the full test split.
 # The final table uses seeds 1-3, so the seed that picked the rates is not among them.
 # Two runs at a time with one thread each (6 to 10 minutes per pair on 2 cores); finished runs
 # are skipped. Usage: bash scripts/tune_rates.sh [OUT_DIR]
