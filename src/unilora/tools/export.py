@@ -124,6 +124,19 @@ def layer_prefix(meta: dict) -> str:
     return "encoder." if _is_finetuned_classifier(meta) else ""
 
 
+def write_peft_dir(out_dir, tensors: dict, config: dict, head: dict, overwrite: bool, what: str) -> None:
+    """A PEFT adapter folder (tensors, config, and a head kept apart in head.safetensors), written as
+    every output of ours is (writing.py), its config last."""
+
+    def write(staging: Path) -> None:
+        save_tensors(tensors, staging / "adapter_model.safetensors")
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if head:
+            save_tensors(head, staging / "head.safetensors")
+
+    write_output_dir(out_dir, write, EXPORT_FILES, overwrite, what=what, last=("adapter_config.json",))
+
+
 def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False) -> list[str]:
     refuse_overlap(Path(adapter_dir), Path(out_dir))
     meta, tensors, projection = rebuild_projection(adapter_dir, "`unilora export`")
@@ -149,14 +162,7 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
     }
 
     check_finite({**lora, **head}, "refusing to export", "the adapter holds non-finite values")
-
-    def write(staging: Path) -> None:
-        save_tensors(lora, staging / "adapter_model.safetensors")
-        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if head:
-            save_tensors(head, staging / "head.safetensors")
-
-    write_output_dir(out_dir, write, EXPORT_FILES, overwrite, what="PEFT export", last=("adapter_config.json",))
+    write_peft_dir(out_dir, lora, config, head, overwrite, what="PEFT export")
     r = projection.config.rank
     report = [
         f"wrote PEFT LoRA adapter {out_dir}: {len(names)} layers, r={r_out} (trained rank {r}"

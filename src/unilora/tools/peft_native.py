@@ -39,10 +39,9 @@ from ..core.targeting import base_module, is_adaptable, linear_shape
 from ..methods import build_projection
 from ..models.backbones import local_or_hub
 from ..store.adapter_file import adapter_metadata
-from ..store.io import save_tensors, write_adapter_dir
+from ..store.io import write_adapter_dir
 from ..store.validation import check_finite
-from ..store.writing import write_output_dir
-from .export import EXPORT_FILES, base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap
+from .export import base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap, write_peft_dir
 from .inspection import rebuild_projection
 
 PEFT_TYPES = {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA"}
@@ -126,13 +125,7 @@ def to_peft(adapter_dir, out_dir, overwrite: bool = False) -> list[str]:
     check_finite({k: v for k, v in {**state, **head}.items() if v.is_floating_point()}, "refusing to convert",
                  "the adapter holds non-finite values")
 
-    def write(staging: Path) -> None:
-        save_tensors(state, staging / "adapter_model.safetensors")
-        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if head:
-            save_tensors(head, staging / "head.safetensors")
-
-    write_output_dir(out_dir, write, EXPORT_FILES, overwrite, what="PEFT adapter", last=("adapter_config.json",))
+    write_peft_dir(out_dir, state, config, head, overwrite, what="PEFT adapter")
     report = [f"wrote PEFT {config['peft_type']} adapter {out_dir}: {len(projection.layout)} layers, r={config['r']}, "
               f"task_type={task_type}"]
     if head:
