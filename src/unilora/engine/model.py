@@ -348,8 +348,9 @@ class AdaptedModel(TransformersCompat, nn.Module):
         self._load_into(adapter, self.router.active)
 
     def _load_into(self, adapter: AdapterFile, adapter_name: str) -> None:
-        load_into(adapter, self._adapters[adapter_name].layout, self.projections[adapter_name], self.head_parameters(adapter_name))
-        self._adapters[adapter_name].binder.invalidate()
+        own = self._adapters[adapter_name]
+        load_into(adapter, own.layout, self.projections[adapter_name], self.head_parameters(adapter_name))
+        own.binder.invalidate()
 
     def load_adapter(self, directory: str | os.PathLike | AdapterFile, adapter_name: str,
                      is_trainable: bool = False) -> None:

@@ -24,7 +24,8 @@ TARGET_PRESETS = {
 def build_roberta_skeleton(arch: str) -> torch.nn.Module:
     if arch not in ROBERTA_SIZES:
         raise UniLoraError(f"unknown arch '{arch}'; choose one of {', '.join(ROBERTA_SIZES)}")
-    config = transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, **ROBERTA_SIZES[arch])
+    config = transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                                        **ROBERTA_SIZES[arch])
     with torch.device("meta"):
         return transformers.RobertaModel(config, add_pooling_layer=False)
 

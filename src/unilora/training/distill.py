@@ -1,6 +1,6 @@
 """`unilora compress --adapter / --data`: distil a model into a compact adapter by its behaviour.
 
-A weight-space fit (compress.py) keeps about 1 % of a LoRA update at the sizes that make Uni-LoRA
+A weight-space fit (tools/compress.py) keeps about 1 % of a LoRA update at the sizes that make Uni-LoRA
 worth having: most directions of ΔW cannot be expressed with d << D numbers, and the fit spends
 them evenly, whether a direction matters for the outputs or not. Here the source model is the
 teacher and the compact adapter is trained to give its outputs on texts the user gives, without
@@ -8,9 +8,8 @@ labels, starting from the weight-space fit: KL divergence of the softened class 
 (a classifier, whose trained head is carried over unchanged, so the student is used like any
 adapter) or of the next-token distributions at every position that carries a loss (a causal LM).
 
-Teachers: an adapter of ours (any method, from `finetune`), or a PEFT LoRA (a classifier exported by
-`unilora export`, with its head in head.safetensors; or a causal LM), merged into a copy of the base.
-The loop is the shared training core (train.train) with its run plan.
+The teachers come from teachers.py (an adapter of ours, a PEFT LoRA, a full fine-tune); the loop is
+the shared one (loop.train) with its run plan; distill_run.py is the command's library call.
 """
 
 from __future__ import annotations

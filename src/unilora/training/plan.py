@@ -1,7 +1,7 @@
 """The schedule of a run, chosen from what the run is when the user leaves it open.
 
-`unilora.recipes` holds each method's learning rates, tuned on one budget: 126 optimizer steps
-(Rotten Tomatoes, 2,000 reviews x 2 epochs at batch 32). Fixed epochs and batch size give a
+The methods' recipes hold their learning rates (training/recipes.py), tuned on one budget: 126
+optimizer steps (Rotten Tomatoes, 2,000 reviews x 2 epochs at batch 32). Fixed epochs and batch size give a
 150-example dataset 10 steps, too few for the small adapters to move, and a 10,000-example one
 636. So for classification the schedule is chosen to give every run about that tuned number of
 steps: smaller batches for small data first (more steps per pass over the data), then as many
