@@ -4,6 +4,7 @@ Python with the same options, gives."""
 import json
 
 import pytest
+from safetensors.torch import load_file
 
 from unilora import UniLoraError
 from unilora.cli import main
@@ -20,7 +21,17 @@ from test_distill import teacher_run  # noqa: F401 (fixture)
 
 
 def same_weights(a, b) -> bool:
-    return (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+    """The same tensors, bit for bit (the files' bytes may differ: safetensors writes its header's
+    metadata in no fixed order)."""
+    ours, theirs = (load_file(str(d / "adapter_model.safetensors")) for d in (a, b))
+    return ours.keys() == theirs.keys() and all(
+        ours[k].dtype == theirs[k].dtype and ours[k].numpy().tobytes() == theirs[k].numpy().tobytes() for k in ours)
+
+
+def config_without_checksums(folder) -> dict:
+    """adapter_config.json without the checksums, which cover the weights file's header too."""
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    return {k: v for k, v in meta.items() if k not in ("weights_sha256", "config_sha256")}
 
 
 def test_finetune_from_python_gives_the_commands_adapter_and_metrics(tmp_path, capsys):
@@ -69,6 +80,30 @@ def test_distillation_from_python_gives_the_commands_student(teacher_run, tmp_pa
     assert f"after distillation {student.report['after']['agreement']:.4f}" in printed
 
 
+def test_a_distillation_schedule_left_open_is_planned_alike(teacher_run, tmp_path, monkeypatch):  # noqa: F811
+    """What the user leaves open (epochs, batch size, grouping) reaches the plan as open from both."""
+    import unilora.training.distill as distill_module
+
+    seen = []
+
+    class Planned(Exception):
+        pass
+
+    def plan_run(settings, *args, **kwargs):
+        seen.append((settings.epochs, settings.batch_size, settings.group_by_length, settings.eval_every))
+        raise Planned
+
+    monkeypatch.setattr(distill_module, "plan_run", plan_run)
+    model, run = teacher_run
+    with pytest.raises(Planned):
+        main(["compress", str(tmp_path / "cli"), "--adapter", str(run / "adapter"), "--method", "unilora",
+              "--train-limit", "16", "--test-limit", "8", "--no-progress"])
+    with pytest.raises(Planned):
+        distill_adapter(tmp_path / "python", adapter=run / "adapter", method="unilora",
+                        data=DataSpec(train_limit=16, test_limit=8), progress=False)
+    assert seen == [(None, None, None, None)] * 2
+
+
 def test_a_weight_space_fit_from_python_gives_the_commands_adapter(tmp_path, capsys):
     _, peft_dir = peft_lora_dir(tmp_path)
     assert main(["compress", str(tmp_path / "cli"), "--peft-lora", str(peft_dir), "--method", "vblora",
@@ -76,7 +111,7 @@ def test_a_weight_space_fit_from_python_gives_the_commands_adapter(tmp_path, cap
     printed = capsys.readouterr()
     report = weight_space_fit(tmp_path / "python", peft_lora=peft_dir, method="vblora", fields={"num_vectors": 8},
                               steps=3)
-    assert (tmp_path / "cli" / "adapter_config.json").read_bytes() == (tmp_path / "python" / "adapter_config.json").read_bytes()
+    assert config_without_checksums(tmp_path / "cli") == config_without_checksums(tmp_path / "python")
     assert same_weights(tmp_path / "cli", tmp_path / "python")
     assert f"after 3 refinement steps {report['relative_error_refined']:.4f}" in printed.out
     assert report["warning"] and report["warning"] in printed.err  # VB-LoRA keeps little of a random LoRA

@@ -54,8 +54,10 @@ def distill_adapter(out: str | Path, *, adapter: str | Path | None = None, peft_
     trained to match one teacher on `data` (default: the data an `adapter` teacher records), saved
     to `out`, which is checked first. `fields`: AdapterConfig fields over the method's recipe (its
     "seed" defaults to `seed`); `group_lrs`: rates over distillation's own; `schedule`:
-    TrainSettings fields (epochs, batch_size, group_by_length, eval_every, progress)."""
+    TrainSettings fields (epochs, batch_size, group_by_length, eval_every, progress); grouping by
+    length is left to the plan unless given, as on the command line."""
     out, data = Path(out), data or DataSpec()
+    schedule.setdefault("group_by_length", None)
     check_writable(out, ADAPTER_FILES, overwrite, "adapter")
     if targets and (adapter or peft_lora):
         raise UniLoraError(TARGETS_OF_A_LORA)
