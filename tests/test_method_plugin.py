@@ -108,6 +108,8 @@ def test_a_registered_method_runs_through_the_engine(toy_methods, ids, tmp_path)
 
 def test_a_methods_recipe_lives_on_its_class(toy_methods):
     assert recipe_config("toy_svd", ["q_proj"]).rank == 2 and METHOD_DEFAULTS["toy_svd"] == {"rank": 2}
+    # the adapter's seed where given (--adapter-seed), else the run's
+    assert [recipe_config("toy_svd", ["q_proj"], run_seed=2, seed=s).seed for s in (None, 0, 4)] == [2, 0, 4]
     assert GROUP_LRS["toy_svd"] == {"b": 1e-2} and finetune_group_lrs("toy_svd", False) == ({"b": 1e-2}, True)
     assert "toy_svd" not in PAPER_DEFAULTS and "toy_bare" not in GROUP_LRS
     with pytest.raises(UniLoraError, match="'toy_svd' records no paper settings"):

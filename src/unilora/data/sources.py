@@ -31,6 +31,3 @@ class DataSpec:
                 raise UniLoraError("--metric scores generated answers and goes with --task causal-lm")
             dataset = load_dataset(self.data, self.text_column, self.label_column, self.test_data, seed=0)
         return dataset.limited(self.train_limit, self.test_limit, seed=0)
-
-    def replace(self, **changes) -> "DataSpec":
-        return dataclasses.replace(self, **changes)

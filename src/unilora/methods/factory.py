@@ -22,11 +22,13 @@ def recipe_of(method: str) -> Recipe:
     return recipe
 
 
-def recipe_config(method: str, target_modules, *, modules_to_save=(), seed: int = 0, paper: bool = False,
+def recipe_config(method: str, target_modules, *, modules_to_save=(), run_seed: int = 0, paper: bool = False,
                   tuned_model: bool = True, **fields) -> AdapterConfig:
     """The adapter config of `method`'s recipe (its tuned defaults, or with `paper` the papers'
-    settings) with the `fields` that are not None put over it. Off the model the recipe was tuned on
-    (`tuned_model` False), its model-specific choices (VB-LoRA's b) are left to the method."""
+    settings) with the `fields` that are not None put over it; the adapter's seed is its own field
+    where given, else the run's (`run_seed`). Off the model the recipe was tuned on (`tuned_model`
+    False), its model-specific choices (VB-LoRA's b) are left to the method."""
+    seed = fields.pop("seed", None)
     recipe = recipe_of(method)
     if paper and recipe.paper is None:
         raise UniLoraError(f"method '{method}' records no paper settings; give its options (--rank, ...) yourself")
@@ -36,7 +38,7 @@ def recipe_config(method: str, target_modules, *, modules_to_save=(), seed: int 
             options.pop(key, None)
     options.update({key: value for key, value in fields.items() if value is not None})
     return AdapterConfig(method=method, target_modules=target_modules, modules_to_save=list(modules_to_save),
-                         seed=seed, **options)
+                         seed=run_seed if seed is None else seed, **options)
 
 
 def refuse_without_weights(method: str, what: str) -> None:

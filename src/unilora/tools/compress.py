@@ -232,9 +232,8 @@ def weight_space_fit(out, *, peft_lora=None, base_weights=None, finetuned_weight
         rank = fields.get("rank") or 8
         updates = from_checkpoints(base_weights, finetuned_weights, targets or ["query", "value"], rank)
         source, fan_in_fan_out = f"checkpoints:{base_weights}|{finetuned_weights}", False
-    fields["rank"], adapter_seed = rank, fields.pop("seed", None)
-    config = recipe_config(method, sorted({u.name for u in updates}), seed=seed if adapter_seed is None else adapter_seed,
-                           tuned_model=False, **fields)
+    fields["rank"] = rank
+    config = recipe_config(method, sorted({u.name for u in updates}), run_seed=seed, tuned_model=False, **fields)
     projection, layout, report = compress(updates, config, steps=steps, lr=lr)
     save_compressed(projection, layout, projection.config, out, source, fan_in_fan_out, overwrite=overwrite)
     report.update(method=projection.config.method, layers=len(updates), rank=rank, steps=steps, warning=None)

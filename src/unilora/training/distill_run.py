@@ -70,7 +70,6 @@ def distill_adapter(out: str | Path, *, adapter: str | Path | None = None, peft_
         raise UniLoraError("--finetuned-model needs --model BASE: the model it was fine-tuned from, which the "
                            "compact adapter is trained on")
     fields = dict(fields or {})
-    adapter_seed = fields.pop("seed", None)
     dataset = None
     peft_classifier = bool(peft_lora) and peft_teacher_kind(peft_lora) == "seq-cls"
     if label_names and not peft_classifier:
@@ -94,7 +93,7 @@ def distill_adapter(out: str | Path, *, adapter: str | Path | None = None, peft_
     dataset = dataset or _texts_for(teacher, data, adapter)
     # the method's own defaults (its rank included), not the teacher's: the student is trained, not fitted;
     # VB-LoRA's b as `finetune` picks it: the recipe's on the embedded model, else fitted to the model
-    config = recipe_config(method, [u.name for u in teacher.updates], seed=seed if adapter_seed is None else adapter_seed,
+    config = recipe_config(method, [u.name for u in teacher.updates], run_seed=seed,
                            tuned_model=is_embedded(teacher.record["model"]), **fields)
     given = dict(group_lrs or {})
     settings = TrainSettings(group_lrs={**distillation_group_lrs(teacher.kind, method), **given},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -188,11 +188,9 @@ def run_finetune(data: DataSpec | None = None, *, task: str | None = None, model
     task, spec, model = resolve_task(task, data.data, model, data.text_column)
     classify = task == "seq-cls"
     rates, fit_rates = finetune_group_lrs(method, classify, lr, head_lr, group_lrs)
-    fields = dict(adapter or {})
-    adapter_seed = fields.pop("seed", None)
-    config = recipe_config(method, targets, modules_to_save=["classifier"] if classify else [],
-                           seed=seed if adapter_seed is None else adapter_seed, tuned_model=is_embedded(model), **fields)
-    dataset = data.replace(data=spec).load(task)  # fails early, before any training, on bad data options
+    config = recipe_config(method, targets, modules_to_save=["classifier"] if classify else [], run_seed=seed,
+                           tuned_model=is_embedded(model), **(adapter or {}))
+    dataset = replace(data, data=spec).load(task)  # fails early, before any training, on bad data options
     small = small_classes(dataset) if classify else []
     if small:
         print(f"warning: few training examples for {', '.join(small[:5])}: under 10 per class, expect a weak or "
