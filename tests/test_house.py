@@ -27,6 +27,7 @@ DEFERRED = {
     ("tools/inspection.py", "matplotlib"): "the optional plots extra",
     ("tools/inspection.py", "matplotlib.pyplot"): "the optional plots extra",
     ("training/causal_lm.py", "rouge_score"): "the optional llm extra",
+    ("cli/commands.py", "..serve.server"): "fastapi and uvicorn: the optional serve extra",
     ("core/targeting.py", "transformers.pytorch_utils"): "at the top, in a try: stays importable without it",
 }
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from ..core.errors import UniLoraError
 from ..data.sources import DataSpec
+from ..models.backbones import EMBEDDED_MODEL
+from ..models.embedded_llm import EMBEDDED_LLM
+from ..serve.settings import ServeSettings
 from ..tools.compress import weight_space_fit
 from ..tools.counting import count_for_arch
 from ..tools.export import export_peft_lora
@@ -224,4 +227,19 @@ def cmd_count(args) -> int:
     for key, value in result.items():
         print(f"{key}: {value}")
     print(result["stored_params"])
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ..serve.server import serve  # fastapi and uvicorn are the `serve` extra
+
+    model = args.model or (EMBEDDED_LLM if args.task == "causal-lm" else EMBEDDED_MODEL)
+    settings = ServeSettings(
+        adapters=args.adapters, model=model, task=args.task, served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get("UNILORA_API_KEY") or None, max_resident=args.max_resident,
+        max_resident_bytes=int(args.max_resident_mb * 2**20), factor_cache_bytes=int(args.factor_cache_mb * 2**20),
+        max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
+        max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
+        allow_runtime_loading=args.allow_runtime_loading, drain_timeout=args.drain_timeout)
+    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,4 +1,4 @@
-"""The `unilora` command: finetune, evaluate, generate, inspect, export, convert, compress, count, demo.
+"""The `unilora` command: finetune, evaluate, generate, inspect, export, convert, compress, count, serve, demo.
 
 This module parses (one line and exit code 2 for any bad argument) and dispatches to commands.py,
 which calls the library and prints."""
@@ -23,10 +23,12 @@ from .commands import (
     cmd_finetune,
     cmd_generate,
     cmd_inspect,
+    cmd_serve,
 )
 from .demo import cmd_demo
 
-DESCRIPTION = "The `unilora` command: finetune, evaluate, generate, inspect, export, convert, compress, count, demo."
+DESCRIPTION = ("The `unilora` command: finetune, evaluate, generate, inspect, export, convert, compress, count, "
+               "serve, demo.")
 
 
 def _positive_int(text: str) -> int:
@@ -50,6 +52,13 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {value}")
     return value
 
 
@@ -264,6 +273,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=("qv", "all"), default="qv")
     _add_adapter_options(p)
     p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for every adapter in a folder, on one base model")
+    p.add_argument("--adapters", required=True, metavar="STORE", help="folder of adapter folders (name = folder name)")
+    p.add_argument("--model", default=None, help="base model: a local folder or hub name (default: the embedded "
+                   "SmolLM2; MiniLM with --task seq-cls)")
+    p.add_argument("--task", choices=TASK_KINDS, default="causal-lm", help="causal-lm: completions and chat; "
+                   "seq-cls: classifier adapters through POST /v1/classify")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (also read from UNILORA_API_KEY)")
+    p.add_argument("--served-model-name", help="the base model's id in /v1/models (default: --model)")
+    p.add_argument("--max-resident", type=_positive_int, default=1000, help="adapters attached at once (LRU beyond)")
+    p.add_argument("--max-resident-mb", type=_positive_float, default=1024.0,
+                   help="MB the resident adapters' tensors may hold (LRU beyond)")
+    p.add_argument("--factor-cache-mb", type=_positive_float, default=256.0,
+                   help="MB of rebuilt factors kept for recently used adapters")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="sequences decoding together")
+    p.add_argument("--max-queue", type=_positive_int, default=256, help="requests waiting for a slot (503 beyond)")
+    p.add_argument("--max-new-tokens-limit", type=_positive_int, default=1024, help="largest max_tokens allowed")
+    p.add_argument("--max-body-kb", type=_positive_int, default=1024, help="largest request body")
+    p.add_argument("--request-timeout", type=_positive_float, default=120.0, help="seconds a request may take")
+    p.add_argument("--drain-timeout", type=_positive_float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight")
+    p.add_argument("--allow-runtime-loading", metavar="ROOT", help="enable /v1/load_lora_adapter for folders under ROOT")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train and evaluate a small adapter in a few CPU minutes (Rotten Tomatoes "
                        "classification, or BBC News headlines with --task causal-lm)")

@@ -1,0 +1,140 @@
+"""Which adapters are attached to the served model: an LRU bounded by count and by bytes.
+
+Only the worker thread changes it (attaching and detaching change the model's modules, which a
+forward must not see half-done); other threads read `signature_of` to decide whether a request
+needs its adapter read from the store first.
+
+Each adapter is attached under an internal name (`r0`, `r1`, ...), never the client's: store
+names may hold dots, which module names cannot, and a folder replaced while its old version still
+runs rows is attached beside it under a new internal name; the old one leaves when its last row
+finishes. An adapter some running row uses is never evicted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..core.errors import LayoutMismatchError
+from ..engine.model import AdaptedModel
+from ..store.io import AdapterFile
+from .store import BadAdapter
+
+
+@dataclass
+class Resident:
+    internal: str
+    signature: object
+
+
+class Residency:
+    def __init__(self, base: nn.Module, max_resident: int, max_bytes: int, factor_cache_bytes: int, metrics=None):
+        self.base = base
+        self.model: AdaptedModel | None = None  # made when the first adapter arrives
+        self.max_resident = max_resident
+        self.max_bytes = max_bytes
+        self.factor_cache_bytes = factor_cache_bytes
+        self.metrics = metrics
+        self.entries: OrderedDict[str, Resident] = OrderedDict()  # store name -> resident, oldest first
+        self.retired: list[str] = []  # internal names of replaced versions still running rows
+        self.held_bytes = 0
+        self._names = (f"r{i}" for i in itertools.count())
+
+    @property
+    def served(self) -> nn.Module:
+        """What forwards run on: the adapted model, or the base model before any adapter."""
+        return self.model if self.model is not None else self.base
+
+    def signature_of(self, name: str):
+        entry = self.entries.get(name)
+        return entry.signature if entry is not None else None
+
+    # --- attaching -------------------------------------------------------------------------
+    def acquire(self, name: str, adapter: AdapterFile | None, signature) -> str:
+        """The internal name of adapter `name` at `signature`, attaching `adapter` (read from the
+        store) when that version is not resident."""
+        entry = self.entries.get(name)
+        if entry is not None and entry.signature == signature:
+            self.entries.move_to_end(name)
+            return entry.internal
+        if adapter is None:  # evicted or replaced since the request looked: a bug of ours if it happens
+            raise RuntimeError(f"adapter '{name}' is not resident and no copy was read for it")
+        self._check_base(name, adapter)
+        internal = next(self._names)
+        started = time.perf_counter()
+        try:
+            if self.model is None:
+                self.model = AdaptedModel.from_pretrained(self.base, adapter, adapter_name=internal)
+                self.model.router.cache_limit_bytes = self.factor_cache_bytes
+            else:
+                self.model.load_adapter(adapter, internal)
+        except LayoutMismatchError as err:
+            raise BadAdapter(f"adapter '{name}' was trained for another base model: {err}") from None
+        if entry is not None:
+            self.retired.append(entry.internal)
+        self.entries[name] = Resident(internal, signature)
+        if self.metrics is not None:
+            self.metrics.adapter_loads.inc()
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        return internal
+
+    def _check_base(self, name: str, adapter: AdapterFile) -> None:
+        recorded = (adapter.meta.get("base_model") or {}).get("class")
+        served = type(self.base).__name__
+        if recorded and recorded != served:
+            raise BadAdapter(f"adapter '{name}' was trained on a {recorded}, and this server runs a {served}")
+
+    def forget(self, name: str) -> None:
+        """The store no longer holds `name`: retire its resident copy."""
+        entry = self.entries.pop(name, None)
+        if entry is not None:
+            self.retired.append(entry.internal)
+
+    # --- evicting --------------------------------------------------------------------------
+    def trim(self, in_use: set[str]) -> None:
+        """Detach retired versions no row runs, then the least recently used adapters beyond the
+        bounds (never one in `in_use`, internal names)."""
+        for internal in [r for r in self.retired if r not in in_use]:
+            if self._detach(internal):
+                self.retired.remove(internal)
+        self.held_bytes = self._measure()
+        for name in list(self.entries):
+            if len(self.entries) <= self.max_resident and self.held_bytes <= self.max_bytes:
+                break
+            internal = self.entries[name].internal
+            if internal in in_use or len(self.model.adapters) == 1:
+                continue
+            self._detach(internal)
+            del self.entries[name]
+            self.held_bytes = self._measure()
+        if self.metrics is not None:
+            self.metrics.resident_adapters.set(len(self.entries))
+            self.metrics.resident_bytes.set(self.held_bytes)
+
+    def _detach(self, internal: str) -> bool:
+        """Detach an adapter; the model's last one stays (it runs no row unless asked for)."""
+        if self.model is None or internal not in self.model.adapters:
+            return True
+        if len(self.model.adapters) == 1:
+            return False
+        self.model.delete_adapter(internal)
+        if self.metrics is not None:
+            self.metrics.adapter_evictions.inc()
+        return True
+
+    def _measure(self) -> int:
+        """Bytes of the distinct tensors the resident adapters hold (parts shared by adapters of one
+        seed count once), their heads included."""
+        if self.model is None:
+            return 0
+        storages = {}
+        for name in self.model.adapters:
+            tensors = [*self.model.projections[name].parameters(), *self.model.projections[name].buffers(),
+                       *self.model.head_parameters(name).values()]
+            for t in tensors:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())

@@ -1,0 +1,111 @@
+"""Shared by the server tests: a tiny random Llama with SmolLM2's real tokenizer, stores of
+adapters on it, isolated greedy generation to compare with, and a real server process that is
+always ended."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import unilora
+
+METHODS = ["lora", "unilora", "vblora", "vera", "tied_lora", "fastfood", "unilora", "lora"]
+
+
+def smollm2_tokenizer():
+    from unilora.models.embedded_llm import _GGUF_FILE, _source
+
+    return AutoTokenizer.from_pretrained(_source().parent, gguf_file=_GGUF_FILE)
+
+
+def write_tiny_llama(folder: Path, tokenizer) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_adapter(model_dir: Path, out: Path, method: str, seed: int, scale: float = 0.5) -> Path:
+    """A random (not zero-initialised) adapter, so that each one changes the output."""
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    config = unilora.AdapterConfig(method=method, target_modules=["q_proj", "v_proj", "up_proj"], rank=4,
+                                   theta_dim=300, num_vectors=12, vector_length=16, topk=2, seed=seed)
+    model = unilora.get_model(base, config)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data.copy_(torch.randn(param.shape, generator=generator) * scale)
+    model.save_pretrained(out)
+    return out
+
+
+def isolated_greedy(model_dir: Path, adapter_dir: Path | None, ids: list[int], max_new_tokens: int) -> list[int]:
+    """What `model.generate` gives for this adapter alone (greedy, one unpadded row)."""
+    base = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    model = base if adapter_dir is None else unilora.from_pretrained(base, adapter_dir)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`unilora serve` in its own process on 127.0.0.1; `stop()` always ends it."""
+
+    def __init__(self, log_path: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "unilora", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.log_path = Path(log_path)
+        self.log = open(self.log_path, "w")  # a file, not a pipe: a full pipe would block the server
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def signal(self, sig=signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self.log.close()

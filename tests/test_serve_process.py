@@ -1,0 +1,302 @@
+"""`unilora serve` as a real process on 127.0.0.1, driven by the `openai` client and httpx: every
+endpoint, streaming, exactness against isolated generation under a mixed batch, every error, hot
+add and remove, the API key, a client that disconnects, SIGTERM, a bounded load test, and the
+README's client snippet as written. Each test ends every process it started."""
+
+import asyncio
+import concurrent.futures
+import contextlib
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from serving import METHODS, ServerProcess, isolated_greedy, smollm2_tokenizer, write_adapter, write_tiny_llama
+
+import unilora
+from unilora.models.backbones import load_causal_lm
+from unilora.training.causal_lm import prompt_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from load_test import run_load  # noqa: E402
+
+pytestmark = pytest.mark.slow
+KEY = "test-key"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model_dir):
+    root = tmp_path_factory.mktemp("store")
+    for i, method in enumerate(METHODS):
+        write_adapter(model_dir, root / f"user-{i}.v1", method, seed=i)
+    shutil.copytree(root / "user-1.v1", root / "damaged")
+    weights = root / "damaged" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x7f\x7f\x7f\x7f")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, store, tmp_path_factory):
+    runtime = tmp_path_factory.mktemp("runtime")
+    process = ServerProcess(tmp_path_factory.mktemp("log") / "server.log", "--model", str(model_dir),
+                            "--adapters", str(store), "--api-key", KEY, "--served-model-name", "tiny",
+                            "--max-new-tokens-limit", "64", "--max-body-kb", "64",
+                            "--allow-runtime-loading", str(runtime))
+    try:
+        process.wait_ready()
+        process.runtime = runtime
+        yield process
+    finally:
+        process.stop()
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body, key: str | None = KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (bytes, str)):
+        return httpx.post(server.url + path, content=body, headers=headers, timeout=60, **kwargs)
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+
+def test_models_lists_the_base_and_every_adapter(server):
+    listed = {m.id: m for m in client(server).models.list().data}
+    assert "tiny" in listed and {f"user-{i}.v1" for i in range(8)} <= set(listed)
+
+
+def test_a_mixed_batch_of_eight_adapters_and_the_base_equals_isolated_generation(server, model_dir, store, tokenizer):
+    names = [f"user-{i}.v1" for i in range(8)] + ["tiny"] * 2
+    prompts = [f"Write about topic number {i}" + "!" * i for i in range(len(names))]
+    api = client(server)
+
+    def ask(name, prompt):
+        return api.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(ask, names, prompts))
+    for name, prompt, answer in zip(names, prompts, answers):
+        ids = tokenizer(prompt)["input_ids"]
+        expected = isolated_greedy(model_dir, None if name == "tiny" else store / name, ids, 10)
+        assert answer.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True), name
+        assert answer.usage.prompt_tokens == len(ids) and answer.model == name
+    assert len({a.choices[0].text for a in answers[:8]}) > 1
+
+
+def test_chat_and_streaming_give_the_same_text(server, tokenizer, model_dir, store):
+    api = client(server)
+    messages = [{"role": "user", "content": "Say something short."}]
+    whole = api.chat.completions.create(model="user-2.v1", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(api.chat.completions.create(model="user-2.v1", messages=messages, max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = isolated_greedy(model_dir, store / "user-2.v1", tokenizer(ids, add_special_tokens=False)["input_ids"], 12)
+    assert whole.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    text_stream = list(api.completions.create(model="user-3.v1", prompt="abc", max_tokens=6, temperature=0, stream=True))
+    whole_text = api.completions.create(model="user-3.v1", prompt="abc", max_tokens=6, temperature=0)
+    assert "".join(c.choices[0].text for c in text_stream) == whole_text.choices[0].text
+
+
+def test_errors_come_back_in_openais_shape_and_others_keep_serving(server):
+    api = client(server)
+    with pytest.raises(openai.NotFoundError) as err:
+        api.completions.create(model="nobody", prompt="x", max_tokens=2)
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        api.completions.create(model="damaged", prompt="x", max_tokens=2)
+    assert "damaged" in err.value.body["message"]
+    assert api.completions.create(model="user-1.v1", prompt="x", max_tokens=2, temperature=0).choices[0].text
+    cases = [
+        (b"{broken", 400, "not valid JSON"),
+        ({"model": "user-0.v1", "prompt": "x", "max_tokens": 65}, 400, "limit of 64"),
+        ({"model": "user-0.v1", "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "../../etc/passwd", "prompt": "x"}, 404, "not an adapter name"),
+        ({"model": "user-0.v1", "prompt": "x" * 70_000}, 413, "larger than"),
+    ]
+    for body, status, fragment in cases:
+        response = post(server, "/v1/completions", body)
+        assert response.status_code == status, (body if isinstance(body, bytes) else str(body)[:80], response.text)
+        error = response.json()["error"]
+        assert fragment in error["message"] and set(error) >= {"message", "type", "code"}
+    assert post(server, "/v1/nothing", {}).status_code == 404
+
+
+def test_the_api_key_is_required_on_v1_only(server):
+    for key in (None, "wrong"):
+        response = post(server, "/v1/completions", {"model": "tiny", "prompt": "x"}, key=key)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_adapters_added_and_removed_while_serving(server, store, model_dir):
+    api = client(server)
+    new = store / "late-arrival"
+    try:
+        write_adapter(model_dir, new, "unilora", seed=42)
+        assert api.completions.create(model="late-arrival", prompt="x", max_tokens=2, temperature=0).choices
+        assert "late-arrival" in {m.id for m in api.models.list().data}
+    finally:
+        shutil.rmtree(new)
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="late-arrival", prompt="x", max_tokens=2)
+
+
+def test_runtime_loading_stays_under_its_root(server, store):
+    shutil.copytree(store / "user-5.v1", server.runtime / "five")
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "escape", "lora_path": str(store / "user-5.v1")}
+                ).status_code == 403
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "five", "lora_path": "five"}).status_code == 200
+    assert client(server).completions.create(model="five", prompt="x", max_tokens=2, temperature=0).choices
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "five"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client(server).completions.create(model="five", prompt="x", max_tokens=2)
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    def generated() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        return float(re.search(r"^unilora_generated_tokens_total (\S+)", text, re.M).group(1))
+
+    before = generated()
+    body = {"model": "user-0.v1", "prompt": "go on", "max_tokens": 64, "temperature": 0.8, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # the client goes away after its first chunk
+    time.sleep(1.0)
+    running = float(re.search(r"^unilora_running_rows (\S+)", httpx.get(server.url + "/metrics").text, re.M).group(1))
+    assert running == 0
+    assert generated() - before < 64
+
+
+def test_metrics_report_requests_tokens_and_residency(server):
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    for name in ("unilora_requests_total", "unilora_time_to_first_token_seconds_bucket", "unilora_queue_depth",
+                 "unilora_resident_adapters", "unilora_adapter_loads_total", "unilora_adapter_load_seconds_bucket",
+                 "unilora_request_seconds_bucket", "unilora_generated_tokens_total"):
+        assert name in text, name
+    assert float(re.search(r"^unilora_resident_adapters (\S+)", text, re.M).group(1)) >= 1
+
+
+def test_a_bounded_load_has_no_server_error_and_no_wrong_answer(model_dir, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    for i in range(4):
+        write_adapter(model_dir, store / f"a{i}", ["lora", "unilora", "vblora", "vera"][i], seed=i)
+    for i in range(4, 300):  # a large store: copies of the four under new names
+        shutil.copytree(store / f"a{i % 4}", store / f"a{i}")
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store),
+                            "--max-resident", "20")
+    try:
+        process.wait_ready()
+        result = asyncio.run(run_load(process.url, [f"a{i}" for i in range(0, 300, 5)], requests=240, clients=32,
+                                      max_tokens=6, check=20))
+        assert result["server_errors"] == 0 and result["statuses"] == {200: 240}
+        assert result["wrong"] == 0 and result["checked"] == 20
+        metrics = httpx.get(process.url + "/metrics", timeout=10).text
+        assert float(re.search(r"^unilora_resident_adapters (\S+)", metrics, re.M).group(1)) <= 20
+    finally:
+        process.stop()
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(model_dir, store, tmp_path):
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store))
+    try:
+        process.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, process.url + "/v1/completions", timeout=60,
+                                  json={"model": "user-0.v1", "prompt": "x", "max_tokens": 60, "temperature": 0})
+            time.sleep(0.3)
+            assert process.signal(signal.SIGTERM) == 0
+            response = pending.result()
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        process.stop()
+
+
+def test_sigterm_while_the_model_loads_exits_0(model_dir, store, tmp_path):
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store))
+    try:
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in process.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.signal(signal.SIGTERM) == 0
+    finally:
+        process.stop()
+
+
+def test_the_readme_client_snippet_runs_as_written(server, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Serve many adapters"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(snippet.replace("http://127.0.0.1:8000", server.url).replace('api_key="KEY"', f'api_key="{KEY}"')
+                 .replace('"user-1"', '"user-1.v1"'), "README.md", "exec"), namespace)
+    assert namespace["answer"].choices[0].message.content is not None
+
+
+def test_embedded_smollm2_serves_eight_adapters_and_the_base_exactly(tmp_path):
+    """The real 135M model: concurrent chat requests for 8 adapters and the base, each equal to its
+    adapter's isolated greedy generation."""
+    tokenizer, base = load_causal_lm("SmolLM2-135M-Instruct")
+    store = tmp_path / "store"
+    names = [f"s{i}" for i in range(8)]
+    model = None
+    for name, method in zip(names, METHODS):
+        config = unilora.AdapterConfig(method=method, target_modules=["q_proj", "v_proj"], rank=4, theta_dim=2000,
+                                       num_vectors=64, vector_length=64, topk=2, seed=len(name) + names.index(name))
+        if model is None:
+            model = unilora.get_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        generator = torch.Generator().manual_seed(names.index(name))
+        for param in model.projections[name].parameters():
+            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        model.save_pretrained(store / name, adapter_name=name)
+    model.eval()
+    process = ServerProcess(tmp_path / "server.log", "--adapters", str(store))
+    try:
+        process.wait_ready(timeout=300)
+        api = openai.OpenAI(base_url=process.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        names = names + ["SmolLM2-135M-Instruct"]
+        prompt = "Name a colour."
+
+        def ask(name):
+            return api.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=8, temperature=0).choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            answers = list(pool.map(ask, names))
+        ids = torch.tensor([prompt_ids(tokenizer, prompt, chat=True)])
+        for name, answer in zip(names, answers):
+            with torch.no_grad(), (model.disable_adapter() if name.startswith("SmolLM2") else contextlib.nullcontext()):
+                if not name.startswith("SmolLM2"):
+                    model.set_adapter(name)
+                out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, temperature=None, top_p=None,
+                                     top_k=None, pad_token_id=tokenizer.pad_token_id)
+            assert answer == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), name
+    finally:
+        process.stop()
