@@ -97,9 +97,13 @@ class Worker:
         self._thread.join(timeout)
         with self._lock:
             left = list(self._pending) + list(self.batch.sequences)
+            calls = list(self._calls)
             self._pending.clear()
+            self._calls.clear()
         for seq in left:
             seq.fail(503, "the server shut down before this request finished")
+        for _, done in calls:
+            done(None, Overloaded("the server shut down before this request finished"))
 
     @property
     def queue_depth(self) -> int:
