@@ -248,6 +248,18 @@ def test_sigterm_while_the_model_loads_exits_0(model_dir, store, tmp_path):
         process.stop()
 
 
+def test_a_model_that_cannot_load_ends_the_process_with_one_line(store, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    process = ServerProcess(tmp_path / "server.log", "--model", str(empty), "--adapters", str(store))
+    try:
+        assert process.process.wait(timeout=120) == 2
+        errors = [line for line in process.output().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and str(empty) in errors[0]
+    finally:
+        process.stop()
+
+
 def test_the_readme_client_snippet_runs_as_written(server, tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Serve many adapters"):]

@@ -48,7 +48,7 @@ COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 class Server:
     """Everything one app serves: the store, the model and its worker, the metrics."""
 
-    def __init__(self, settings: ServeSettings, loaded=None):
+    def __init__(self, settings: ServeSettings, loaded=None, on_load_failure=None):
         self.settings = settings
         self.store = AdapterStore(settings.adapters, settings.allow_runtime_loading)
         self.metrics = Metrics()
@@ -60,6 +60,7 @@ class Server:
         self.created = int(time.time())
         self.tokenizer_lock = threading.Lock()
         self._loaded = loaded  # (tokenizer, model) given by a caller instead of loading `settings.model`
+        self.on_load_failure = on_load_failure  # called (on the loading thread) when the model cannot load
 
     @property
     def ready(self) -> bool:
@@ -87,7 +88,12 @@ class Server:
                                 metrics=self.metrics, tokenizer_lock=self.tokenizer_lock)
         except UniLoraError as err:
             self.load_error = str(err)
-            log.error("cannot serve: %s", err)
+        except Exception as err:  # not the user's input: keep the traceback in the log
+            log.exception("loading the model failed")
+            self.load_error = f"{type(err).__name__}: {err}"
+        if self.load_error is not None:
+            if self.on_load_failure is not None:
+                self.on_load_failure()
             return
         worker.start()
         self.worker = worker
@@ -310,9 +316,10 @@ def error_response(status: int, message: str, retry_after: int | None = None) ->
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
-def create_app(settings: ServeSettings, loaded=None) -> FastAPI:
-    """The app. `loaded` = (tokenizer, model) serves that model instead of loading `settings.model`."""
-    server = Server(settings, loaded)
+def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> FastAPI:
+    """The app. `loaded` = (tokenizer, model) serves that model instead of loading `settings.model`;
+    `on_load_failure()` is called if the model cannot be loaded (the process then stops)."""
+    server = Server(settings, loaded, on_load_failure)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,0 +1,235 @@
+"""`unilora serve` on SmolLM2-135M, side by side in one run (CPU, 2 cores), same prompts and lengths:
+
+(a) 32 concurrent clients each on its own adapter vs 32 on one adapter (tokens/s);
+(b) vs the server a user would write today: FastAPI + PeftModel LoRA, `set_adapter` per request
+    (benchmarks/peft_set_adapter_server.py), 32 clients each on its own adapter;
+(c) ours on the base model alone vs `transformers serve --continuous-batching` on the base model;
+(d) time to first token of a cold adapter (never used) vs a resident one, on an idle server;
+(e) a store of 10,000 adapters with 1,000 made resident: bytes the server holds for adapters
+    (its `unilora_resident_adapter_bytes`) vs the bytes those adapters store, and the process RSS.
+
+Adapters: Uni-LoRA on q_proj, v_proj (rank 4, d = 23,040, one seed, random θ); the store's 10,000
+folders are copies of 32 of them under their own names (each is attached separately).
+Each server runs in its own process, one after the other; throughput is completion tokens
+(`usage`) over wall time. Writes a JSON record with every figure; docs/benchmarks.md quotes it.
+
+    python benchmarks/serve.py                        # about 6 minutes on 2 cores
+    python benchmarks/serve.py --requests-per-client 1 --max-tokens 16    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+import unilora
+from unilora.models.backbones import load_causal_lm
+from unilora.models.embedded_llm import EMBEDDED_LLM, embedded_llm_folder
+
+HERE = Path(__file__).resolve().parent
+TOPICS = ["rain", "tea", "maps", "owls", "trains", "bread", "salt", "moss"]
+
+
+def write_adapters(folder: Path, count: int, theta_dim: int) -> list[Path]:
+    _, base = load_causal_lm(EMBEDDED_LLM)
+    config = unilora.AdapterConfig(method="unilora", target_modules=["q_proj", "v_proj"], rank=4,
+                                   theta_dim=theta_dim, seed=0)
+    model = unilora.get_model(base, config, adapter_name="a0")
+    paths = []
+    for i in range(count):
+        name = f"a{i}"
+        if i:
+            model.add_adapter(name, config)
+        generator = torch.Generator().manual_seed(i)
+        for param in model.projections[name].parameters():
+            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        paths.append(folder / name)
+        model.save_pretrained(paths[-1], adapter_name=name)
+    return paths
+
+
+class Process:
+    def __init__(self, command: list[str], url: str, log: Path):
+        self.url = url
+        self.log = open(log, "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def wait(self, timeout: float = 600) -> "Process":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.process.args[:4]} exited with {self.process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.process.args[:4]} did not start")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+async def load(url: str, models: list[str], requests_per_client: int, max_tokens: int) -> dict:
+    """Client i sends `requests_per_client` completions for models[i], one after the other."""
+    latencies, tokens = [], 0
+
+    async def client(i: int, session: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for j in range(requests_per_client):
+            prompt = f"Write a short note about {TOPICS[(i + j) % len(TOPICS)]} for reader {i}."
+            started = time.perf_counter()
+            response = await session.post(url + "/v1/completions", json={
+                "model": models[i], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(models))) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, session) for i in range(len(models))))
+        elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 2),
+            "p50_s": round(statistics.median(latencies), 3)}
+
+
+def first_token_s(url: str, model: str) -> float:
+    started = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+            "model": model, "prompt": "Say one word.", "max_tokens": 2, "temperature": 0, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"text"' in line:
+                return time.perf_counter() - started
+    raise RuntimeError("no token came back")
+
+
+async def warm(url: str, names: list[str], concurrency: int) -> None:
+    queue = list(names)
+
+    async def worker(session):
+        while queue:
+            name = queue.pop()
+            (await session.post(url + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1,
+                                                               "temperature": 0})).raise_for_status()
+
+    async with httpx.AsyncClient(timeout=600) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+
+
+def metric(url: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)", httpx.get(url + "/metrics").text, re.M).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--store-size", type=int, default=10_000)
+    parser.add_argument("--resident", type=int, default=1000)
+    parser.add_argument("--cold-samples", type=int, default=15)
+    parser.add_argument("--theta-dim", type=int, default=23_040)
+    parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-serve.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    try:
+        store = work / "store"
+        store.mkdir()
+        originals = write_adapters(work / "originals", args.clients, args.theta_dim)
+        names = [f"u{i:05d}" for i in range(args.store_size)]
+        for i, name in enumerate(names):
+            shutil.copytree(originals[i % len(originals)], store / name)
+        own = names[: args.clients]
+        port = 8310
+        ours = Process([sys.executable, "-m", "unilora", "serve", "--adapters", str(store), "--port", str(port),
+                        "--max-resident", str(args.resident + 64), "--max-batch", str(args.clients),
+                        "--log-level", "warning"], f"http://127.0.0.1:{port}", work / "ours.log").wait()
+        try:
+            asyncio.run(load(ours.url, own, 1, 4))  # warm-up: every own adapter resident
+            record["a_own_adapters"] = asyncio.run(load(ours.url, own, args.requests_per_client, args.max_tokens))
+            record["a_one_adapter"] = asyncio.run(load(ours.url, [own[0]] * args.clients, args.requests_per_client,
+                                                       args.max_tokens))
+            record["c_ours_base"] = asyncio.run(load(ours.url, [EMBEDDED_LLM] * args.clients,
+                                                     args.requests_per_client, args.max_tokens))
+            cold, warm_ = [], []
+            for j in range(args.cold_samples):  # an idle server: one request at a time
+                name = names[args.clients + j]
+                cold.append(first_token_s(ours.url, name))
+                warm_.append(first_token_s(ours.url, name))
+            record["d_first_token_s"] = {"cold_median": round(statistics.median(cold), 4),
+                                         "resident_median": round(statistics.median(warm_), 4),
+                                         "extra_ms_median": round(1000 * statistics.median(
+                                             c - w for c, w in zip(cold, warm_)), 1)}
+            rss_before = ours.rss_mb()
+            resident_names = names[: args.resident]
+            asyncio.run(warm(ours.url, resident_names, 32))
+            stored = sum((store / n / "adapter_model.safetensors").stat().st_size for n in resident_names)
+            held = metric(ours.url, "unilora_resident_adapter_bytes")
+            count = metric(ours.url, "unilora_resident_adapters")
+            record["e_memory"] = {"resident_adapters": int(count), "held_bytes": int(held),
+                                  "stored_bytes_of_those_files": stored,
+                                  "held_over_stored": round(held * args.resident / (count * stored), 4),
+                                  "factor_cache_bound_bytes": 256 << 20,
+                                  "rss_mb_before_after": [round(rss_before), round(ours.rss_mb())]}
+        finally:
+            ours.stop()
+        peft_port = 8311
+        peft = Process([sys.executable, str(HERE / "peft_set_adapter_server.py"), "--adapters", str(args.clients),
+                        "--port", str(peft_port)], f"http://127.0.0.1:{peft_port}", work / "peft.log").wait()
+        try:
+            record["b_peft_set_adapter"] = asyncio.run(load(peft.url, [f"a{i}" for i in range(args.clients)],
+                                                            args.requests_per_client, args.max_tokens))
+        finally:
+            peft.stop()
+        hf_port = 8312
+        model_dir = str(embedded_llm_folder())
+        hf = Process(["transformers", "serve", model_dir, "--host", "127.0.0.1", "--port", str(hf_port), "--device",
+                      "cpu", "--continuous-batching"], f"http://127.0.0.1:{hf_port}", work / "hf.log").wait()
+        try:
+            asyncio.run(load(hf.url, [model_dir] * 4, 1, 4))  # warm-up
+            record["c_transformers_serve_base"] = asyncio.run(load(hf.url, [model_dir] * args.clients,
+                                                                   args.requests_per_client, args.max_tokens))
+        finally:
+            hf.stop()
+        ratio = lambda a, b: round(record[a]["tokens_per_s"] / record[b]["tokens_per_s"], 3)  # noqa: E731
+        record["ratios"] = {"a_own_over_one": ratio("a_own_adapters", "a_one_adapter"),
+                            "b_ours_over_peft_set_adapter": ratio("a_own_adapters", "b_peft_set_adapter"),
+                            "c_ours_base_over_transformers_serve": ratio("c_ours_base", "c_transformers_serve_base")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
