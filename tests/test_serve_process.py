@@ -222,6 +222,38 @@ def test_a_bounded_load_has_no_server_error_and_no_wrong_answer(model_dir, tmp_p
         process.stop()
 
 
+def test_overload_is_503_with_retry_after_never_a_hang(model_dir, store, tmp_path):
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store),
+                            "--max-batch", "1", "--max-queue", "1", "--max-new-tokens-limit", "200")
+    long = {"model": "user-0.v1", "prompt": "x", "max_tokens": 200, "temperature": 0.9, "stop": ["\u0000"]}
+    try:
+        process.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, process.url + "/v1/completions", json=long, timeout=60)
+            time.sleep(0.5)
+            waiting = pool.submit(httpx.post, process.url + "/v1/completions", json=long, timeout=60)
+            time.sleep(0.3)
+            refused = httpx.post(process.url + "/v1/completions", json=long, timeout=60)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert running.result().status_code == 200 and waiting.result().status_code == 200
+    finally:
+        process.stop()
+
+
+def test_a_request_past_its_timeout_is_504_and_the_server_goes_on(model_dir, store, tmp_path):
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store),
+                            "--request-timeout", "0.05", "--max-new-tokens-limit", "200")
+    try:
+        process.wait_ready()
+        body = {"model": "user-0.v1", "prompt": "x", "max_tokens": 200, "temperature": 0.9, "stop": ["\u0000"]}
+        answer = httpx.post(process.url + "/v1/completions", json=body, timeout=60)
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout"
+        assert httpx.get(process.url + "/health", timeout=10).status_code == 200
+    finally:
+        process.stop()
+
+
 def test_sigterm_drains_requests_in_flight_and_exits_0(model_dir, store, tmp_path):
     process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store))
     try:
