@@ -5,6 +5,7 @@ generate -> evaluate -> export, and the metrics."""
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -239,25 +240,28 @@ def test_generate_refuses_a_classifier(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_is_the_gguf_model_dequantized_once(tmp_path, monkeypatch, capfd):
+def test_embedded_smollm2_is_the_gguf_model_dequantized_once(tmp_path, monkeypatch):
     """The cached fp32 model gives the logits of transformers' own GGUF load; the second load
     uses the cache (no message) and loads no GGUF."""
     from transformers import AutoModelForCausalLM
 
+    from unilora.core.notes import Note
     from unilora.models.backbones import load_causal_lm
     from unilora.models.embedded_llm import _GGUF_FILE, _source
 
     monkeypatch.setenv("UNILORA_CACHE", str(tmp_path / "cache"))
-    tokenizer, model = load_causal_lm("SmolLM2-135M-Instruct")
-    assert "dequantizing SmolLM2-135M-Instruct" in capfd.readouterr().err
+    with pytest.warns(Note, match="dequantizing SmolLM2-135M-Instruct"):  # `note: ...` on the command line
+        tokenizer, model = load_causal_lm("SmolLM2-135M-Instruct")
     assert getattr(model.config, "quantization_config", None) is None and model.dtype == torch.float32
     reference = AutoModelForCausalLM.from_pretrained(_source().parent, gguf_file=_GGUF_FILE, dtype=torch.float32)
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     del reference
-    _, again = load_causal_lm("smollm2")
-    assert "dequantizing" not in capfd.readouterr().err
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _, again = load_causal_lm("smollm2")
+    assert not [w for w in said if "dequantizing" in str(w.message)]
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
     shutil.rmtree(tmp_path / "cache")
 
@@ -342,3 +346,61 @@ def test_a_foreign_folder_at_the_cache_path_is_never_replaced(tmp_path, monkeypa
     one_line_error(["finetune", "--data", str(data), "--out", str(tmp_path / "run")], capsys,
                    "is not a model cache written by unilora")
     assert (foreign / "notes.txt").read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_a_new_users_text_run_says_what_it_did(llama_dir, tmp_path, capsys):
+    """What a new user tripped on (plain text, VB-LoRA, all-linear): the run's plan in one note, the
+    method's choice of b as a note and not a Python warning, the rates note not worded as an error,
+    the resolved layer names in adapter_config.json, the bytes on disk as the files have them with
+    both counts named, and evaluate on one new file with --test-data alone."""
+    lines = [f"Speaker {i % 3} says the motion {'stands' if i % 2 else 'falls'} on point {i}." for i in range(60)]
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(lines) + "\n")  # documents: paragraphs
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(llama_dir), "--data", str(data), "--method", "vblora", "--targets",
+                 "all-linear", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert "UserWarning" not in captured.err and "to fix it" not in captured.err
+    plan = [line for line in errors if line.startswith("note: plan: ")]
+    assert len(plan) == 1, errors
+    assert "training documents" in plan[0] and "held out of 'train.txt' for testing (a seeded 20% split" in plan[0]
+    assert "1 epoch = 1 optimizer step;" in plan[0] and "learning rate 0.001 (bank 0.02, logits 0.02)" in plan[0]
+    assert any(line.startswith("note: VB-LoRA: vector_length not given") for line in errors), errors
+
+    folder = out / "adapter"
+    weights = (folder / "adapter_model.safetensors").stat().st_size
+    config_bytes = (folder / "adapter_config.json").stat().st_size
+    printed = next(line for line in captured.out.splitlines() if line.startswith("adapter:"))
+    assert f"weights {weights:,} bytes + config {config_bytes:,}" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"{metrics['stored_params']:,} stored params" in printed
+    assert f"{metrics['trainable_params']:,} trained: training moves every sub-vector's logits" in printed
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["adapter"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                   "up_proj", "v_proj"]
+
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(f"Speaker {i} answers point {i} at once." for i in range(12)) + "\n")
+    assert main(["evaluate", str(folder), "--test-data", str(held)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["dataset"] == "held" and evaluated["test_examples"] >= 1 and evaluated["eval_loss"] > 0
+
+
+def test_an_answer_ended_at_once_is_said_not_printed_blank(llama_dir, tmp_path, capsys, monkeypatch):
+    from unilora.cli import commands
+    from unilora.training.causal_lm import Generation, generate
+
+    model = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    eos = model.generation_config.eos_token_id
+    model.generation_config.suppress_tokens = [t for t in range(model.config.vocab_size) if t != eos]
+    tokenizer = smollm2_tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    [answer] = generate(model, tokenizer, [[1, 2, 3]], max_new_tokens=4, batch_size=1)
+    assert answer == "" and answer.new_tokens == 0
+
+    monkeypatch.setattr(commands, "generate_from_adapter", lambda *a, **k: [Generation("", 0)])
+    assert main(["generate", str(tmp_path), "--prompt", "Hello"]) == 0
+    captured = capsys.readouterr()
+    assert "note: the model ended its answer at once (0 tokens before its end token)" in captured.err

@@ -234,14 +234,15 @@ def test_every_layers_features_that_would_not_fit_fall_back_or_are_refused(capsy
     budget the default matches the head's input alone (and says so); an explicit "all" is refused."""
     from types import SimpleNamespace
 
-    from unilora.training.distill import layers_to_match
     from unilora.core.errors import UniLoraError
+    from unilora.core.notes import Note
+    from unilora.training.distill import layers_to_match
 
     minilm = SimpleNamespace(num_hidden_layers=6, hidden_size=384)  # 9 KiB a text
     assert layers_to_match(None, 2000, minilm) == "all" and layers_to_match("last", 10**9, minilm) == "last"
     assert capsys.readouterr().err == ""
-    assert layers_to_match(None, 2000, minilm, budget=1 << 20) == "last"
-    assert "(--hidden-layers last)" in capsys.readouterr().err
+    with pytest.warns(Note, match=r"\(--hidden-layers last\)"):  # a note (the CLI prints it as `note: ...`)
+        assert layers_to_match(None, 2000, minilm, budget=1 << 20) == "last"
     with pytest.raises(UniLoraError, match="give fewer texts"):
         layers_to_match("all", 2000, minilm, budget=1 << 20)
 
@@ -361,8 +362,8 @@ def test_a_classifier_is_scored_per_text_in_accuracy_and_eval_loss(teacher_run):
     """Each held-out text gets two scores, the model's and the teacher's, for each measure of the
     gain: 1 or 0 for a right or wrong answer, and minus its cross-entropy on the label, as the
     model gives it on that text alone."""
-    from unilora.training.classification import build_classifier
     from unilora.data.text import TextDataset, rotten_tomatoes
+    from unilora.training.classification import build_classifier
     from unilora.training.distill import DistillTask
     from unilora.training.teachers import teacher_from_adapter
 
@@ -612,8 +613,8 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
     held-out texts are scored by the teacher once, however often the student is evaluated."""
     from unilora.training.causal_lm import collate, lm_dataset_of
     from unilora.training.distill import LMDistillTask
-    from unilora.training.teachers import teacher_from_adapter
     from unilora.training.loop import TrainSettings
+    from unilora.training.teachers import teacher_from_adapter
 
     tokenizer, teacher = teacher_from_adapter(lm_teacher)
     dataset = lm_dataset_of(teacher.record, lm_teacher)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..data.sources import DataSpec
 from ..models.backbones import EMBEDDED_MODEL
 from ..models.embedded_llm import EMBEDDED_LLM
@@ -67,8 +68,13 @@ def print_finetune(run: FinetuneRun) -> None:
     metrics, classify = run.metrics, run.task == "seq-cls"
     if not metrics:  # a rank other than 0 under torchrun
         return
-    print(f"adapter: {run.out / 'adapter'}  ({metrics['stored_params']:,} stored params, "
-          f"{metrics['adapter_bytes']:,} bytes" + (f" + head {metrics['head_params']:,} params)" if classify else ")"))
+    folder = run.out / "adapter"
+    stored, trained = metrics["stored_params"], metrics["trainable_params"] - metrics["head_params"]
+    counts = f"{stored:,} stored params" + (f" + head {metrics['head_params']:,}" if classify else "")
+    if trained != stored:
+        counts += f"; {trained:,} trained" + (f": {metrics['stored_note']}" if metrics.get("stored_note") else "")
+    weights, config = ((folder / name).stat().st_size for name in ("adapter_model.safetensors", "adapter_config.json"))
+    print(f"adapter: {folder}  (on disk: weights {weights:,} bytes + config {config:,}; {counts})")
     if classify:
         print(f"test accuracy: {metrics['test_accuracy']:.4f}")
     else:
@@ -79,8 +85,8 @@ def print_finetune(run: FinetuneRun) -> None:
 
 def cmd_evaluate(args) -> int:
     result = run_evaluate(args.adapter, data_spec(args), args.model, args.max_new_tokens)
-    for note in result.pop("notes"):
-        print(f"note: {note}", file=sys.stderr)
+    for said in result.pop("notes"):
+        note(said)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -90,6 +96,11 @@ def cmd_generate(args) -> int:
         raise UniLoraError("give either --prompt TEXT or --prompts FILE.jsonl")
     prompts = [args.prompt] if args.prompt else prompts_from_file(args.prompts)
     outputs = generate_from_adapter(args.adapter, prompts, args.max_new_tokens, merge=args.merge, model_name=args.model)
+    for number, output in enumerate(outputs, 1):
+        if not output:
+            which = "" if args.prompt else f" for prompt {number}"
+            note(f"the model ended its answer at once{which} (0 tokens before its end token)" if not output.new_tokens
+                 else f"the answer{which} holds only special tokens or spaces ({output.new_tokens} tokens)")
     if args.prompt:
         print(outputs[0])
     else:

@@ -11,6 +11,7 @@ import sys
 
 from ..core.config import VBLORA_SELECTIONS
 from ..core.errors import UniLoraError
+from ..core.notes import render
 from ..core.registry import method_names
 from ..core.tasks import METRICS, TASK_KINDS
 from ..training.recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
@@ -317,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or an argument error already printed in one line
         return int(exit_.code or 0)
     try:
-        return args.func(args)
+        with render():  # the library's notes as `note: ...` lines
+            return args.func(args)
     except UniLoraError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

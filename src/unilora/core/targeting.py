@@ -75,6 +75,13 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def resolved_targets(model: nn.Module, names: list[str], exclude: list[str] = ()) -> list[str]:
+    """What "all-linear" or a regex chose, as PEFT writes it: the module names' last parts, when
+    they choose exactly the same layers again; else the full names."""
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    return suffixes if find_targets(model, suffixes, exclude) == list(names) else list(names)
+
+
 def find_targets(model: nn.Module, targets, exclude: list[str] = ()) -> list[str]:
     """Names of the linear modules to adapt, in model order."""
     linear = linear_modules(model)

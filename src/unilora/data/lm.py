@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UniLoraError
-from .tables import read_rows, read_utf8, row_field, seeded_split
+from .tables import TEST_FRACTION, read_rows, read_utf8, row_field, seeded_split
 from .text import bbc_news, rotten_tomatoes
 
 ROLES = ("system", "user", "assistant")
@@ -131,7 +131,7 @@ def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
 
 
 def load_lm_dataset(spec: str, text_column: str = "text", test_path: str | None = None, seed: int = 0,
-                    test_fraction: float = 0.2, metric: str | None = None) -> LMDataset:
+                    test_fraction: float = TEST_FRACTION, metric: str | None = None) -> LMDataset:
     if spec == "bbc_headlines":
         dataset = bbc_headlines(seed)
     elif spec == "rotten_tomatoes_instruct":

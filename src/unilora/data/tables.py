@@ -55,6 +55,9 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
         raise UniLoraError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
 
+TEST_FRACTION = 0.2  # held out for testing when no test file is given
+
+
 def seeded_split(rows: list, path: Path, seed: int, test_fraction: float) -> tuple[list, list]:
     """(train, test): a seeded random test_fraction of the rows (at least one) held out."""
     if len(rows) < 2:

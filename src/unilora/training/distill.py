@@ -15,7 +15,6 @@ the shared one (loop.train) with its run plan; distill_run.py is the command's l
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..data.lm import LMDataset
 from ..data.text import TextDataset
 from ..engine.layers import AdaptedLayer
@@ -91,7 +91,7 @@ def layers_to_match(requested: str | None, texts: int, encoder_config, budget: i
             f"{size / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB kept for them")
     if requested:
         raise UniLoraError(f"{what}: give fewer texts (--train-limit) or pass --hidden-layers last")
-    print(f"note: {what}, so only the head's input is matched (--hidden-layers last)", file=sys.stderr)
+    note(f"{what}, so only the head's input is matched (--hidden-layers last)")
     return "last"
 
 
@@ -360,7 +360,7 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
     chosen = plan_run(settings, task.kind, task.train_size(),
                       lengths=[task.train_length(i) for i in range(task.train_size())], distill=True)
     if chosen:
-        print(f"note: {'; '.join(chosen.values())} (--epochs, --batch-size and --group-by-length set them)", file=sys.stderr)
+        note(f"{'; '.join(chosen.values())} (--epochs, --batch-size and --group-by-length set them)")
     if causal and "batch_size" in chosen:
         # the plan's small batches buy optimizer steps, not memory: the teacher's pass, the
         # evaluations and the generations run in finetune's batches
@@ -377,9 +377,9 @@ def distill(teacher: Teacher, tokenizer, config: AdapterConfig, dataset: TextDat
     if not causal:
         _carry_head(student, teacher.head)
     before = task.evaluate(student, final=False)
-    note = fit_rates_to(student, settings)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    rates = fit_rates_to(student, settings)
+    if rates:
+        note(rates)
     groups = [g for g in student.parameter_groups(settings.lr, settings.group_lrs) if g.get("name") != "head"]
     for p in student.head_parameters().values():
         p.requires_grad_(False)  # the teacher's head, carried as it is

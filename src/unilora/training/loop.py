@@ -13,7 +13,6 @@ import math
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..data.batching import length_grouped
 from ..engine.model import AdaptedModel
 from .plan import plan_run
@@ -134,7 +134,7 @@ def model_max_length(tokenizer, model) -> int:
 def fitted_max_length(requested: int, tokenizer, model) -> int:
     limit = model_max_length(tokenizer, model)
     if requested > limit:
-        print(f"note: --max-length {requested} is above this model's limit; using {limit}", file=sys.stderr)
+        note(f"--max-length {requested} is above this model's limit; using {limit}")
         return limit
     return requested
 
@@ -145,9 +145,9 @@ def fit_rates_to(model: AdaptedModel, settings: TrainSettings) -> str | None:
     if not settings.fit_rates:
         return None
     config = model.adapter_config
-    settings.group_lrs, note = fitted_group_lrs(config.method, settings.group_lrs, model.projection.layout.D,
+    settings.group_lrs, said = fitted_group_lrs(config.method, settings.group_lrs, model.projection.layout.D,
                                                 config.theta_dim)
-    return note
+    return said
 
 
 def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_groups: list[dict]) -> list[dict]:

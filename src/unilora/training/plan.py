@@ -16,14 +16,17 @@ more epochs than finetune's; elsewhere it passes over its texts one time fewer, 
 enough to keep finetune's optimizer steps (plan_run).
 
 Every choice can be overridden (TrainSettings fields / CLI options); what was chosen and why is
-printed and recorded in metrics.json under "plan".
+recorded in metrics.json under "plan", and `describe_plan` says the whole run in one note before
+training: the data and what was held out of it, the schedule, the learning rates.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ..data.batching import grouped_share
+from ..data.tables import TEST_FRACTION
 
 # about the budget the recipe's rates were tuned on (126 steps)
 TARGET_STEPS = 120
@@ -116,3 +119,39 @@ def short_run_warning(settings, kind: str, n_train: int, world: int = 1) -> str 
     return (f"{steps} optimizer step{'s' * (steps != 1)}: the default rates were tuned for about {TARGET_STEPS}, "
             "and small adapters (Uni-LoRA, VB-LoRA) may barely train; leave --epochs and --batch-size unset to "
             "have them chosen, or raise them")
+
+
+@dataclass
+class DataCounts:
+    """What a run trains and tests on, as the user would count it."""
+
+    train_rows: int  # examples or documents, as read
+    test_rows: int
+    train_examples: int  # what the batches hold: the rows, or the blocks packed from them
+    unit: str = "examples"  # what a row is ("documents" for plain text)
+    split_from: str | None = None  # the file the test rows were held out of (no --test-data given)
+    block_tokens: int | None = None  # the block length, when rows are packed into blocks
+
+
+def describe_plan(data: DataCounts, settings, chosen: dict[str, str], world: int = 1,
+                  rates_note: str | None = None) -> str:
+    """The run in one line: data and held-out share, batches, epochs, optimizer steps, learning
+    rates, and why each value left open was chosen (`chosen`, from plan_run)."""
+    parts = [f"{data.train_rows:,} training {data.unit}"]
+    if data.block_tokens and data.train_examples != data.train_rows:
+        parts[0] += f" packed into {data.train_examples:,} blocks of up to {data.block_tokens} tokens"
+    if data.split_from:
+        parts.append(f"{data.test_rows:,} held out of '{data.split_from}' for testing (a seeded {TEST_FRACTION:.0%} "
+                     "split; --test-data gives your own)")
+    else:
+        parts.append(f"{data.test_rows:,} test {data.unit}")
+    steps = settings.epochs * math.ceil(math.ceil(data.train_examples / world) / settings.batch_size)
+    parts.append(f"batch size {settings.batch_size}" + (f" per process x {world}" if world > 1 else "")
+                 + f", {settings.epochs} epoch{'s' * (settings.epochs != 1)} = {steps:,} optimizer step{'s' * (steps != 1)}")
+    rates = ", ".join(f"{name} {rate:.3g}" for name, rate in sorted((settings.group_lrs or {}).items()))
+    parts.append(f"learning rate {settings.lr:.3g}" + (f" ({rates})" if rates else ""))
+    why = [reason for reason in chosen.values()] + ([rates_note] if rates_note else [])
+    text = "plan: " + "; ".join(parts)
+    if why:
+        text += ". Chosen for this run: " + "; ".join(why)
+    return text + " (each can be set: see 'unilora finetune --help')"

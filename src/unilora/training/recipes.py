@@ -102,5 +102,5 @@ def fitted_group_lrs(method: str, group_lrs: dict[str, float], D: int, theta_dim
     rates = {**group_lrs, "theta": group_lrs["theta"] * factor}
     note = (f"θ learning rate {rates['theta']:.3g} = {group_lrs['theta']:.3g} x {factor:.2f}: each θ_d entry feeds "
             f"D/d = {D / theta_dim:.1f} LoRA weights here, {TUNED_SHARING[method]:.1f} where the rate was tuned "
-            "(pass --group-lr theta=RATE to fix it)")
+            "(--group-lr theta=RATE sets your own)")
     return rates, note

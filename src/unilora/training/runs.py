@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..core.tasks import task_kind
 from ..data.lm import LMDataset, is_lm_data
 from ..data.sources import DataSpec
@@ -34,7 +35,7 @@ from ..store.writing import check_writable, write_json_atomic, write_output_dir
 from .causal_lm import CausalLMTask, evaluate_lm_adapter
 from .classification import ClassificationTask, evaluate_classifier
 from .loop import Task, TrainSettings, distributed, fit_rates_to, train
-from .plan import plan_run, short_run_warning
+from .plan import DataCounts, describe_plan, plan_run, short_run_warning
 from .recipes import finetune_group_lrs
 from .records import read_task_adapter
 
@@ -68,14 +69,12 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
     model: AdaptedModel = get_model(base, adapter)
     n_train = task.train_size()
     plan = plan_run(settings, task.kind, n_train, world)
-    if plan and rank == 0:
-        print(f"note: {'; '.join(plan.values())} (each can be set: see 'unilora finetune --help')", file=sys.stderr)
+    rates_note = fit_rates_to(model, settings)
+    if rank == 0:
+        note(describe_plan(data_counts(data, task), settings, plan, world, rates_note))
     short = short_run_warning(settings, task.kind, n_train, world)
     if short and rank == 0:
         print(f"warning: {short}", file=sys.stderr)
-    note = fit_rates_to(model, settings)
-    if note and rank == 0:
-        print(f"note: {note}", file=sys.stderr)
 
     started = time.time()
     history = train(model, task, settings, model.parameter_groups(settings.lr, settings.group_lrs,
@@ -95,6 +94,7 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
             "adapter_bytes": model.stored_bytes(),
             "head_params": sum(p.numel() for p in model.head_parameters().values()),
             "trainable_params": model.trainable_parameter_count(),
+            "stored_note": model.projection.stored_note,
             "train_examples": n_train,
             "test_examples": task.test_size(),
             "seconds": round(time.time() - started, 1),
@@ -112,6 +112,16 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
     if world > 1:
         dist.barrier()
     return metrics
+
+
+def data_counts(data, task: Task) -> DataCounts:
+    """What `describe_plan` says of the data: rows read, held out, and what the batches hold."""
+    source = data.source or {}
+    split_from = Path(source["data"]).name if source.get("data") and not source.get("test_data") else None
+    if isinstance(data, LMDataset):
+        unit = "documents" if data.kind == "text" else "examples"
+        return DataCounts(len(data.train), len(data.test), task.train_size(), unit, split_from, task.max_length)
+    return DataCounts(len(data.train_texts), len(data.test_texts), task.train_size(), "texts", split_from)
 
 
 def task_for(data) -> Task:
@@ -208,7 +218,8 @@ def run_evaluate(adapter: str | Path | AdapterFile, data: DataSpec | None = None
     data = data or DataSpec()
     adapter, task = read_task_adapter(adapter)
     if data.data is None and data.test_data:
-        raise UniLoraError("--test-data goes with --data (the training file of the test data)")
+        # one new file to score: read as both splits (no held-out cut), only its test split is used
+        data = replace(data, data=data.test_data)
     dataset = data.load(task_kind(task)) if data.data is not None else None
     if dataset is None and data.metric:
         raise UniLoraError("--metric goes with --data; without --data the recorded data's metric is used")
