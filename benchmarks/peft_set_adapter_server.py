@@ -18,8 +18,9 @@ from peft import LoraConfig, get_peft_model
 from unilora.models.backbones import load_causal_lm
 
 
-def build_app(count: int) -> FastAPI:
+def build_app(count: int, device: str = "cpu", dtype: str = "fp32") -> FastAPI:
     tokenizer, base = load_causal_lm("SmolLM2-135M-Instruct")
+    base = base.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(base, config, adapter_name="a0")
     for i in range(1, count):
@@ -34,7 +35,7 @@ def build_app(count: int) -> FastAPI:
 
     @app.post("/v1/completions")
     def completions(body: dict):
-        ids = tokenizer(body["prompt"], return_tensors="pt")["input_ids"]
+        ids = tokenizer(body["prompt"], return_tensors="pt")["input_ids"].to(device)
         with lock, torch.no_grad():
             model.set_adapter(body["model"])
             out = model.generate(input_ids=ids, max_new_tokens=int(body.get("max_tokens", 16)), do_sample=False,
@@ -52,8 +53,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
-    uvicorn.run(build_app(args.adapters), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(build_app(args.adapters, args.device, args.dtype), host="127.0.0.1", port=args.port,
+                log_level="warning")
 
 
 if __name__ == "__main__":

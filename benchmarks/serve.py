@@ -156,10 +156,14 @@ def main() -> None:
     parser.add_argument("--cold-samples", type=int, default=15)
     parser.add_argument("--theta-dim", type=int, default=23_040)
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks-serve.json"))
+    parser.add_argument("--device", default="cpu", help="where every server runs its model (cuda on a GPU)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+                         + (f", {gpu}, {args.dtype}" if gpu else ""),
               "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     try:
         store = work / "store"
@@ -172,7 +176,7 @@ def main() -> None:
         port = 8310
         ours = Process([sys.executable, "-m", "unilora", "serve", "--adapters", str(store), "--port", str(port),
                         "--max-resident", str(args.resident + 64), "--max-batch", str(args.clients),
-                        "--log-level", "warning"], f"http://127.0.0.1:{port}", work / "ours.log").wait()
+                        "--device", args.device, "--dtype", args.dtype, "--log-level", "warning"], f"http://127.0.0.1:{port}", work / "ours.log").wait()
         try:
             asyncio.run(load(ours.url, own, 1, 4))  # warm-up: every own adapter resident
             record["a_own_adapters"] = asyncio.run(load(ours.url, own, args.requests_per_client, args.max_tokens))
@@ -204,7 +208,7 @@ def main() -> None:
             ours.stop()
         peft_port = 8311
         peft = Process([sys.executable, str(HERE / "peft_set_adapter_server.py"), "--adapters", str(args.clients),
-                        "--port", str(peft_port)], f"http://127.0.0.1:{peft_port}", work / "peft.log").wait()
+                        "--port", str(peft_port), "--device", args.device, "--dtype", args.dtype], f"http://127.0.0.1:{peft_port}", work / "peft.log").wait()
         try:
             record["b_peft_set_adapter"] = asyncio.run(load(peft.url, [f"a{i}" for i in range(args.clients)],
                                                             args.requests_per_client, args.max_tokens))
@@ -213,7 +217,8 @@ def main() -> None:
         hf_port = 8312
         model_dir = str(embedded_llm_folder())
         hf = Process(["transformers", "serve", model_dir, "--host", "127.0.0.1", "--port", str(hf_port), "--device",
-                      "cpu", "--continuous-batching"], f"http://127.0.0.1:{hf_port}", work / "hf.log").wait()
+                      args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
+                      "--continuous-batching"], f"http://127.0.0.1:{hf_port}", work / "hf.log").wait()
         try:
             asyncio.run(load(hf.url, [model_dir] * 4, 1, 4))  # warm-up
             record["c_transformers_serve_base"] = asyncio.run(load(hf.url, [model_dir] * args.clients,

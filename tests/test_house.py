@@ -28,6 +28,9 @@ DEFERRED = {
     ("tools/inspection.py", "matplotlib.pyplot"): "the optional plots extra",
     ("training/causal_lm.py", "rouge_score"): "the optional llm extra",
     ("cli/commands.py", "..serve.server"): "fastapi and uvicorn: the optional serve extra",
+    ("cli/commands.py", "..deploy.ray_app"): "ray: the optional ray extra",
+    ("deploy/vllm_resolver.py", "vllm.lora.request"): "vLLM exists only in vLLM's own environment",
+    ("deploy/vllm_resolver.py", "vllm.lora.resolver"): "vLLM exists only in vLLM's own environment",
     ("core/targeting.py", "transformers.pytorch_utils"): "at the top, in a try: stays importable without it",
 }
 

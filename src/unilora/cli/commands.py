@@ -244,6 +244,9 @@ def cmd_count(args) -> int:
 def cmd_serve(args) -> int:
     from ..serve.server import serve  # fastapi and uvicorn are the `serve` extra
 
+    if args.replicas > 1 and not args.ray:
+        raise UniLoraError("--replicas goes with --ray (one process serves with one model)")
+
     model = args.model or (EMBEDDED_LLM if args.task == "causal-lm" else EMBEDDED_MODEL)
     settings = ServeSettings(
         adapters=args.adapters, model=model, task=args.task, served_model_name=args.served_model_name,
@@ -251,6 +254,12 @@ def cmd_serve(args) -> int:
         max_resident_bytes=int(args.max_resident_mb * 2**20), factor_cache_bytes=int(args.factor_cache_mb * 2**20),
         max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
         max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
-        allow_runtime_loading=args.allow_runtime_loading, drain_timeout=args.drain_timeout)
-    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+        allow_runtime_loading=args.allow_runtime_loading, drain_timeout=args.drain_timeout, device=args.device,
+        dtype=args.dtype)
+    if args.ray:
+        from ..deploy.ray_app import serve_with_ray  # ray is the `ray` extra
+
+        serve_with_ray(settings, host=args.host, port=args.port, replicas=args.replicas)
+    else:
+        serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -298,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=_positive_float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight")
     p.add_argument("--allow-runtime-loading", metavar="ROOT", help="enable /v1/load_lora_adapter for folders under ROOT")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the model's weights")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve application on a local Ray cluster "
+                   "(requests for one adapter go to the replicas holding it; the `ray` extra)")
+    p.add_argument("--replicas", type=_positive_int, default=1, help="with --ray: replicas of the model")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.set_defaults(func=cmd_serve)
 

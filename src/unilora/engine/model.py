@@ -24,6 +24,7 @@ from ..core.targeting import base_module, find_targets, is_conv1d, linear_shape,
 from ..methods import Projection, build_projection
 from ..store.adapter_file import adapter_metadata, adapter_tensors, from_state_dict, load_into, require_same_config
 from ..store.io import AdapterFile, read_adapter, write_adapter_dir
+from ..store.remote import open_adapter
 from .binder import FactorBinder
 from .hf_compat import TransformersCompat, input_embeddings
 from .injection import base_weights, check_targets_exist, inject_layers, remove_adapter, unwrap, wrap_heads
@@ -360,7 +361,7 @@ class AdaptedModel(TransformersCompat, nn.Module):
         """Load a saved adapter beside the ones this model holds, under `adapter_name` (not made
         active: see set_adapter). Validated in full before anything is attached."""
         self.router.check_new_name(adapter_name)
-        adapter = directory if isinstance(directory, AdapterFile) else read_adapter(directory)
+        adapter = directory if isinstance(directory, AdapterFile) else open_adapter(directory)
         check_targets_exist(self.model, adapter.layout)
         self.add_adapter(adapter_name, adapter.config, target_names=[s.name for s in adapter.layout.slots])
         try:
@@ -374,10 +375,11 @@ class AdaptedModel(TransformersCompat, nn.Module):
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike | AdapterFile,
                         adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> "AdaptedModel":
-        """Load a saved adapter onto `base_model` (the same architecture it was trained on).
+        """Load a saved adapter (a folder, or an fsspec URL read through a verified local cache) onto
+        `base_model` (the same architecture it was trained on).
         Everything in the folder is validated before the adapter is built (see store/io.py); an
         `AdapterFile` already read with `read_adapter` is taken as is."""
-        adapter = directory if isinstance(directory, AdapterFile) else read_adapter(directory)
+        adapter = directory if isinstance(directory, AdapterFile) else open_adapter(directory)
         check_targets_exist(base_model, adapter.layout)
         model = cls(base_model, adapter.config, target_names=[s.name for s in adapter.layout.slots],
                     adapter_name=adapter_name)

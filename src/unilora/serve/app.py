@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -43,6 +44,7 @@ from .worker import Overloaded, Worker
 
 log = logging.getLogger("unilora.serve")
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Server:
@@ -73,13 +75,13 @@ class Server:
         try:
             if s.task == "seq-cls":
                 self.classifier = Classifier(s.model, self.store, self.metrics, s.max_resident, s.max_resident_bytes,
-                                             s.factor_cache_bytes, loaded=self._loaded)
+                                             s.factor_cache_bytes, loaded=self._loaded, device=s.device)
                 self.tokenizer = self.classifier.tokenizer
                 worker = Worker(None, self.store, self.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
                                 metrics=self.metrics)
             else:
                 tokenizer, model = self._loaded or load_causal_lm(s.model)
-                model.eval().requires_grad_(False)
+                model = model.to(device=s.device, dtype=DTYPES[s.dtype]).eval().requires_grad_(False)
                 check_model(model)
                 self.tokenizer = tokenizer
                 self.context = getattr(model.config, "max_position_embeddings", None)

@@ -57,9 +57,10 @@ def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class RunningBatch:
-    def __init__(self, pad_id: int, cache_argument: str = "cache"):
+    def __init__(self, pad_id: int, cache_argument: str = "cache", device: torch.device | str = "cpu"):
         self.pad_id = pad_id
         self.cache_argument = cache_argument
+        self.device = torch.device(device)
         self.sequences: list[Sequence] = []
         self.rows: list[str] = []  # the adapter each row runs (BASE for the base model)
         self.cache: DynamicCache | None = None
@@ -78,22 +79,23 @@ class RunningBatch:
         for i, seq in enumerate(sequences):
             ids[i, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
             mask[i, width - len(seq.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         extra = {"logits_to_keep": 1} if keep_logits else {}
         extra[self.cache_argument] = DynamicCache()
         out = _forward(model, rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         self._join(sequences, rows, _cache_of(out), mask)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()
 
     def step(self, model) -> torch.Tensor:
         """One decode step for every row: the last token in, next-token logits out."""
-        last = torch.tensor([[s.generated[-1]] for s in self.sequences], dtype=torch.long)
+        last = torch.tensor([[s.generated[-1]] for s in self.sequences], dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
         positions = self.mask.sum(-1, keepdim=True) - 1
         out = _forward(model, self.rows, input_ids=last, attention_mask=self.mask, position_ids=positions,
                        use_cache=True, **{self.cache_argument: self.cache})
         self.cache = _cache_of(out)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()
 
     # --- rows joining and leaving ------------------------------------------------------------
     def _join(self, sequences: list[Sequence], rows: list[str], cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -116,7 +118,7 @@ class RunningBatch:
         if not indices:
             self.sequences, self.rows, self.cache, self.mask = [], [], None, None
             return
-        index = torch.tensor(indices)
+        index = torch.tensor(indices, device=self.device)
         mask = self.mask.index_select(0, index)
         first = int(mask.any(0).nonzero()[0])
         self.cache = DynamicCache(ddp_cache_data=[(k.index_select(0, index)[..., first:, :],

@@ -29,9 +29,10 @@ MAX_LENGTH = 512
 
 class Classifier:
     def __init__(self, model_name: str, store: AdapterStore, metrics, max_resident: int, max_bytes: int,
-                 factor_cache_bytes: int, loaded=None):
+                 factor_cache_bytes: int, loaded=None, device: str = "cpu"):
         self.tokenizer, self.encoder = loaded or load_backbone(model_name)
-        self.encoder.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.encoder = self.encoder.to(self.device).eval().requires_grad_(False)
         self.store = store
         self.metrics = metrics
         self.bounds = (max_resident, max_bytes, factor_cache_bytes)
@@ -87,13 +88,13 @@ class Classifier:
         family.trim({internal})
         encoded = self.tokenizer(texts, truncation=True, max_length=min(task.get("max_length", MAX_LENGTH), MAX_LENGTH),
                                  padding=True, return_tensors="pt")
-        out = family.served(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                            adapter_names=[internal] * len(texts))
-        return labels, torch.softmax(out.logits.float(), dim=-1), int(encoded["attention_mask"].sum())
+        out = family.served(input_ids=encoded["input_ids"].to(self.device),
+                            attention_mask=encoded["attention_mask"].to(self.device), adapter_names=[internal] * len(texts))
+        return labels, torch.softmax(out.logits.float(), dim=-1).cpu(), int(encoded["attention_mask"].sum())
 
     def _family(self, num_labels: int) -> Residency:
         family = self.families.get(num_labels)
         if family is None:
-            head = SequenceClassifier(copy.deepcopy(self.encoder), num_labels).eval().requires_grad_(False)
+            head = SequenceClassifier(copy.deepcopy(self.encoder), num_labels).to(self.device).eval().requires_grad_(False)
             family = self.families[num_labels] = Residency(head, *self.bounds, metrics=self.metrics)
         return family

@@ -24,6 +24,8 @@ class ServeSettings:
     request_timeout: float = 120.0  # seconds from arrival to the last token
     allow_runtime_loading: str | None = None  # the root that /v1/load_lora_adapter paths must stay under
     drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
+    device: str = "cpu"  # where the model runs ("cuda", "cuda:1", ...)
+    dtype: str = "fp32"  # fp32, bf16 or fp16
 
     @property
     def model_id(self) -> str:

@@ -11,35 +11,29 @@ through the one validating reader (`store.io.read_adapter`).
 
 Runtime loading (vLLM's `/v1/load_lora_adapter`) registers extra names that point at folders
 under one root the operator named; it is off unless that root is given.
+
+A store may also be an fsspec URL (`s3://bucket/adapters`, `memory://...`): names are listed
+remotely, each adapter is read from a verified local copy (store/remote.py), and the signature is
+the remote files' sizes and stamps.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+
 from ..core.errors import UniLoraError
 from ..store.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter
+from ..store.names import NAME_PATTERN, BadAdapter, UnknownAdapter, check_name
+from ..store.remote import is_url, list_adapters, local_copy, remote_signature
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LISTING_TTL_S = 2.0  # /v1/models re-reads a large store at most this often
-
-
-class UnknownAdapter(UniLoraError):
-    """No adapter of that name in the store (HTTP 404)."""
-
-    status = 404
-
-
-class BadAdapter(UniLoraError):
-    """The adapter exists but cannot be served: damaged, refused by the reader, or made for
-    another base model (HTTP 422)."""
-
-    status = 422
 
 
 @dataclass(frozen=True)
@@ -57,15 +51,6 @@ class Signature:
         return cls(tuple(stamps))
 
 
-def check_name(name) -> str:
-    """A plain adapter name, or UnknownAdapter naming the rule (never a path)."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        shown = name[:80] if isinstance(name, str) else type(name).__name__
-        raise UnknownAdapter(f"'{shown}' is not an adapter name: names are 1-128 letters, digits, '-', '_' or '.', "
-                             "start with a letter or digit, and hold no '..' or path separator")
-    return name
-
-
 def inside(root: Path, path: Path) -> bool:
     """Whether `path`, with every symlink followed, lies inside `root` (itself resolved)."""
     try:
@@ -77,8 +62,14 @@ def inside(root: Path, path: Path) -> bool:
 
 class AdapterStore:
     def __init__(self, root: str | os.PathLike, runtime_root: str | os.PathLike | None = None):
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
+        self.url = str(root).rstrip("/") if is_url(str(root)) else None
+        self.root = Path(tempfile.gettempdir()) if self.url else Path(root).resolve()
+        if self.url is not None:
+            try:
+                list_adapters(self.url)
+            except (OSError, ValueError, ImportError) as err:
+                raise UniLoraError(f"--adapters '{root}' cannot be listed: {str(err)[:200]}") from None
+        elif not self.root.is_dir():
             raise UniLoraError(f"--adapters '{root}' is not a folder; pass the folder that holds one folder per adapter")
         self.runtime_root = Path(runtime_root).resolve() if runtime_root is not None else None
         if self.runtime_root is not None and not self.runtime_root.is_dir():
@@ -93,6 +84,11 @@ class AdapterStore:
         check_name(name)
         with self._lock:
             registered = self._runtime.get(name)
+        if self.url is not None and registered is None:
+            try:
+                return local_copy(f"{self.url}/{name}")
+            except (OSError, UniLoraError):
+                raise UnknownAdapter(f"the model '{name}' does not exist: no adapter of that name in the store") from None
         root, folder = (self.runtime_root, registered) if registered is not None else (self.root, self.root / name)
         if not (folder / CONFIG_NAME).is_file() or not inside(root, folder / CONFIG_NAME) \
                 or not inside(root, folder / WEIGHTS_NAME):
@@ -100,6 +96,13 @@ class AdapterStore:
         return folder
 
     def signature(self, name: str) -> Signature:
+        if self.url is not None and name not in self._runtime:
+            check_name(name)
+            fs, folder = fsspec.core.url_to_fs(f"{self.url}/{name}")
+            try:
+                return Signature(remote_signature(fs, folder))
+            except (OSError, UniLoraError):
+                raise UnknownAdapter(f"the model '{name}' does not exist: no adapter of that name in the store") from None
         folder = self.folder(name)
         try:
             return Signature.of(folder)
@@ -123,6 +126,8 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         """Every adapter name: the store's folders holding an adapter config, and the runtime ones."""
+        if self.url is not None:
+            return self._remote_names()
         try:
             stamp = self.root.stat().st_mtime_ns
         except OSError:
@@ -139,6 +144,17 @@ class AdapterStore:
                             and os.path.isfile(os.path.join(entry.path, CONFIG_NAME)):
                         found.append(entry.name)
             cached = (now, stamp, sorted(found))
+            with self._lock:
+                self._listing = cached
+        return sorted(set(cached[2]) | set(runtime))
+
+    def _remote_names(self) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            cached, runtime = self._listing, list(self._runtime)
+        if cached is None or now - cached[0] > LISTING_TTL_S:
+            found = [n for n in list_adapters(self.url) if NAME_PATTERN.fullmatch(n) and ".." not in n]
+            cached = (now, 0, found)
             with self._lock:
                 self._listing = cached
         return sorted(set(cached[2]) | set(runtime))

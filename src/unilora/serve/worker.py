@@ -55,6 +55,7 @@ class Worker:
             base = residency.base
             self.eos_ids = _eos_ids(tokenizer, base)
             self.batch.cache_argument = cache_argument(base)
+            self.batch.device = next(base.parameters()).device
             self.keep_logits = "logits_to_keep" in _forward_parameters(base)
         self._pending: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable, Callable]] = deque()

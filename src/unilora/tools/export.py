@@ -137,7 +137,10 @@ def write_peft_dir(out_dir, tensors: dict, config: dict, head: dict, overwrite: 
     write_output_dir(out_dir, write, EXPORT_FILES, overwrite, what=what, last=("adapter_config.json",))
 
 
-def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False) -> list[str]:
+def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False,
+                     base_model: str | None = None) -> list[str]:
+    """Write `adapter_dir` as a plain PEFT LoRA folder, exact; `base_model` names the base in its
+    config (default: the name the adapter records)."""
     refuse_overlap(Path(adapter_dir), Path(out_dir))
     meta, tensors, projection = rebuild_projection(adapter_dir, "`unilora export`")
     lora, r_out, names = peft_lora_tensors(projection, rank, layer_prefix(meta))
@@ -146,7 +149,7 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name(meta),
+        "base_model_name_or_path": base_model or base_model_name(meta),
         "r": r_out,
         # PEFT scales by lora_alpha / r: keep the adapter's own scaling at the padded rank
         "lora_alpha": projection.config.scaling * r_out,

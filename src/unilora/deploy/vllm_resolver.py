@@ -1,0 +1,140 @@
+"""unilora adapters in vLLM, through its LoRA resolver plugin API.
+
+vLLM serves plain LoRA. When a request names an adapter vLLM does not hold, it asks its
+registered resolvers; ours looks the name up in a unilora store (a folder or an fsspec URL),
+expands the adapter into an exact PEFT LoRA folder (`export`: B = the method's B, A its A, no rank
+padding, `base_model_name_or_path` = the model vLLM serves) in a bounded cache, and hands vLLM
+that folder. The store keeps each adapter's few kilobytes; vLLM runs them at its own speed.
+
+Refused (the resolver answers None, and vLLM answers the client with its own "model does not
+exist" error): a name that is not a plain name, an adapter the validating reader refuses, and an
+adapter recorded for another base model.
+
+Switched on in vLLM's environment by the entry point `unilora_resolver` (group
+`vllm.general_plugins`) and these variables:
+
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True   (vLLM's switch for loading adapters at run time)
+    VLLM_PLUGINS=unilora_resolver           (optional: load only this plugin)
+    UNILORA_VLLM_STORE=/srv/adapters        (a folder of adapter folders, or s3://..., memory://...)
+    UNILORA_VLLM_CACHE=/var/cache/unilora   (where the expanded PEFT folders go; default ~/.cache)
+    UNILORA_VLLM_CACHE_ADAPTERS=256         (expanded folders kept; the least recently used go first)
+
+and `vllm serve MODEL --enable-lora --max-lora-rank R` as for any LoRA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+from ..core.errors import UniLoraError
+from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
+from ..store.io import CONFIG_NAME, WEIGHTS_NAME
+from ..store.names import UnknownAdapter, check_name
+from ..store.remote import cache_root, is_url, local_copy
+from ..tools.export import base_model_name, export_peft_lora
+
+log = logging.getLogger("unilora.vllm")
+RESOLVER_NAME = "unilora"
+DEFAULT_CACHED = 256
+
+
+def same_base(recorded: str | None, served: str) -> bool:
+    """Whether an adapter recorded for `recorded` fits the model vLLM serves as `served`: the same
+    name, or the same last path part (a hub name and a local copy of it), case aside. An adapter
+    that records no base is taken."""
+    if not recorded:
+        return True
+
+    def key(name: str) -> str:
+        name = EMBEDDED_LLM_HUB_NAME if is_embedded_llm(name) else name
+        return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return recorded == served or key(recorded) == key(served)
+
+
+class UniloraResolution:
+    """What the plugin does, without vLLM: a store name in, an expanded PEFT LoRA folder out."""
+
+    def __init__(self, store: str, cache: str | os.PathLike | None = None, max_cached: int = DEFAULT_CACHED):
+        self.store = store.rstrip("/")
+        self.cache = Path(cache) if cache else cache_root().parent / "vllm-lora"
+        self.max_cached = max_cached
+        self._lock = threading.Lock()
+
+    def source(self, name: str) -> Path:
+        """The validated local folder of store adapter `name`."""
+        check_name(name)
+        if is_url(self.store):
+            return local_copy(f"{self.store}/{name}")
+        root = Path(self.store).resolve()
+        folder = (root / name).resolve()
+        if folder.parent != root or not (folder / CONFIG_NAME).is_file():
+            raise UnknownAdapter(f"no adapter named '{name}' in {self.store}")
+        return folder
+
+    def resolve(self, served: str, name: str) -> tuple[str, int] | None:
+        """(PEFT folder, a stable positive integer id), or None where the adapter is refused."""
+        try:
+            folder = self.source(name)
+            meta = json.loads((folder / CONFIG_NAME).read_text())
+            recorded = base_model_name(meta)
+            if not same_base(recorded, served):
+                log.warning("unilora adapter '%s' was trained on '%s', not on '%s'", name, recorded, served)
+                return None
+            version = hashlib.sha256((meta.get("config_sha256", "") + meta.get("weights_sha256", "")
+                                      + served).encode()).hexdigest()[:16]
+            out = self.cache / f"{name}-{version}"
+            with self._lock:
+                if not (out / "adapter_config.json").is_file():
+                    self.cache.mkdir(parents=True, exist_ok=True)
+                    export_peft_lora(folder, out, base_model=served)
+                os.utime(out)  # recently used: the bound evicts others first
+                self._bound(keep=out)
+            return str(out), int(version[:15], 16) + 1
+        except UniLoraError as err:
+            log.warning("unilora adapter '%s' refused: %s", name, err)
+            return None
+
+    def _bound(self, keep: Path) -> None:
+        """Keep at most `max_cached` expanded folders (only those this resolver wrote)."""
+        ours = [p for p in self.cache.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file()
+                and (p / WEIGHTS_NAME).is_file() and p != keep]
+        ours.sort(key=lambda p: p.stat().st_mtime)
+        for old in ours[: max(0, len(ours) + 1 - self.max_cached)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def from_environment() -> UniloraResolution | None:
+    store = os.environ.get("UNILORA_VLLM_STORE")
+    if not store:
+        return None
+    cached = int(os.environ.get("UNILORA_VLLM_CACHE_ADAPTERS", DEFAULT_CACHED))
+    return UniloraResolution(store, os.environ.get("UNILORA_VLLM_CACHE"), cached)
+
+
+def register() -> None:
+    """vLLM's plugin entry point: register the resolver when UNILORA_VLLM_STORE names a store."""
+    from vllm.lora.request import LoRARequest  # vLLM's own environment only
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    resolution = from_environment()
+    if resolution is None:
+        log.warning("unilora resolver not registered: set UNILORA_VLLM_STORE to a folder or URL of adapters")
+        return
+
+    class UniloraResolver(LoRAResolver):
+        async def resolve_lora(self, base_model_name: str, lora_name: str):
+            found = await asyncio.to_thread(resolution.resolve, base_model_name, lora_name)
+            if found is None:
+                return None
+            path, lora_id = found
+            return LoRARequest(lora_name=lora_name, lora_int_id=lora_id, lora_path=path)
+
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, UniloraResolver())

@@ -1,0 +1,114 @@
+"""`unilora serve --ray`: the server as a Ray Serve application on a local Ray cluster that the
+test starts (127.0.0.1, 2 replicas of a tiny model) and ends. Requests for one adapter stick to
+one replica (the `x-unilora-replica` header names it), answers equal isolated generation, errors
+keep their shape, killing a replica's process mid-load loses no request silently, and SIGTERM
+shuts the cluster down."""
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from serving import ServerProcess, isolated_greedy, smollm2_tokenizer, write_adapter, write_tiny_llama
+
+pytestmark = pytest.mark.slow
+KEY = "ray-key"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("ray")
+    model_dir = write_tiny_llama(root / "llama", tokenizer)
+    store = root / "store"
+    for i, method in enumerate(["lora", "unilora", "vblora", "vera"]):
+        write_adapter(model_dir, store / f"a{i}", method, seed=i)
+    process = ServerProcess(root / "server.log", "--model", str(model_dir), "--adapters", str(store), "--ray",
+                            "--replicas", "2", "--api-key", KEY)
+    try:
+        process.wait_ready(timeout=240)
+        process.model_dir, process.store = model_dir, store
+        yield process
+    finally:
+        process.stop()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)  # nothing left behind
+
+
+def complete(server, name, prompt="Hello there", max_tokens=6, timeout=60):
+    return httpx.post(server.url + "/v1/completions", headers=HEADERS, timeout=timeout,
+                      json={"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+def test_requests_for_one_adapter_stick_to_one_replica_and_answer_exactly(cluster, tokenizer):
+    seen = {}
+    for round_ in range(3):
+        for i in range(4):
+            response = complete(cluster, f"a{i}")
+            assert response.status_code == 200, response.text
+            seen.setdefault(f"a{i}", set()).add(response.headers["x-unilora-replica"])
+            if round_ == 0:
+                ids = tokenizer("Hello there")["input_ids"]
+                expected = tokenizer.decode(isolated_greedy(cluster.model_dir, cluster.store / f"a{i}", ids, 6),
+                                            skip_special_tokens=True)
+                assert response.json()["choices"][0]["text"] == expected
+    assert all(len(replicas) == 1 for replicas in seen.values()), seen
+
+
+def test_errors_and_streaming_pass_through_the_router(cluster):
+    missing = complete(cluster, "nobody")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert httpx.post(cluster.url + "/v1/completions", json={"model": "a0", "prompt": "x"}).status_code == 401
+    body = {"model": "a1", "prompt": "Hello there", "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, headers=HEADERS, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+
+
+def test_killing_a_replica_mid_load_loses_no_request_silently(cluster, tokenizer):
+    expected = {}
+    for i in range(4):
+        ids = tokenizer("Hello there")["input_ids"]
+        expected[f"a{i}"] = tokenizer.decode(isolated_greedy(cluster.model_dir, cluster.store / f"a{i}", ids, 6),
+                                             skip_special_tokens=True)
+    victim = int(complete(cluster, "a0").headers["x-unilora-replica"].rsplit("/", 1)[1])
+
+    def ask(n):
+        try:
+            return n, complete(cluster, f"a{n % 4}", timeout=120)
+        except httpx.HTTPError as err:  # a dropped connection is a failure the client sees
+            return n, err
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, n) for n in range(40)]
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        results = [f.result(timeout=180) for f in futures]  # every request ends: none hangs
+    answered = 0
+    for n, result in results:
+        if isinstance(result, httpx.Response) and result.status_code == 200:
+            assert result.json()["choices"][0]["text"] == expected[f"a{n % 4}"]
+            answered += 1
+        elif isinstance(result, httpx.Response):
+            assert result.status_code >= 500 and "error" in result.json()
+    assert answered >= 20
+    deadline = time.monotonic() + 120  # Ray restarts the replica
+    while time.monotonic() < deadline:
+        if complete(cluster, "a0").status_code == 200 and complete(cluster, "a2").status_code == 200:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the cluster did not recover after a replica was killed")
+
+
+def test_sigterm_shuts_the_cluster_down(cluster):
+    assert cluster.signal(signal.SIGTERM) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(cluster.url + "/health", timeout=5)
