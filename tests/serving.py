@@ -14,12 +14,31 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import unilora
 
 METHODS = ["lora", "unilora", "vblora", "vera", "tied_lora", "fastfood", "unilora", "lora"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama (hidden 32) with SmolLM2's tokenizer, in a folder."""
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"), tokenizer)
+
+
+def write_store(root: Path, model_dir: Path) -> Path:
+    """Eight adapters of six methods, `user-0.v1` ... `user-7.v1`."""
+    for i, method in enumerate(METHODS):
+        write_adapter(model_dir, root / f"user-{i}.v1", method, seed=i)
+    return root
 
 
 def smollm2_tokenizer():

@@ -12,16 +12,11 @@ import time
 
 import httpx
 import pytest
-from serving import ServerProcess, isolated_greedy, smollm2_tokenizer, write_adapter, write_tiny_llama
+from serving import ServerProcess, isolated_greedy, tokenizer, write_adapter, write_tiny_llama  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 KEY = "ray-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

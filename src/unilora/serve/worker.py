@@ -155,6 +155,7 @@ class Worker:
         now = time.monotonic()
         for seq in taken:
             if seq.cancelled.is_set():
+                seq.finish_reason = "cancelled"
                 continue
             if now > seq.deadline:
                 seq.fail(504, "the request timed out waiting for a free slot")
