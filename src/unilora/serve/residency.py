@@ -42,6 +42,7 @@ class Residency:
         self.entries: OrderedDict[str, Resident] = OrderedDict()  # store name -> resident, oldest first
         self.retired: list[str] = []  # internal names of replaced versions still running rows
         self.held_bytes = 0
+        self._measured = True  # held_bytes is current: nothing attached or detached since it was measured
         self._names = (f"r{i}" for i in itertools.count())
 
     @property
@@ -77,6 +78,7 @@ class Residency:
         if entry is not None:
             self.retired.append(entry.internal)
         self.entries[name] = Resident(internal, signature)
+        self._measured = False
         if self.metrics is not None:
             self.metrics.adapter_loads.inc()
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
@@ -88,20 +90,19 @@ class Residency:
         if recorded and recorded != served:
             raise BadAdapter(f"adapter '{name}' was trained on a {recorded}, and this server runs a {served}")
 
-    def forget(self, name: str) -> None:
-        """The store no longer holds `name`: retire its resident copy."""
-        entry = self.entries.pop(name, None)
-        if entry is not None:
-            self.retired.append(entry.internal)
-
     # --- evicting --------------------------------------------------------------------------
     def trim(self, in_use: set[str]) -> None:
         """Detach retired versions no row runs, then the least recently used adapters beyond the
-        bounds (never one in `in_use`, internal names)."""
+        bounds (never one in `in_use`, internal names). Called on every admission, so it returns at
+        once when nothing changed and the bounds hold."""
+        within = len(self.entries) <= self.max_resident and self.held_bytes <= self.max_bytes
+        if self._measured and within and not self.retired:
+            return
         for internal in [r for r in self.retired if r not in in_use]:
             if self._detach(internal):
                 self.retired.remove(internal)
         self.held_bytes = self._measure()
+        self._measured = True
         for name in list(self.entries):
             if len(self.entries) <= self.max_resident and self.held_bytes <= self.max_bytes:
                 break
