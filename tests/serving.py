@@ -47,10 +47,11 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(_source().parent, gguf_file=_GGUF_FILE)
 
 
-def write_tiny_llama(folder: Path, tokenizer) -> Path:
+def write_tiny_llama(folder: Path, tokenizer, max_positions: int = 256) -> Path:
+    """A tiny random Llama (hidden 32, seed 0) with `tokenizer`, saved in `folder`."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)

