@@ -43,7 +43,10 @@ SETTINGS = {  # the papers' settings on RoBERTa (seed 003 Table 1, Uni-LoRA), sa
     "vera": dict(rank=256),
     "vblora": dict(rank=4, num_vectors=90, vector_length=256, topk=2),
     "unilora": dict(rank=4, theta_dim=23040),
+    "tinylora": dict(rank=2, u=64, weight_tying=0.0),  # PEFT's defaults
+    "lora_xs": dict(rank=8),  # no PEFT peer: compared with our LoRA only
 }
+PEFT_PEERS = ("lora", "vera", "vblora", "unilora", "tinylora")
 
 
 def build_base(shape: str, dtype: torch.dtype, device: str, quick: bool):
@@ -95,6 +98,8 @@ def adapt(library: str, method: str, base, shape: str, quick: bool):
         config = peft.LoraConfig(r=s["rank"], lora_alpha=s["rank"], target_modules=targets)
     elif method == "vera":
         config = peft.VeraConfig(r=s["rank"], target_modules=targets)
+    elif method == "tinylora":
+        config = peft.TinyLoraConfig(r=s["rank"], u=s["u"], weight_tying=s["weight_tying"], target_modules=targets)
     elif method == "vblora":
         config = peft.VBLoRAConfig(r=s["rank"], num_vectors=s["num_vectors"], vector_length=s["vector_length"],
                                    topk=s["topk"], target_modules=targets)
@@ -215,7 +220,7 @@ def paired_ratio(times: list[float], reference: list[float], seed: int = 0) -> t
 
 
 def bench_shape(shape: str, args) -> list[dict]:
-    variants = [(lib, m) for m in args.methods for lib in ("ours", "peft")]
+    variants = [(lib, m) for m in args.methods for lib in ("ours", "peft") if lib == "ours" or m in PEFT_PEERS]
     runners = [Runner(lib, m, shape, DTYPES[args.dtype], args.device, args.quick) for lib, m in variants]
     for i in range(args.warmup + args.steps):
         # every variant once per round, in a fresh order so none always follows the same one
@@ -227,7 +232,7 @@ def bench_shape(shape: str, args) -> list[dict]:
         rows.append({
             "model": shape, "variant": runner.name, "step_ms": 1000 * statistics.median(runner.times),
             "vs_our_lora": paired_ratio(runner.times, times["ours:lora"]),
-            "vs_peft_same": paired_ratio(runner.times, times[f"peft:{m}"]),
+            "vs_peft_same": paired_ratio(runner.times, times[f"peft:{m}"]) if m in PEFT_PEERS else None,
             "adapter_bytes": adapter_bytes(runner, lib),
         })
     del runners
@@ -294,12 +299,15 @@ def to_markdown(rows: list[dict], args, seconds: float) -> str:
         "llama-small (8 x 512, FFN 1536, batch 4 x 256, causal LM); adapters on query/value (q_proj/v_proj). "
         "Real weights: smollm2-qv / smollm2-all (SmolLM2-135M-Instruct dequantized, 30 x 576, batch 4 x 256, "
         "causal LM with the full-vocabulary loss; q_proj/v_proj, or all linear layers). "
-        "Settings: LoRA r=8; VeRA r=256; VB-LoRA h=90, b=256 (192 on SmolLM2), r=4, k=2; Uni-LoRA d=23,040, r=4.",
+        "Settings: LoRA r=8; VeRA r=256; VB-LoRA h=90, b=256 (192 on SmolLM2), r=4, k=2; Uni-LoRA d=23,040, r=4; "
+        "TinyLoRA r=2, u=64, weight_tying 0; LoRA-XS r=8 (no PEFT peer).",
         "",
         "| model | variant | step ms | / our LoRA | / PEFT same | peak MiB | adapter bytes | merged fwd ms | base fwd ms |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     def ratio(value) -> str:
+        if value is None:
+            return "-"
         median, low, high = value
         return f"{median:.3f} [{low:.3f}, {high:.3f}]"
 

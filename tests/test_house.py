@@ -32,6 +32,9 @@ DEFERRED = {
     ("deploy/vllm_resolver.py", "vllm.lora.request"): "vLLM exists only in vLLM's own environment",
     ("deploy/vllm_resolver.py", "vllm.lora.resolver"): "vLLM exists only in vLLM's own environment",
     ("core/targeting.py", "transformers.pytorch_utils"): "at the top, in a try: stays importable without it",
+    ("data/hf.py", "datasets"): "the optional datasets extra, read only when --data names such data",
+    ("data/lm.py", "datasets.distributed"): "the optional datasets extra: only a stream it opened reaches it",
+    ("data/lm.py", "pyarrow.parquet"): "comes with the optional datasets extra: only a streamed .parquet reaches it",
 }
 
 

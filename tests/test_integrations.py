@@ -103,7 +103,7 @@ def test_ddp_with_checkpointing_matches_one_process_with_and_without_static_grap
 
 
 # --- copies ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["unilora", "vblora", "lora"])
+@pytest.mark.parametrize("method", ["unilora", "vblora", "lora", "lora_xs", "tinylora"])
 def test_deepcopy_pickle_and_torch_save_give_independent_working_models(method):
     model = adapted("bert", method)
     ids, labels = batch("bert")

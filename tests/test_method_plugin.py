@@ -118,21 +118,25 @@ def test_a_methods_recipe_lives_on_its_class(toy_methods):
         finetune_group_lrs("toy_bare", True)
 
 
-def test_tools_without_a_model_say_the_method_needs_its_weights(toy_methods, tmp_path, capsys):
+def test_without_its_base_model_a_method_counts_but_builds_no_factors(toy_methods, ids, tmp_path, capsys):
     toy_model().save_pretrained(tmp_path / "toy")
-    for argv in (["inspect", str(tmp_path / "toy")], ["export", str(tmp_path / "toy"), str(tmp_path / "peft")],
-                 ["count", "--arch", "roberta-base", "--method", "toy_svd"]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: the toy_svd adapter builds its frozen factors from the base model's weights")
-        assert len(err.splitlines()) == 1
+    assert main(["inspect", str(tmp_path / "toy")]) == 0  # what the file holds needs no model
+    assert "stored_params: 1,024" in capsys.readouterr().out
+    # export rebuilds the factors from the base model the adapter records: a random-init model records none
+    assert main(["export", str(tmp_path / "toy"), str(tmp_path / "peft")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the adapter records no base model") and len(err.splitlines()) == 1
     layout = Layout([Slot("x", 8, 6, 2)])
-    with pytest.raises(UniLoraError, match="needs the base model's weights"):
-        build_projection(AdapterConfig(method="toy_svd", rank=2), layout)
+    unattached = build_projection(AdapterConfig(method="toy_svd", rank=2), layout)
+    assert unattached.stored_param_count() == 12
+    with pytest.raises(UniLoraError, match="no frozen factors: they come from the base model's weights"):
+        unattached.factors()
     with torch.device("meta"):
         skeleton = build("llama")
-    with pytest.raises(UniLoraError, match="meta device"):
-        get_model(skeleton, AdapterConfig(method="toy_svd", rank=2, target_modules=["q_proj"]))
+    model = get_model(skeleton, AdapterConfig(method="toy_svd", rank=2, target_modules=["q_proj"]))
+    assert model.stored_param_count() == 2 * 2 * 32  # counted on the meta device (`unilora count`)
+    with pytest.raises(UniLoraError, match="added to a model on the meta device"):
+        model.projection.factors()
 
 
 @pytest.mark.parametrize("method", list(unilora.METHODS))

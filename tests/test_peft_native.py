@@ -1,11 +1,12 @@
-"""`unilora convert`: our Uni-LoRA / VeRA / VB-LoRA adapters as PEFT 0.21.2's own directories, and
-PEFT's VB-LoRA directories as ours; PeftModel and our model give the same logits."""
+"""`unilora convert`: our Uni-LoRA / VeRA / VB-LoRA / TinyLoRA adapters as PEFT 0.21.2's own directories,
+and PEFT's as ours; PeftModel and our model give the same logits."""
 
 import json
 
 import pytest
 import torch
-from peft import PeftModel, UniLoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
+from peft import PeftModel, TinyLoraConfig, UniLoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
+from safetensors.torch import load_file
 
 import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
@@ -31,13 +32,23 @@ def trained_adapter(arch, method, folder, **overrides):
     return model
 
 
+PEFT_NAMES = {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA", "tinylora": "TINYLORA"}
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
-@pytest.mark.parametrize("method", ["unilora", "vera", "vblora"])
-def test_ours_to_peft_gives_our_logits(arch, method, rows, tmp_path, capsys):
-    ours = trained_adapter(arch, method, tmp_path / "ours")
-    assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft")]) == 0
+@pytest.mark.parametrize("method,options", [("unilora", []), ("vera", []), ("vblora", []), ("tinylora", []),
+                                            ("tinylora", ["--no-save-projection"])])
+def test_ours_to_peft_gives_our_logits(arch, method, options, rows, tmp_path, capsys):
+    ours = trained_adapter(arch, method, tmp_path / "ours", u=5, weight_tying=0.5)
+    if method == "tinylora":  # its SVD factors come from the base model's weights
+        build(arch).save_pretrained(tmp_path / "base")
+        options = [*options, "--model", str(tmp_path / "base")]
+    assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft"), *options]) == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["peft_type"] == {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA"}[method]
+    assert config["peft_type"] == PEFT_NAMES[method]
+    if method == "tinylora":  # without P in the file PEFT redraws it from projection_seed, as ours does
+        saved = any(".tinylora_P" in key for key in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+        assert config["save_projection"] == saved == ("--no-save-projection" not in options)
     peft_model = PeftModel.from_pretrained(build(arch), tmp_path / "peft").eval()
     with torch.no_grad():
         expected = ours(input_ids=rows).logits
@@ -65,11 +76,14 @@ def peft_config(kind, arch, **options):
         return VBLoRAConfig(num_vectors=12, vector_length=16, topk=2, **common)
     if kind == "vera":
         return VeraConfig(**{"save_projection": True, "projection_prng_key": 3, **common})
+    if kind.startswith("tinylora"):  # "tinylora-noP": saved without its P tensors
+        return TinyLoraConfig(**{**common, "r": 2, "u": 5, "weight_tying": 0.5, "projection_seed": 11,
+                                 "save_projection": kind == "tinylora", **options})
     return UniLoraConfig(**{"theta_d_length": 300, "save_indices": True, **common})
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
-@pytest.mark.parametrize("kind", ["vblora", "unilora", "vera"])
+@pytest.mark.parametrize("kind", ["vblora", "unilora", "vera", "tinylora", "tinylora-noP"])
 def test_peft_to_ours_gives_peft_logits(kind, arch, rows, tmp_path, capsys):
     torch.manual_seed(0)
     config = peft_config(kind, arch)
@@ -80,14 +94,14 @@ def test_peft_to_ours_gives_peft_logits(kind, arch, rows, tmp_path, capsys):
                 p.add_(torch.randn(p.shape) * 0.3)
     peft_model.save_pretrained(tmp_path / "peft")
     build(arch).save_pretrained(tmp_path / "base")  # VeRA: the layers' input sizes come from the model's config
-    model = ["--model", str(tmp_path / "base")] if kind == "vera" else []
+    model = ["--model", str(tmp_path / "base")] if kind in ("vera", "tinylora", "tinylora-noP") else []
     assert cli_main(["convert", str(tmp_path / "peft"), str(tmp_path / "ours"), *model]) == 0
     ours = unilora.from_pretrained(build(arch), tmp_path / "ours")
     with torch.no_grad():
         expected = peft_model.eval()(input_ids=rows).logits
         torch.testing.assert_close(ours(input_ids=rows).logits, expected, atol=1e-5, rtol=0)
     # and back again: PEFT reads our conversion of its own adapter
-    assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft-again")]) == 0
+    assert cli_main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft-again"), *model[:0 if kind == "vera" else 2]]) == 0
     again = PeftModel.from_pretrained(build(arch), tmp_path / "peft-again").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=rows).logits, expected, atol=1e-5, rtol=0)

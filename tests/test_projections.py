@@ -17,10 +17,20 @@ from unilora.methods.unilora import balanced_assignment
 LAYOUT = Layout([Slot("l0.q", 16, 24, 3), Slot("l0.v", 16, 16, 3), Slot("l1.up", 24, 8, 3)])
 
 
+def base_weights(layout=LAYOUT, seed=5):
+    """A random frozen weight (out × in) per slot, for the methods built from the base weights' SVD."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(s.out_features, s.in_features, generator=generator) for s in layout.slots]
+
+
 def make(method, **overrides):
-    options = dict(method=method, rank=3, theta_dim=50, num_vectors=6, vector_length=8, topk=2, seed=7)
+    options = dict(method=method, rank=3, theta_dim=50, num_vectors=6, vector_length=8, topk=2, seed=7, u=4,
+                   weight_tying=0.5)
     options.update(overrides)
-    return PROJECTIONS[method](LAYOUT, AdapterConfig(**options))
+    proj = PROJECTIONS[method](LAYOUT, AdapterConfig(**options))
+    if proj.needs_base_weights:
+        proj.attach(base_weights())
+    return proj
 
 
 def offsets(layout):
@@ -84,7 +94,28 @@ def dense_vblora(proj):
     return P
 
 
+def dense_svd(proj):
+    """Bᵀ_l[k, o] = Σ_j R_l[j, k] · left_l[j, o] with R_l = θ's r × r block (LoRA-XS) or
+    Σ_i v_{g(l), i} P_l[i] (TinyLoRA); A_l is frozen (the constant part of θ_D, not in P)."""
+    r, d = proj.config.rank, proj.theta.numel()
+    P = torch.zeros(LAYOUT.D, d)
+    for l, (s, (_, b_off), (_, b)) in enumerate(zip(LAYOUT.slots, offsets(LAYOUT), proj.svd_factors())):
+        left = b.t()  # (r, out)
+        for j in range(r):
+            for k in range(r):
+                for o in range(s.out_features):
+                    row = b_off + k * s.out_features + o
+                    if proj.method == "lora_xs":
+                        P[row, l * r * r + j * r + k] += left[j, o]
+                    else:
+                        g, u = int(proj.group_of[l]), proj.config.u
+                        P[row, g * u: (g + 1) * u] += proj.projections[l][:, j, k] * left[j, o]
+    return P
+
+
 def dense_P(method, proj):
+    if method in ("lora_xs", "tinylora"):
+        return dense_svd(proj)
     if method == "lora":
         return torch.eye(LAYOUT.D)
     if method == "unilora":
@@ -114,7 +145,9 @@ def test_fast_path_equals_dense_projection_and_its_transpose(method):
     theta = torch.randn(proj.theta.shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     theta_D = proj.project(theta)
     assert theta_D.shape == (LAYOUT.D,)
-    expected = P @ theta.detach().reshape(-1)
+    constant = proj.project(torch.zeros_like(theta)).detach()  # the SVD methods' frozen A; zero for the others
+    assert proj.needs_base_weights or not constant.any()
+    expected = constant + P @ theta.detach().reshape(-1)
     assert torch.allclose(theta_D, expected, atol=1e-5, rtol=1e-5)
     grad_out = torch.randn(LAYOUT.D, generator=torch.Generator().manual_seed(1))
     (theta_D * grad_out).sum().backward()

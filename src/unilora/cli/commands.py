@@ -25,7 +25,8 @@ from ..training.gain import LEVEL
 from ..training.runs import FinetuneRun, run_evaluate, run_finetune
 
 # AdapterConfig fields the adapter options set (the method's recipe gives the rest)
-ADAPTER_FIELDS = ("rank", "theta_dim", "num_vectors", "vector_length", "topk", "selection", "store", "init")
+ADAPTER_FIELDS = ("rank", "theta_dim", "num_vectors", "vector_length", "topk", "selection", "store", "init", "u",
+                  "weight_tying")
 
 
 def warn(message: str) -> None:
@@ -49,7 +50,7 @@ def adapter_fields(args) -> dict:
 
 def data_spec(args) -> DataSpec:
     return DataSpec(args.data, args.test_data, args.text_column, args.label_column, args.train_limit,
-                    args.test_limit, getattr(args, "metric", None))
+                    args.test_limit, getattr(args, "metric", None), args.split, args.data_config, args.streaming)
 
 
 def cmd_finetune(args) -> int:
@@ -127,19 +128,19 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    for line in export_peft_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite):
+    for line in export_peft_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, model=args.model):
         print(line)
     return 0
 
 
 def cmd_convert(args) -> int:
     if is_peft_dir(args.source):
+        if not args.save_projection:
+            raise UniLoraError("--no-save-projection goes with writing PEFT TINYLORA; this source is already PEFT's")
         report = from_peft(args.source, args.out, overwrite=args.overwrite, model=args.model)
     else:
-        if args.model:
-            raise UniLoraError("--model goes with a PEFT VeRA source (its layers' input sizes); a unilora adapter "
-                               "records its own layout")
-        report = to_peft(args.source, args.out, overwrite=args.overwrite)
+        report = to_peft(args.source, args.out, overwrite=args.overwrite, model=args.model,
+                         save_projection=args.save_projection)
     for line in report:
         print(line)
     return 0

@@ -84,6 +84,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got '{text}'")
+    return value
+
+
 def _group_lr(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     try:
@@ -105,20 +115,30 @@ def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--selection", choices=VBLORA_SELECTIONS, help="VB-LoRA: vector selection during training")
     g.add_argument("--store", choices=("topk", "logits"), help="VB-LoRA: what the adapter file keeps")
     g.add_argument("--init", choices=("uniform", "zero_delta"), help="Uni-LoRA: initialisation of θ_d")
+    g.add_argument("--u", type=_positive_int, help="TinyLoRA: length of each trained vector v")
+    g.add_argument("--weight-tying", type=_unit_interval, help="TinyLoRA: share of layers tied to one v, 0 (a v per "
+                   "layer) to 1 (one v for the whole model)")
     g.add_argument("--adapter-seed", type=int, help="seed of the projection (default: --seed)")
 
 
 DATA_HELP = ("classification: rotten_tomatoes (default), bbc_news, or a CSV/JSONL file with text and label columns; "
              "causal LM: bbc_headlines, rotten_tomatoes_instruct, a .txt file, or JSONL with text, "
-             "prompt/completion or chat messages")
+             "prompt/completion or chat messages; either: a Hugging Face dataset (a hub id, a save_to_disk folder, "
+             "a .parquet or .arrow file)")
 
 
 def _add_data_options(parser: argparse.ArgumentParser, data_help: str = DATA_HELP) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data", help=data_help)
-    g.add_argument("--test-data", help="separate test file (default: a seeded 20%% split)")
+    g.add_argument("--test-data", help="separate test file or `datasets` source (default: the set's test split, else "
+                   "a seeded 20%% split)")
     g.add_argument("--text-column", default="text")
     g.add_argument("--label-column", default="label")
+    g.add_argument("--split", default="train", help="a `datasets` source's training split (default: train; the "
+                   "test split is its test or validation split)")
+    g.add_argument("--data-config", help="a hub dataset's named configuration")
+    g.add_argument("--streaming", action="store_true", help="read a `datasets` source (hub id, .parquet, .arrow) as a "
+                   "stream: causal-LM data larger than memory, never loaded whole (no packing)")
     g.add_argument("--train-limit", type=_positive_int, help="train on a seeded random subset of this size")
     g.add_argument("--test-limit", type=_positive_int, help="evaluate on a seeded random subset of this size")
 
@@ -211,15 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--rank", type=_positive_int, help="pad A and B with zeros to this rank (default: the trained rank; "
                    "vLLM serves any rank up to its --max-lora-rank)")
+    p.add_argument("--model", help="LoRA-XS and TinyLoRA: the base model (name or path) whose weights' SVD they are "
+                   "built on (default: the one the adapter records)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("convert", help="our Uni-LoRA / VeRA / VB-LoRA adapter as PEFT's own UNILORA / VERA / VBLORA "
-                       "directory, or a PEFT one as ours (exact both ways)")
-    p.add_argument("source", help="a unilora adapter, or a PEFT VBLORA, UNILORA (save_indices=True) or VERA "
-                   "(save_projection=True, with --model) directory")
+    p = sub.add_parser("convert", help="our Uni-LoRA / VeRA / VB-LoRA / TinyLoRA adapter as PEFT's own UNILORA / VERA "
+                       "/ VBLORA / TINYLORA directory, or a PEFT one as ours (exact both ways)")
+    p.add_argument("source", help="a unilora adapter, or a PEFT VBLORA, UNILORA (save_indices=True), VERA "
+                   "(save_projection=True, with --model) or TINYLORA (with --model) directory")
     p.add_argument("out")
-    p.add_argument("--model", help="PEFT VeRA source only: the base model (name or path) it was trained on")
+    p.add_argument("--model", help="the base model (name or path): a PEFT VeRA or TinyLoRA source's layers, or the "
+                   "weights our TinyLoRA adapter is built on (default: the one it records)")
+    p.add_argument("--no-save-projection", dest="save_projection", action="store_false",
+                   help="to PEFT TINYLORA: leave P out of the file (PEFT redraws it from projection_seed)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_convert)
 

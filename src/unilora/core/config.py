@@ -13,6 +13,9 @@ from .registry import method_names
 VBLORA_SELECTIONS = ("topk", "all", "noisy_topk", "gumbel", "st_gumbel")
 UNILORA_INITS = ("uniform", "zero_delta")
 
+# fields that later versions added, left out of a saved config while they hold their defaults
+_LEFT_OUT_AT_DEFAULT = {"fixed_parts": "seeded", "u": 64, "weight_tying": 0.0}
+
 
 @dataclass
 class AdapterConfig:
@@ -47,6 +50,10 @@ class AdapterConfig:
     store: str = "topk"  # VB-LoRA adapter file: "topk" (indices + k-1 weights) or "logits" (exact resume)
     # VeRA
     vera_d_init: float = 0.1
+    # TinyLoRA (PEFT's names): length of each trained vector v, and how many layers share one
+    # (0: one v per layer; 1: one v for the whole model)
+    u: int = 64
+    weight_tying: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +113,8 @@ class AdapterConfig:
         number("gumbel_tau", 0.0, open_low=True)
         number("noise_std", 0.0)
         number("vera_d_init", -math.inf)
+        integer("u", 1, 2**20)
+        number("weight_tying", 0.0, 1.0)
         if self.method == "vblora":
             need(
                 not (self.selection == "all" and self.store == "topk"),
@@ -114,8 +123,9 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if data["fixed_parts"] == "seeded":  # left out by default, so that earlier versions read these adapters
-            del data["fixed_parts"]
+        for key, default in _LEFT_OUT_AT_DEFAULT.items():  # so that earlier versions read these adapters
+            if data[key] == default:
+                del data[key]
         if isinstance(data["target_modules"], tuple):
             data["target_modules"] = list(data["target_modules"])
         return data

@@ -13,10 +13,12 @@ have one of the shapes above, or a built-in generative task made from the offlin
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from .hf import HFSource, is_hf_data, open_splits, require_columns, where
 from .tables import TEST_FRACTION, read_rows, read_utf8, row_field, seeded_split
 from .text import bbc_news, rotten_tomatoes
 
@@ -29,11 +31,46 @@ REVIEW_PROMPT = "Review: {review}\nFresh or rotten? Answer with one word."
 ARTICLE_WORDS = 100  # articles are cut to their first words (the lead carries the headline)
 
 
+STREAM_TEST_ROWS = 512  # a streamed set's test rows when --test-limit does not say
+SHUFFLE_BUFFER = 10_000  # rows a stream is shuffled within
+
+
+@dataclass
+class StreamedRows:
+    """Training rows read lazily from a streamed `datasets` split (--streaming): `count` rows per
+    epoch, shuffled within a buffer in a new order each epoch, checked as they come; never all held."""
+
+    stream: object  # a datasets.IterableDataset
+    count: int | None  # None: the stream does not say (then --train-limit must)
+    kind: str
+    text_column: str
+    name: str
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return self.count or 0
+
+    def limited(self, limit: int | None) -> "StreamedRows":
+        if limit is None or (self.count is not None and limit >= self.count):
+            return self
+        return StreamedRows(self.stream, limit, self.kind, self.text_column, self.name, self.seed)
+
+    def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[dict]:
+        """This epoch's examples for one rank (each rank reads its own share of the stream)."""
+        from datasets.distributed import split_dataset_by_node  # the stream exists, so `datasets` does
+
+        stream = self.stream.shuffle(seed=self.seed * 7919 + epoch, buffer_size=SHUFFLE_BUFFER).take(self.count)
+        if world > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+        for i, row in enumerate(stream):
+            yield example_of(f"{self.name} [streamed, epoch {epoch}] row {i}", row, self.kind, self.text_column)
+
+
 @dataclass
 class LMDataset:
     name: str
     kind: str
-    train: list[dict]
+    train: list[dict] | StreamedRows
     test: list[dict]
     metric: str | None = None  # scored on generations of the test prompts (not for plain text)
     source: dict | None = None  # how to load it again (recorded in adapters)
@@ -44,8 +81,9 @@ class LMDataset:
                 return rows
             return [rows[i] for i in random.Random(seed * 1000 + salt).sample(range(len(rows)), limit)]
 
-        return LMDataset(self.name, self.kind, take(self.train, train_limit, 1), take(self.test, test_limit, 2),
-                         self.metric, self.source)
+        train = self.train.limited(train_limit) if isinstance(self.train, StreamedRows) else take(self.train,
+                                                                                                  train_limit, 1)
+        return LMDataset(self.name, self.kind, train, take(self.test, test_limit, 2), self.metric, self.source)
 
 
 def _chat(prompt: str, answer: str) -> dict:
@@ -79,7 +117,8 @@ def rotten_tomatoes_instruct(seed: int = 0) -> LMDataset:
                      rows(reviews.test_texts, reviews.test_labels), "accuracy", {"data": "rotten_tomatoes_instruct"})
 
 
-def _kind_of(row: dict) -> str:
+def kind_of(row) -> str:
+    """The example kind a row's (or a dataset's) fields name."""
     if "messages" in row:
         return "chat"
     if "prompt" in row or "completion" in row:
@@ -87,25 +126,27 @@ def _kind_of(row: dict) -> str:
     return "text"
 
 
-def check_messages(path: Path, line: int, value, need_assistant: bool = True) -> list[dict]:
-    """A conversation read from a file: a non-empty list of {role, content}."""
+def check_messages(where: str, value, need_assistant: bool = True) -> list[dict]:
+    """A conversation read from a file or dataset: a non-empty list of {role, content}; `where` names
+    the row in errors."""
     if not isinstance(value, list) or not value:
-        raise UniLoraError(f"{path}:{line}: field 'messages' must be a non-empty list of {{role, content}} objects")
+        raise UniLoraError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise UniLoraError(f"{path}:{line}: message {i} must be an object with 'role' in {list(ROLES)} "
+            raise UniLoraError(f"{where}: message {i} must be an object with 'role' in {list(ROLES)} "
                                "and text 'content'")
     if need_assistant and not any(m["role"] == "assistant" for m in value):
-        raise UniLoraError(f"{path}:{line}: the conversation has no assistant message to learn from")
+        raise UniLoraError(f"{where}: the conversation has no assistant message to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _example(path: Path, line: int, row: dict, kind: str, text_column: str) -> dict:
+def example_of(where: str, row: dict, kind: str, text_column: str) -> dict:
+    """One training example of `kind` from a row (a file's or a dataset's)."""
     if kind == "chat":
-        return {"messages": check_messages(path, line, row["messages"])}
+        return {"messages": check_messages(where, row["messages"])}
     if kind == "prompt_completion":
-        return {"prompt": row_field(path, line, row, "prompt"), "completion": row_field(path, line, row, "completion")}
-    return {"text": row_field(path, line, row, text_column)}
+        return {"prompt": row_field(where, row, "prompt"), "completion": row_field(where, row, "completion")}
+    return {"text": row_field(where, row, text_column)}
 
 
 def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
@@ -120,27 +161,104 @@ def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
     rows = read_rows(path)
     if not rows:
         raise UniLoraError(f"data file '{path}' has no rows")
-    kind = _kind_of(rows[0][1])
+    kind = kind_of(rows[0][1])
     examples = []
     for line, row in rows:
-        if _kind_of(row) != kind:
-            raise UniLoraError(f"{path}:{line}: this row is {_kind_of(row).replace('_', '/')} data but the first row "
+        if kind_of(row) != kind:
+            raise UniLoraError(f"{path}:{line}: this row is {kind_of(row).replace('_', '/')} data but the first row "
                                f"is {kind.replace('_', '/')}; use one shape per file")
-        examples.append(_example(path, line, row, kind, text_column))
+        examples.append(example_of(f"{path}:{line}", row, kind, text_column))
     return kind, examples
 
 
-def load_lm_dataset(spec: str, text_column: str = "text", test_path: str | None = None, seed: int = 0,
-                    test_fraction: float = TEST_FRACTION, metric: str | None = None) -> LMDataset:
+def _test_examples(test_path: str, text_column: str) -> tuple[str, list[dict]]:
+    """(kind, examples) of --test-data: a file, or a `datasets` source (its test split if it has one)."""
+    if not is_hf_data(test_path):
+        return _read_examples(Path(test_path), text_column)
+    source = HFSource(test_path)
+    splits = open_splits(source)
+    split, name = (splits.test, splits.test_split) if splits.test is not None else (splits.train, source.split)
+    kind = _hf_kind(source, split, text_column)
+    return kind, [example_of(where(source, name, i), row, kind, text_column) for i, row in enumerate(split)]
+
+
+def _hf_kind(source: HFSource, split, text_column: str) -> str:
+    """The example kind a split's columns name; the columns that kind reads must be there."""
+    columns = split.column_names or list(next(iter(split), {}))  # a stream may name them only in its rows
+    kind = kind_of(columns)
+    needed = {"chat": ["messages"], "prompt_completion": ["prompt", "completion"], "text": [text_column]}[kind]
+    require_columns(source, split, needed, "pass --text-column, or give prompt/completion or messages columns")
+    return kind
+
+
+def stream_rows(source: HFSource, stream) -> int | None:
+    """How many rows a streamed split holds, where that is known without reading it: the hub's split
+    metadata, or a local .parquet file's footer."""
+    info = getattr(stream, "info", None)
+    known = getattr((getattr(info, "splits", None) or {}).get(source.split), "num_examples", None)
+    if not known and isinstance(source.data, str) and source.data.lower().endswith(".parquet"):
+        import pyarrow.parquet  # what `datasets` reads parquet with
+
+        known = pyarrow.parquet.read_metadata(source.data).num_rows
+    return known or None
+
+
+def hf_lm_dataset(source: HFSource, text_column: str, test_path: str | None, seed: int, test_fraction: float,
+                  stream_test_rows: int = STREAM_TEST_ROWS) -> LMDataset:
+    """Causal-LM data from `datasets` (data/hf.py); with `source.streaming`, the training rows stay a
+    stream (StreamedRows) and the test rows are the first `stream_test_rows` of the test split, or of
+    the training split (which then starts after them)."""
+    splits = open_splits(source)
+    kind = _hf_kind(source, splits.train, text_column)
+    test = None
+    if test_path is not None:
+        test_kind, test = _test_examples(test_path, text_column)
+        if test_kind != kind:
+            raise UniLoraError(f"the test data holds {test_kind} data and the training data {kind} data")
+    if source.streaming:
+        known = stream_rows(source, splits.train)
+        stream = splits.train
+        if test is None:
+            held, held_name = (splits.test, splits.test_split) if splits.test is not None else (stream, source.split)
+            test = [example_of(where(source, held_name, i), row, kind, text_column)
+                    for i, row in enumerate(held.take(stream_test_rows))]
+            if splits.test is None:  # the first rows are the test rows: training starts after them
+                stream, known = stream.skip(stream_test_rows), known and max(0, known - len(test))
+                splits.record["test_split"] = f"the first {len(test)} rows of {source.split}"
+        train = StreamedRows(stream, known, kind, text_column, source.name, seed)
+    else:
+        train = [example_of(where(source, source.split, i), row, kind, text_column)
+                 for i, row in enumerate(splits.train)]
+        if test is None and splits.test is not None:
+            test = [example_of(where(source, splits.test_split, i), row, kind, text_column)
+                    for i, row in enumerate(splits.test)]
+        elif test is None:
+            train, test = seeded_split(train, source.name, seed, test_fraction)
+    record = {**splits.record, "text_column": text_column, "test_data": test_path, "streaming": source.streaming}
+    return LMDataset(source.name, kind, train, test, None, record)
+
+
+def load_lm_dataset(spec, text_column: str = "text", test_path: str | None = None, seed: int = 0,
+                    test_fraction: float = TEST_FRACTION, metric: str | None = None, split: str = "train",
+                    data_config: str | None = None, streaming: bool = False,
+                    stream_test_rows: int = STREAM_TEST_ROWS) -> LMDataset:
+    """Causal-LM data: a built-in task, a .txt / JSONL / JSON / CSV file, or a `datasets` source (a hub
+    id, a saved folder, a .parquet / .arrow file, a Dataset or DatasetDict; `streaming` for big ones)."""
+    if streaming and not is_hf_data(spec):
+        raise UniLoraError("--streaming reads a `datasets` source (a hub id, or a .parquet / .arrow file); this data "
+                           "is read whole")
     if spec == "bbc_headlines":
         dataset = bbc_headlines(seed)
     elif spec == "rotten_tomatoes_instruct":
         dataset = rotten_tomatoes_instruct(seed)
+    elif is_hf_data(spec):
+        dataset = hf_lm_dataset(HFSource(spec, split, data_config, streaming), text_column, test_path, seed,
+                                test_fraction, stream_test_rows)
     else:
         path = Path(spec)
         kind, train = _read_examples(path, text_column)
         if test_path is not None:
-            test_kind, test = _read_examples(Path(test_path), text_column)
+            test_kind, test = _test_examples(test_path, text_column)
             if test_kind != kind:
                 raise UniLoraError(f"the test file holds {test_kind} data and the training file {kind} data")
         else:
@@ -156,13 +274,18 @@ def load_lm_dataset(spec: str, text_column: str = "text", test_path: str | None 
     return dataset
 
 
-def is_lm_data(spec: str, text_column: str = "text") -> bool:
-    """Whether data is for a causal LM: a built-in generative task, a .txt file, or JSON rows with
-    prompt/completion or messages, or with the text field alone. A table with other fields (a CSV,
-    or rows whose label column is misnamed) stays classification data, whose errors name the
-    missing column."""
+def is_lm_data(spec, text_column: str = "text", split: str = "train", data_config: str | None = None,
+               streaming: bool = False) -> bool:
+    """Whether data is for a causal LM: a built-in generative task, a .txt file, or JSON rows (or a
+    `datasets` split's columns) with prompt/completion or messages, or with the text field alone. A
+    table with other fields (a CSV, or rows whose label column is misnamed) stays classification
+    data, whose errors name the missing column."""
     if spec in BUILTIN_LM_TASKS:
         return True
+    if is_hf_data(spec):
+        train = open_splits(HFSource(spec, split, data_config, streaming)).train
+        columns = train.column_names or list(next(iter(train), {}))
+        return kind_of(columns) != "text" or list(columns) == [text_column]
     path = Path(spec)
     if not path.is_file() or path.suffix not in (".txt", ".jsonl", ".json"):
         return False
@@ -172,4 +295,4 @@ def is_lm_data(spec: str, text_column: str = "text") -> bool:
     if not rows:
         return False
     first = rows[0][1]
-    return _kind_of(first) != "text" or set(first) == {text_column}
+    return kind_of(first) != "text" or set(first) == {text_column}

@@ -68,12 +68,13 @@ def seeded_split(rows: list, path: Path, seed: int, test_fraction: float) -> tup
     return [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
 
 
-def row_field(path: Path, line: int, row: dict, column: str) -> str:
+def row_field(where: str, row: dict, column: str) -> str:
+    """Field `column` of a row as text; `where` names the row in errors ("data.csv:12")."""
     if column not in row:
-        raise UniLoraError(f"{path}:{line}: field '{column}' is missing (fields: {sorted(k for k in row if k)[:8]})")
+        raise UniLoraError(f"{where}: field '{column}' is missing (fields: {sorted(k for k in row if k)[:8]})")
     value = row[column]
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise UniLoraError(f"{path}:{line}: field '{column}' is {'null' if value is None else 'empty'}")
+        raise UniLoraError(f"{where}: field '{column}' is {'null' if value is None else 'empty'}")
     if isinstance(value, (dict, list)):
-        raise UniLoraError(f"{path}:{line}: field '{column}' is a JSON {type(value).__name__}, expected text or a label")
+        raise UniLoraError(f"{where}: field '{column}' is a JSON {type(value).__name__}, expected text or a label")
     return str(value)

@@ -59,18 +59,25 @@ class FixedParts:
     def __init__(self, **values):
         self.__dict__.update(values)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles keep the tensors; what names `_private` (weak references to the base
+        weights an SVD came from) belongs to this process's cache only."""
+        return {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
+
 
 _FIXED_PARTS: "weakref.WeakValueDictionary[tuple, FixedParts]" = weakref.WeakValueDictionary()
 _FIXED_PARTS_LOCK = threading.Lock()
 
 
-def shared_fixed_parts(key: tuple, draw: Callable[[], dict]) -> FixedParts:
+def shared_fixed_parts(key: tuple, draw: Callable[[], dict],
+                       still_valid: Callable[[FixedParts], bool] | None = None) -> FixedParts:
     """Draw the fixed parts for `key` once while any projection holds them: adapters of the same
     method, layout and seed then share one copy (an extra adapter costs its trained tensors only).
-    Every projection registers these same tensors as its buffers and never writes into them."""
+    Every projection registers these same tensors as its buffers and never writes into them.
+    `still_valid` rejects a held copy that no longer fits the key's meaning (it is drawn again)."""
     with _FIXED_PARTS_LOCK:
         parts = _FIXED_PARTS.get(key)
-        if parts is None:
+        if parts is None or (still_valid is not None and not still_valid(parts)):
             parts = FixedParts(**draw())
             _FIXED_PARTS[key] = parts
         return parts
@@ -98,6 +105,7 @@ class Projection(nn.Module):
         super().__init__()
         self.layout = layout
         self.config = config
+        self.attached = False  # set once `attach` has the base weights (methods that need them)
 
     @classmethod
     def resolve_config(cls, config: AdapterConfig, layout: Layout) -> AdapterConfig:
@@ -117,7 +125,15 @@ class Projection(nn.Module):
         raise NotImplementedError
 
     def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.require_attached()
         return self.factors_from(self.theta)
+
+    def require_attached(self) -> None:
+        """Refuse to build factors that would need base weights this projection never received."""
+        if self.needs_base_weights and not self.attached:
+            raise UniLoraError(f"this {self.method} adapter has no frozen factors: they come from the base model's "
+                               "weights, and it was built without them (read without its model, or added to a model on "
+                               "the meta device); add or load it onto a model that holds its weights")
 
     def eval_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The deterministic (eval-mode) factors, without gradients: what merge and export use."""
@@ -206,10 +222,15 @@ class Projection(nn.Module):
                      None)
         if other is None:
             return
+        shared = self.fixed_buffer_names()
         for name, buffer in other.named_buffers(recurse=False):
-            mine = self._buffers.get(name)
+            mine = self._buffers.get(name) if name in shared else None
             if mine is not None and mine.device == buffer.device and mine.dtype == buffer.dtype:
                 self._buffers[name] = buffer
+
+    def fixed_buffer_names(self) -> set[str]:
+        """The buffers that hold `self.fixed` (the same in every projection of that draw)."""
+        return {name for name, _ in self.named_buffers(recurse=False)}
 
     # --- helpers --------------------------------------------------------------------
     def _require_tensors(self, tensors: dict[str, torch.Tensor], names: list[str]) -> None:

@@ -51,11 +51,12 @@ def refuse_without_weights(method: str, what: str) -> None:
 def build_projection(config: AdapterConfig, layout: Layout,
                      base_weights: Callable[[], list[torch.Tensor]] | None = None) -> Projection:
     """The projection of `config` over `layout` (its open settings chosen from the layout). Where the
-    method needs the base weights, `base_weights()` gives them (each slot's, out × in) to `attach`."""
+    method needs the base weights, `base_weights()` gives them (each slot's, out × in) to `attach`;
+    without them such a projection is left unattached: it holds, counts and checks its stored
+    tensors (inspect, count, a model on the meta device) but builds no factors."""
     cls = projection_class(config.method)
     projection = cls(layout, cls.resolve_config(config, layout))
-    if cls.needs_base_weights:
-        if base_weights is None:
-            raise UniLoraError(f"the {config.method} projection needs the base model's weights to be built")
+    if cls.needs_base_weights and base_weights is not None:
         projection.attach(base_weights())
+        projection.attached = True
     return projection

@@ -51,17 +51,28 @@ def local_or_hub(name: str) -> str:
     return path
 
 
+def _cannot_load(name: str, err: Exception) -> UniLoraError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UniLoraError(f"cannot load model '{name}': {first_line} (offline machines: pass a local model folder, "
+                        f"or use the embedded '{EMBEDDED_MODEL}' / '{EMBEDDED_LLM}')")
+
+
 def load_pretrained(name: str, model_class):
     """(tokenizer, model of `model_class`) from a local folder, an embedded model or the hub."""
     path = local_or_hub(name)
     try:
         return transformers.AutoTokenizer.from_pretrained(path), model_class.from_pretrained(path)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UniLoraError(
-            f"cannot load model '{name}': {first_line} (offline machines: pass a local model folder, "
-            f"or use the embedded '{EMBEDDED_MODEL}' / '{EMBEDDED_LLM}')"
-        ) from None
+        raise _cannot_load(name, err) from None
+
+
+def load_weights(name: str, model_class):
+    """A model of `model_class` alone (its weights, no tokenizer), from where load_pretrained looks."""
+    path = local_or_hub(name)
+    try:
+        return model_class.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _cannot_load(name, err) from None
 
 
 def load_backbone(name: str):

@@ -7,7 +7,7 @@ import transformers
 
 from ..core.errors import UniLoraError
 from ..engine.model import get_model
-from ..methods import recipe_config, refuse_without_weights
+from ..methods import recipe_config
 
 ROBERTA_SIZES = {
     "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -35,7 +35,6 @@ def count_for_arch(arch: str, targets: str = "qv", method: str = "unilora", **fi
     the AdapterConfig `fields` that are not None over them."""
     if targets not in TARGET_PRESETS:
         raise UniLoraError(f"unknown targets '{targets}'; choose one of {', '.join(TARGET_PRESETS)}")
-    refuse_without_weights(method, "`unilora count` (it builds RoBERTa from its config alone)")
     config = recipe_config(method, TARGET_PRESETS[targets], paper=True, **fields)
     model = get_model(build_roberta_skeleton(arch), config)
     return {

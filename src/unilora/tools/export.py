@@ -11,13 +11,19 @@ base model's real name or path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
+import transformers
+from torch import nn
 
 from ..core.errors import UniLoraError
-from ..models.backbones import EMBEDDED_HUB_NAME, is_embedded
+from ..core.layout import Layout
+from ..core.tasks import task_kind
+from ..engine.injection import base_weights, check_targets_exist
+from ..models.backbones import EMBEDDED_HUB_NAME, is_embedded, load_weights
 from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 from ..store.io import save_tensors, written_by_us
 from ..store.validation import check_finite
@@ -56,6 +62,11 @@ def peft_task_type(meta: dict) -> str | None:
     return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
 
 
+# the transformers class that loads a base model for each PEFT task type
+PEFT_TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                     "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
+                     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+
 _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
@@ -71,6 +82,35 @@ def base_model_name(meta: dict) -> str | None:
     if name and is_embedded(name):
         return EMBEDDED_HUB_NAME
     return EMBEDDED_LLM_HUB_NAME if name and is_embedded_llm(name) else name
+
+
+def base_model_of(meta: dict, model=None) -> nn.Module:
+    """The base model of an adapter: `model` (a module, or a name or path), else the model it records,
+    loaded as it was trained (a `finetune` classifier's encoder, a causal LM, else its recorded class)."""
+    if isinstance(model, nn.Module):
+        return model
+    task = meta.get("task") or {}
+    name = str(model) if model else task.get("model") or (meta.get("base_model") or {}).get("name_or_path")
+    if not name:
+        raise UniLoraError("the adapter records no base model: give the model it was trained on (--model NAME_OR_PATH, "
+                           "or model= in Python)")
+    if _is_finetuned_classifier(meta):
+        return load_weights(name, transformers.AutoModel)
+    if task_kind(task) == "causal-lm" or peft_task_type(meta) == "CAUSAL_LM":
+        return load_weights(name, transformers.AutoModelForCausalLM)
+    model_class = getattr(transformers, (meta.get("base_model") or {}).get("class") or "", None)
+    if not hasattr(model_class, "from_pretrained"):  # e.g. converted from PEFT: its task type names the class
+        model_class = getattr(transformers, PEFT_TASK_CLASSES.get(peft_task_type(meta), "AutoModel"))
+    return load_weights(name, model_class)
+
+
+def base_weights_of(meta: dict, layout, model=None) -> list[torch.Tensor]:
+    """The adapted layers' frozen weights in the adapter's base model (what the SVD methods are built from)."""
+    base = base_model_of(meta, model)
+    prefix = layer_prefix(meta)
+    names = [slot.name[len(prefix):] if prefix and slot.name.startswith(prefix) else slot.name for slot in layout.slots]
+    check_targets_exist(base, Layout([dataclasses.replace(slot, name=name) for slot, name in zip(layout.slots, names)]))
+    return base_weights(base, names)
 
 
 def peft_target_modules(config, names: list[str]) -> list[str]:
@@ -138,11 +178,12 @@ def write_peft_dir(out_dir, tensors: dict, config: dict, head: dict, overwrite: 
 
 
 def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False,
-                     base_model: str | None = None) -> list[str]:
+                     base_model: str | None = None, model=None) -> list[str]:
     """Write `adapter_dir` as a plain PEFT LoRA folder, exact; `base_model` names the base in its
-    config (default: the name the adapter records)."""
+    config (default: the name the adapter records). The SVD methods (LoRA-XS, TinyLoRA) rebuild their
+    factors from the base model's weights: `model` (a module, or a name or path), else the recorded one."""
     refuse_overlap(Path(adapter_dir), Path(out_dir))
-    meta, tensors, projection = rebuild_projection(adapter_dir, "`unilora export`")
+    meta, tensors, projection = rebuild_projection(adapter_dir, lambda meta, layout: base_weights_of(meta, layout, model))
     lora, r_out, names = peft_lora_tensors(projection, rank, layer_prefix(meta))
     task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
     lora.update(in_file)

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import torch
 
-from ..methods import build_projection, refuse_without_weights
+from ..methods import build_projection
 from ..store.io import CONFIG_NAME, HEAD_PREFIX, WEIGHTS_NAME, read_adapter
 
 
-def rebuild_projection(adapter_dir, what: str = "`unilora inspect`"):
-    """The adapter's projection, rebuilt from its (validated) config, layout and tensors alone, for
-    `what` (named when a method needs its base model). Returns (config dict, all tensors with heads as
-    head.*, projection in eval mode)."""
+def rebuild_projection(adapter_dir, base_weights=None):
+    """The adapter's projection, rebuilt from its (validated) config, layout and tensors. A method
+    built from the base model's weights (LoRA-XS, TinyLoRA) gets them from `base_weights(meta, layout)`
+    and is checked against them; without it, it is left unattached (it counts, it builds no factors).
+    Returns (config dict, all tensors with heads as head.*, projection in eval mode)."""
     adapter = read_adapter(adapter_dir)
-    refuse_without_weights(adapter.config.method, what)
-    projection = build_projection(adapter.config, adapter.layout)
+    weights = None if base_weights is None else (lambda: base_weights(adapter.meta, adapter.layout))
+    projection = build_projection(adapter.config, adapter.layout, weights)
     projection.check_metadata(adapter.meta.get("projection", {}))
     projection.load_stored_tensors(adapter.tensors)
     tensors = {**adapter.tensors, **{HEAD_PREFIX + k: v for k, v in adapter.head.items()}}
@@ -46,6 +47,9 @@ def describe(adapter_dir) -> dict:
         indices, _ = projection.topk_selection()
         used = torch.bincount(indices.reshape(-1).long(), minlength=config["num_vectors"])
         info["bank_vectors_used"] = f"{int((used > 0).sum())} of {config['num_vectors']}"
+    if config["method"] == "tinylora":
+        u, tying = projection.config.u, projection.config.weight_tying
+        info["trained vectors"] = f"{projection.v.numel() // u} of u={u} (weight_tying {tying:g}, {len(meta['layout'])} layers)"
     if "task" in meta:
         info["task"] = f"{meta['task'].get('dataset')} ({', '.join(meta['task'].get('label_names', []))})"
     return info

@@ -37,18 +37,29 @@ from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
 from ..core.targeting import base_module, is_adaptable, linear_shape
 from ..methods import build_projection
+from ..methods.svd import convention_signs
+from ..methods.tinylora import draw_projections, tying_groups
 from ..models.backbones import local_or_hub
 from ..store.adapter_file import adapter_metadata
 from ..store.io import write_adapter_dir
 from ..store.validation import check_finite
-from .export import base_model_name, layer_prefix, peft_heads, peft_target_modules, refuse_overlap, write_peft_dir
+from .export import (
+    PEFT_TASK_CLASSES,
+    base_model_name,
+    base_weights_of,
+    layer_prefix,
+    peft_heads,
+    peft_target_modules,
+    refuse_overlap,
+    write_peft_dir,
+)
 from .inspection import rebuild_projection
 
-PEFT_TYPES = {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA"}
+PEFT_TYPES = {"unilora": "UNILORA", "vera": "VERA", "vblora": "VBLORA", "tinylora": "TINYLORA"}
 _PREFIX = "base_model.model."
 
 
-def _module_tensors(projection, prefix: str) -> dict[str, torch.Tensor]:
+def _module_tensors(projection, prefix: str, save_projection: bool = True) -> dict[str, torch.Tensor]:
     """PEFT's state-dict entries for the projection's method (module names without `prefix`)."""
     config, layout, s = projection.config, projection.layout, projection.config.scaling
     names = [slot.name[len(prefix):] if prefix and slot.name.startswith(prefix) else slot.name for slot in layout.slots]
@@ -69,6 +80,14 @@ def _module_tensors(projection, prefix: str) -> dict[str, torch.Tensor]:
             for name, factors in zip(names, projection.layer_factors()):
                 out[f"{_PREFIX}{name}.vera_lambda_d"] = factors.d.detach().clone()
                 out[f"{_PREFIX}{name}.vera_lambda_b"] = (factors.b.detach() * s).clone()
+        elif config.method == "tinylora":
+            for g, v in enumerate(projection.v.detach().view(-1, config.u)):
+                out[f"base_model.tinylora_v.{g}"] = v.clone()
+            for name, (a, b), p in zip(names, projection.svd_factors(), projection.projections):
+                out[f"{_PREFIX}{name}.tinylora_A"] = a.clone()
+                out[f"{_PREFIX}{name}.tinylora_B"] = (b * s).contiguous()  # PEFT has no scaling: folded into B
+                if save_projection:
+                    out[f"{_PREFIX}{name}.tinylora_P"] = p.clone()
         else:
             if s != 1.0:
                 raise UniLoraError(f"this VB-LoRA adapter scales its update by {s:g}; PEFT's VB-LoRA has no scaling, "
@@ -86,7 +105,8 @@ def _module_tensors(projection, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _peft_config(meta: dict, projection, task_type, modules_to_save, targets: list[str]) -> dict:
+def _peft_config(meta: dict, projection, task_type, modules_to_save, targets: list[str],
+                 save_projection: bool = True) -> dict:
     config = projection.config
     common = {
         "peft_type": PEFT_TYPES[config.method],
@@ -105,23 +125,37 @@ def _peft_config(meta: dict, projection, task_type, modules_to_save, targets: li
     if config.method == "vera":
         return {**common, "projection_prng_key": config.seed, "save_projection": True, "vera_dropout": 0.0,
                 "d_initial": config.vera_d_init, "init_weights": True}
+    if config.method == "tinylora":
+        return {**common, "u": config.u, "weight_tying": config.weight_tying, "projection_seed": config.seed,
+                "save_projection": save_projection, "init_weights": True, "tinylora_dropout": 0.0}
     return {**common, "num_vectors": config.num_vectors, "vector_length": config.vector_length, "topk": config.topk,
             "save_only_topk_weights": False, "vblora_dropout": 0.0}
 
 
-def to_peft(adapter_dir, out_dir, overwrite: bool = False) -> list[str]:
-    """Write our adapter as PEFT's own directory of the same method."""
+def to_peft(adapter_dir, out_dir, overwrite: bool = False, model=None, save_projection: bool = True) -> list[str]:
+    """Write our adapter as PEFT's own directory of the same method. TinyLoRA: its SVD factors come from
+    the base model (`model`: a module, or a name or path; default the recorded one), and with
+    `save_projection=False` PEFT redraws P from the seed, as ours does (not for P read from PEFT)."""
     refuse_overlap(Path(adapter_dir), Path(out_dir))
-    meta, tensors, projection = rebuild_projection(adapter_dir, "`unilora convert`")
+    meta, tensors, projection = rebuild_projection(adapter_dir, lambda meta, layout: base_weights_of(meta, layout, model))
     method = projection.config.method
     if method not in PEFT_TYPES:
         raise UniLoraError(f"PEFT 0.21.2 has no {method} adapter type; `unilora export` writes any adapter as PEFT LoRA")
+    if model is not None and not projection.needs_base_weights:
+        raise UniLoraError(f"a model goes with a PEFT VeRA or TinyLoRA source, or our TinyLoRA adapter; this {method} "
+                           "adapter records its own layout and needs no base weights")
+    if save_projection is False and method != "tinylora":
+        raise UniLoraError("--no-save-projection is for TinyLoRA adapters (P); this one stores what PEFT needs as is")
+    if not save_projection and projection.config.fixed_parts == "stored":
+        raise UniLoraError("this TinyLoRA adapter stores its P tensors (it came from PEFT with flipped SVD signs or its "
+                           "own draw), so PEFT could not redraw them from the seed: convert it with save_projection")
     prefix = layer_prefix(meta)
-    state = _module_tensors(projection, prefix)
+    state = _module_tensors(projection, prefix, save_projection)
     task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
     state.update(in_file)
     names = [s.name[len(prefix):] if prefix else s.name for s in projection.layout.slots]
-    config = _peft_config(meta, projection, task_type, modules_to_save, peft_target_modules(projection.config, names))
+    config = _peft_config(meta, projection, task_type, modules_to_save, peft_target_modules(projection.config, names),
+                          save_projection)
     check_finite({k: v for k, v in {**state, **head}.items() if v.is_floating_point()}, "refusing to convert",
                  "the adapter holds non-finite values")
 
@@ -192,7 +226,7 @@ def _vblora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, w
         logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_A").reshape(-1, h))
         logits.append(handle.get_tensor(f"{_PREFIX}{name}.vblora_logits_B").transpose(0, 1).reshape(-1, h))
     tensors = {"vblora.bank": handle.get_tensor("base_model.vblora_vector_bank"), "vblora.logits": torch.cat(logits)}
-    return slots, config, tensors
+    return slots, config, tensors, None
 
 
 def _unilora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, weights: Path):
@@ -216,29 +250,20 @@ def _unilora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, 
     flat = torch.cat(indices)
     tensors = {"unilora.theta_d": handle.get_tensor("base_model.unilora_theta_d"),
                "unilora.indices": flat.to(torch.int32 if flat.numel() < 2**31 else torch.int64)}
-    return slots, config, tensors
+    return slots, config, tensors, None
 
 
 def _vera_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, weights: Path, model):
-    if model is None:
-        raise UniLoraError("PEFT VERA files do not record each layer's input size: give the base model it was trained on "
-                           "(unilora convert ... --model NAME_OR_PATH)")
     (r,) = _integers(peft_dir, peft_config, ("r",))
     modules = _modules(list(shapes), ".vera_lambda_d")
     shape_a, shape_b = shapes.get("base_model.vera_A"), shapes.get("base_model.vera_B")
     if not modules or shape_a is None or shape_b is None:
         raise UniLoraError(f"'{weights}' holds no VeRA matrices: PEFT saved it without save_projection=True and would "
                            "redraw them from torch's RNG; re-save it with save_projection=True to convert it exactly")
+    modules = _model_order(set(modules), model, "VERA")
     slots = []
     for name in modules:
-        try:
-            layer = base_module(model, name)
-        except AttributeError:
-            raise UniLoraError(f"the PEFT adapter adapts '{name}', which the given model lacks; give the model it was "
-                               "trained on") from None
-        if not is_adaptable(layer):
-            raise UniLoraError(f"the PEFT adapter adapts '{name}', which is not a linear layer in the given model")
-        n_in, n_out = linear_shape(layer)
+        n_in, n_out = linear_shape(base_module(model, name))
         if (shapes.get(f"{_PREFIX}{name}.vera_lambda_d") != (r,)
                 or shapes.get(f"{_PREFIX}{name}.vera_lambda_b") != (n_out,)):
             raise UniLoraError(f"'{weights}': the vectors of '{name}' do not fit r={r} and the model's {n_out} outputs; "
@@ -252,23 +277,86 @@ def _vera_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, wei
                   vera_d_init=float(peft_config.get("d_initial", 0.1)))
     tensors = {"vera.scales": torch.cat(scales), "vera.shared_a": handle.get_tensor("base_model.vera_A"),
                "vera.shared_bt": handle.get_tensor("base_model.vera_B").t().contiguous()}
-    return slots, config, tensors
+    return slots, config, tensors, None
+
+
+def _tinylora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, weights: Path, model):
+    """PEFT's TinyLoRA as ours: its tinylora_A = √σ V_rᵀ and tinylora_B = U_r √σ give the SVD factors (the
+    fingerprint checks them against the base model at load); pairs whose signs differ from our convention
+    are flipped, and P's rows and columns with them (D P D), so ΔW is unchanged."""
+    r, u = _integers(peft_dir, peft_config, ("r", "u"))
+    tying, seed = peft_config.get("weight_tying", 0.0), peft_config.get("projection_seed", 42)
+    if not (isinstance(tying, (int, float)) and not isinstance(tying, bool) and 0 <= tying <= 1):
+        raise UniLoraError(f"'{peft_dir}/adapter_config.json': weight_tying must be a number in [0, 1], got {tying!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63 - 2**31):
+        raise UniLoraError(f"'{peft_dir}/adapter_config.json': projection_seed must be a non-negative integer, got {seed!r}")
+    modules = set(_modules(list(shapes), ".tinylora_A"))
+    if not modules:
+        raise UniLoraError(f"'{weights}' holds no TinyLoRA factors (tinylora_A / tinylora_B)")
+    order = _model_order(modules, model, "TINYLORA")  # PEFT numbers the layers in model order (P's seeds, v's groups)
+    groups = tying_groups(len(order), float(tying))
+    v_keys = [f"base_model.tinylora_v.{g}" for g in range(max(groups) + 1)]
+    if any(shapes.get(key) != (u,) for key in v_keys) or len([k for k in shapes if ".tinylora_v." in k]) != len(v_keys):
+        raise UniLoraError(f"'{weights}' does not hold {len(v_keys)} TinyLoRA vectors of length {u} (one per group of "
+                           f"{len(order)} layers at weight_tying={tying})")
+    slots, factors, projections, seeded = [], [], [], True
+    for index, name in enumerate(order):
+        n_in, n_out = linear_shape(base_module(model, name))
+        keys = {part: f"{_PREFIX}{name}.tinylora_{part}" for part in ("A", "B", "P")}
+        if shapes.get(keys["A"]) != (r, n_in) or shapes.get(keys["B"]) != (n_out, r) or \
+                shapes.get(keys["P"], (u, r, r)) != (u, r, r):
+            raise UniLoraError(f"'{weights}': the factors of '{name}' have shapes {shapes.get(keys['A'])}, "
+                               f"{shapes.get(keys['B'])}; this model's layer needs ({r}, {n_in}) and ({n_out}, {r})")
+        a, b = handle.get_tensor(keys["A"]).float(), handle.get_tensor(keys["B"]).float()
+        check_finite({keys["A"]: a, keys["B"]: b}, "refusing to convert", "the PEFT adapter holds non-finite values")
+        root = a.norm(dim=1)  # √σ: the rows of V_rᵀ have unit norm
+        if not bool((root > 0).all()):
+            raise UniLoraError(f"'{weights}': tinylora_A of '{name}' has a zero row, so it is not an SVD factor")
+        left, right = b / root, a / root.unsqueeze(1)
+        signs = convention_signs(left)
+        drawn = draw_projections(1, u, r, seed + index)[0]
+        p = handle.get_tensor(keys["P"]).float() if keys["P"] in shapes else drawn
+        seeded = seeded and bool((signs > 0).all()) and torch.equal(p, drawn)
+        factors.append((left * signs, root**2, right * signs.unsqueeze(1)))
+        projections.append(p * signs.view(1, r, 1) * signs.view(1, 1, r))
+        slots.append(Slot(name, n_in, n_out, r))
+    config = dict(method="tinylora", rank=r, u=u, weight_tying=float(tying), seed=seed,
+                  fixed_parts="seeded" if seeded else "stored")
+    tensors = {"tinylora.v": torch.cat([handle.get_tensor(key) for key in v_keys])}
+    if not seeded:
+        tensors["tinylora.projections"] = torch.stack(projections)
+    return slots, config, tensors, factors
+
+
+def _model_order(modules: set[str], model, kind: str) -> list[str]:
+    """The adapted modules in the model's order, each checked to be a linear layer there."""
+    if model is None:
+        raise UniLoraError(f"PEFT {kind} files do not record their layers' order and input sizes: give the base model "
+                           "it was trained on (unilora convert ... --model NAME_OR_PATH)")
+    order = [name for name, _ in model.named_modules() if name in modules]
+    missing = sorted(modules - set(order))
+    if missing:
+        raise UniLoraError(f"the PEFT adapter adapts '{missing[0]}', which the given model lacks; give the model it was "
+                           "trained on")
+    for name in order:
+        if not is_adaptable(base_module(model, name)):
+            raise UniLoraError(f"the PEFT adapter adapts '{name}', which is not a linear layer in the given model")
+    return order
 
 
 def model_skeleton(name_or_path: str, task_type: str | None) -> torch.nn.Module:
     """The model's modules and shapes, without weights (built on the meta device from its config)."""
-    classes = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-               "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
-               "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
     try:
         config = transformers.AutoConfig.from_pretrained(local_or_hub(name_or_path))
     except (OSError, ValueError) as err:
         raise UniLoraError(f"--model '{name_or_path}': no model config found there ({str(err).splitlines()[0]})") from None
     with torch.device("meta"):
-        return getattr(transformers, classes.get(task_type, "AutoModel")).from_config(config)
+        return getattr(transformers, PEFT_TASK_CLASSES.get(task_type, "AutoModel")).from_config(config)
 
 
-_FROM_PEFT = {"VBLORA": _vblora_from_peft, "UNILORA": _unilora_from_peft, "VERA": _vera_from_peft}
+_FROM_PEFT = {"VBLORA": _vblora_from_peft, "UNILORA": _unilora_from_peft, "VERA": _vera_from_peft,
+              "TINYLORA": _tinylora_from_peft}
+_NEEDS_MODEL = ("VERA", "TINYLORA")
 
 
 def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[str]:
@@ -282,8 +370,8 @@ def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[st
     if isinstance(model, (str, Path)):
         model = model_skeleton(str(model), peft_config.get("task_type"))
     if kind not in _FROM_PEFT:
-        raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads and writes PEFT UNILORA, VERA and "
-                           "VBLORA directories")
+        raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads and writes PEFT UNILORA, VERA, "
+                           "VBLORA and TINYLORA directories")
     weights = peft_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise UniLoraError(f"'{peft_dir}' lacks adapter_model.safetensors (only safetensors adapters are read)")
@@ -291,8 +379,8 @@ def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[st
         keys = list(handle.keys())
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
         read = _FROM_PEFT[kind]
-        extra = (model,) if kind == "VERA" else ()
-        slots, options, tensors = read(peft_dir, peft_config, handle, shapes, weights, *extra)
+        extra = (model,) if kind in _NEEDS_MODEL else ()
+        slots, options, tensors, factors = read(peft_dir, peft_config, handle, shapes, weights, *extra)
         head_keys = [key for key in keys if key.startswith(_PREFIX) and f".{kind.lower()}_" not in key]
         tensors.update({"head." + key[len(_PREFIX):].replace(".modules_to_save.default.", "."): handle.get_tensor(key)
                         for key in head_keys})
@@ -302,6 +390,8 @@ def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[st
     check_finite({k: v for k, v in tensors.items() if v.is_floating_point()}, "refusing to convert",
                  "the PEFT adapter holds non-finite values")
     projection = build_projection(config, layout)
+    if factors is not None:  # an SVD method: the factors PEFT stored, checked against the base model at load
+        projection.attach_factors(factors)
     projection.check_stored_values(tensors, config)
     projection.load_stored_tensors(tensors)
     heads = sorted({key[len("head."):].rsplit(".", 1)[0] for key in tensors if key.startswith("head.")})

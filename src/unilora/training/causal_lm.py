@@ -4,6 +4,7 @@ masks, eval loss / perplexity, generation, and the metrics scored on generated a
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import string
 from dataclasses import dataclass
@@ -15,12 +16,12 @@ import torch.nn.functional as F
 from ..core.errors import UniLoraError
 from ..core.notes import note
 from ..core.tasks import task_kind
-from ..data.lm import BUILTIN_LM_TASKS, LMDataset, check_messages, load_lm_dataset
+from ..data.lm import BUILTIN_LM_TASKS, LMDataset, StreamedRows, check_messages, load_lm_dataset
 from ..data.tables import read_rows
 from ..engine.model import AdaptedModel
 from ..models.backbones import load_causal_lm
-from .loop import Task, TrainSettings, fitted_max_length
-from .records import read_task_adapter, recorded_data
+from .loop import Task, TrainSettings, distributed, fitted_max_length
+from .records import hf_options, note_changes, read_task_adapter, recorded_data
 
 IGNORE = -100  # label of a token that carries no loss (prompt, user turns, padding)
 
@@ -64,17 +65,23 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> Encoded
     return Encoded(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int, packing: bool) -> list[Encoded]:
-    """Documents (each closed by EOS) cut into blocks of max_length; packed: one stream."""
+def encode_texts(tokenizer, texts: list[str], max_length: int, packing: bool,
+                 first_block_only: bool = False) -> list[Encoded]:
+    """Documents (each closed by EOS) cut into blocks of max_length; packed: one stream;
+    `first_block_only`: each document's first block (one example per document)."""
     documents = [_ids(tokenizer, t, True) + [tokenizer.eos_token_id] for t in texts]
     streams = [[t for d in documents for t in d]] if packing else documents
-    blocks = [s[i : i + max_length] for s in streams for i in range(0, len(s), max_length)]
+    blocks = [s[i : i + max_length] for s in streams
+              for i in range(0, min(len(s), max_length) if first_block_only else len(s), max_length)]
     return [Encoded(b, b) for b in blocks if len(b) >= 2]  # a lone token predicts nothing
 
 
-def encode_examples(tokenizer, dataset_kind: str, rows: list[dict], max_length: int, packing: bool) -> list[Encoded]:
+def encode_examples(tokenizer, dataset_kind: str, rows: list[dict], max_length: int, packing: bool,
+                    streamed: bool = False) -> list[Encoded]:
+    """Token ids and labels of rows; `streamed`: a batch of a stream's rows, one example per row (a text's
+    first block), its cuts not noted batch by batch."""
     if dataset_kind == "text":
-        return encode_texts(tokenizer, [r["text"] for r in rows], max_length, packing)
+        return encode_texts(tokenizer, [r["text"] for r in rows], max_length, packing, first_block_only=streamed)
     encoded, cut = [], 0
     for row in rows:
         e = (encode_chat(tokenizer, row["messages"]) if dataset_kind == "chat"
@@ -82,7 +89,7 @@ def encode_examples(tokenizer, dataset_kind: str, rows: list[dict], max_length: 
         if len(e.input_ids) > max_length:  # keep the answer and what leads into it
             e, cut = Encoded(e.input_ids[-max_length:], e.labels[-max_length:]), cut + 1
         encoded.append(e)
-    if cut:
+    if cut and not streamed:
         note(f"{cut} of {len(rows)} examples are longer than --max-length {max_length}; their beginnings were cut")
     return encoded
 
@@ -254,11 +261,18 @@ class CausalLMTask(Task):
         return lm
 
     def prepare(self, tokenizer, lm, settings: TrainSettings) -> None:
-        """Encode the data for `lm` (what `build` does once the model is loaded)."""
+        """Encode the data for `lm` (what `build` does once the model is loaded). Streamed training rows
+        (--streaming) are encoded batch by batch as they come, one example of up to max_length tokens
+        per row (no packing: the rows are not all there to pack)."""
         self.tokenizer = tokenizer
         self.max_length = fitted_max_length(settings.max_length, self.tokenizer, lm)
         kind, packing = self.dataset.kind, settings.packing
-        self.train_examples = encode_examples(self.tokenizer, kind, self.dataset.train, self.max_length, packing)
+        self.stream = self.dataset.train if isinstance(self.dataset.train, StreamedRows) else None
+        if self.stream is not None:
+            settings.packing, settings.group_by_length, packing = False, False, False
+            self.train_examples = range(len(self.stream))  # rows by position; `batch` reads them from the stream
+        else:
+            self.train_examples = encode_examples(self.tokenizer, kind, self.dataset.train, self.max_length, packing)
         self.test_examples = encode_examples(self.tokenizer, kind, self.dataset.test, self.max_length, packing)
         if not self.train_examples or not self.test_examples:
             raise UniLoraError(f"the {'training' if not self.train_examples else 'test'} split of '{self.data_name}' "
@@ -267,8 +281,20 @@ class CausalLMTask(Task):
         self.no_grad_batch_size: int | None = None
         self.keep_logits = accepts_logits_to_keep(lm)
 
+    def start_epoch(self, epoch: int) -> None:
+        if self.stream is not None:
+            self.rows = self.stream.epoch(epoch, *distributed())
+
     def batch(self, indices: list[int]) -> dict:
-        return collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+        if self.stream is None:
+            return collate([self.train_examples[i] for i in indices], self.tokenizer.pad_token_id)
+        rows = list(itertools.islice(self.rows, len(indices)))
+        if not rows:
+            raise UniLoraError(f"the stream of '{self.data_name}' ended before the {len(self.stream):,} rows this run "
+                               "planned; give --train-limit at most the rows it holds")
+        examples = encode_examples(self.tokenizer, self.dataset.kind, rows, self.max_length, packing=False,
+                                   streamed=True)
+        return collate(examples, self.tokenizer.pad_token_id)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         return token_loss(model, batch, keep_logits=self.keep_logits)
@@ -299,8 +325,10 @@ class CausalLMTask(Task):
 def lm_dataset_of(task: dict, adapter_dir) -> LMDataset:
     """The data a causal-LM adapter was trained on, as recorded by `finetune`."""
     spec, source = recorded_data(task, adapter_dir, BUILTIN_LM_TASKS)
-    return load_lm_dataset(spec, source.get("text_column", "text"), source.get("test_data"), seed=0,
-                           metric=task.get("metric"))
+    dataset = load_lm_dataset(spec, source.get("text_column", "text"), source.get("test_data"), seed=0,
+                              metric=task.get("metric"), streaming=bool(source.get("streaming")), **hf_options(source))
+    note_changes(source, dataset)
+    return dataset
 
 
 def load_lm_adapter(adapter, model_name: str | None = None):
@@ -338,7 +366,7 @@ def prompts_from_file(path: str | Path) -> list:
     prompts = []
     for line, row in read_rows(path):
         if row.get("messages") is not None:
-            prompts.append(check_messages(path, line, row["messages"], need_assistant=False))
+            prompts.append(check_messages(f"{path}:{line}", row["messages"], need_assistant=False))
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
             prompts.append(row["prompt"])
         else:

@@ -9,7 +9,7 @@ from ..data.text import BUILTIN_DATASETS, TextDataset, load_dataset
 from ..engine.model import AdaptedModel
 from ..models.backbones import SequenceClassifier, load_backbone
 from .loop import Task, TrainSettings, fitted_max_length
-from .records import recorded_data
+from .records import hf_options, note_changes, recorded_data
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -84,8 +84,10 @@ class ClassificationTask(Task):
 def dataset_of(task: dict, adapter_dir) -> TextDataset:
     """The data an adapter was trained on, as recorded by `finetune`."""
     spec, source = recorded_data(task, adapter_dir, BUILTIN_DATASETS)
-    return load_dataset(spec, source.get("text_column", "text"), source.get("label_column", "label"),
-                        source.get("test_data"), seed=0)
+    dataset = load_dataset(spec, source.get("text_column", "text"), source.get("label_column", "label"),
+                           source.get("test_data"), seed=0, **hf_options(source))
+    note_changes(source, dataset)
+    return dataset
 
 
 def label_mapping(adapter_labels: list[str], data_labels: list[str]) -> list[int]:

@@ -77,7 +77,7 @@ def distill_adapter(out: str | Path, *, adapter: str | Path | None = None, peft_
                            "record their classes or have none: drop the option")
     if peft_classifier:
         # a PEFT classifier: its classes, in the order of its head's outputs, come from labelled data or the option
-        if has_labels(data.data, data.label_column):
+        if has_labels(data.data, data.label_column, data.split, data.data_config):
             dataset = data.load("seq-cls")
             label_names = dataset.label_names
         elif not label_names:
@@ -124,7 +124,7 @@ def distill_adapter(out: str | Path, *, adapter: str | Path | None = None, peft_
 def _texts_for(teacher: Teacher, data: DataSpec, adapter) -> TextDataset | LMDataset:
     """The texts to match the teacher on: `data` (labelled or not), else the data it was trained on."""
     causal = teacher.kind == "causal-lm"
-    if data.data in (BUILTIN_DATASETS if causal else BUILTIN_LM_TASKS):
+    if isinstance(data.data, str) and data.data in (BUILTIN_DATASETS if causal else BUILTIN_LM_TASKS):
         raise UniLoraError(f"'{data.data}' is {'classification' if causal else 'causal-LM'} data and the teacher is a "
                            f"{'causal LM' if causal else 'classifier'}; give it "
                            f"{'text, prompt/completion or chat data' if causal else 'texts to classify'}")
@@ -132,8 +132,9 @@ def _texts_for(teacher: Teacher, data: DataSpec, adapter) -> TextDataset | LMDat
         if data.data:
             return data.load("causal-lm")
         return lm_dataset_of(teacher.record, adapter).limited(data.train_limit, data.test_limit, seed=0)
-    if data.data is not None and has_labels(data.data, data.label_column):
+    if data.data is not None and has_labels(data.data, data.label_column, data.split, data.data_config):
         return data.load("seq-cls")
-    dataset = (texts_dataset(data.data, data.text_column, teacher.record["label_names"]) if data.data
+    dataset = (texts_dataset(data.data, data.text_column, teacher.record["label_names"], split=data.split,
+                             data_config=data.data_config) if data.data is not None
                else dataset_of(teacher.record, adapter))
     return dataset.limited(data.train_limit, data.test_limit, seed=0)

@@ -103,6 +103,9 @@ class Task:
         """Put the model in the mode its training forwards run in (before every epoch)."""
         model.train()
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch's first batch (a streamed task starts its stream's new order here)."""
+
     def evaluate(self, model: torch.nn.Module, final: bool) -> dict:
         """Held-out metrics after an epoch; `final` adds the costly ones (generation)."""
         raise NotImplementedError
@@ -172,6 +175,7 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
     for epoch in range(1, settings.epochs + 1):
         epoch_started = time.time()
         task.train_mode(model)
+        task.start_epoch(epoch)
         order = list(range(n_train))
         random.Random(settings.seed * 7919 + epoch).shuffle(order)
         order = order[rank::world][:per_rank]

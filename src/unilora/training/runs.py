@@ -117,7 +117,8 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
 def data_counts(data, task: Task) -> DataCounts:
     """What `describe_plan` says of the data: rows read, held out, and what the batches hold."""
     source = data.source or {}
-    split_from = Path(source["data"]).name if source.get("data") and not source.get("test_data") else None
+    held_out = not source.get("test_data") and not source.get("test_split")  # no test file, no test split of its own
+    split_from = (Path(source["data"]).name if source.get("data") else data.name) if held_out else None
     if isinstance(data, LMDataset):
         unit = "documents" if data.kind == "text" else "examples"
         return DataCounts(len(data.train), len(data.test), task.train_size(), unit, split_from, task.max_length)
@@ -144,12 +145,14 @@ def evaluate_adapter(adapter: str | Path | AdapterFile, data=None, model_name: s
 TASK_DEFAULTS = {"seq-cls": (EMBEDDED_MODEL, 64), "causal-lm": (EMBEDDED_LLM, 256)}
 
 
-def resolve_task(task: str | None, data: str | None, model: str | None, text_column: str = "text") -> tuple[str, str, str]:
+def resolve_task(task: str | None, data, model: str | None, text_column: str = "text",
+                 spec: DataSpec | None = None) -> tuple[str, str, str]:
     """(task, data, model): `task` if given, else what the data and the model say (data.lm.is_lm_data;
     an LLM with labelled data is ambiguous); the data and the model default per task."""
     causal_model = model is not None and is_causal_lm(model)
+    hf = dict(split=spec.split, data_config=spec.data_config, streaming=spec.streaming) if spec else {}
     if task is None:
-        if data is not None and is_lm_data(data, text_column):
+        if data is not None and is_lm_data(data, text_column, **hf):
             task = "causal-lm"
         elif causal_model:
             raise UniLoraError(
@@ -193,9 +196,9 @@ def run_finetune(data: DataSpec | None = None, *, task: str | None = None, model
     TrainSettings fields (epochs, batch_size, warmup_ratio, max_grad_norm, eval_every, packing,
     max_new_tokens, group_by_length, progress), those left out chosen from the run (plan.py)."""
     data = data or DataSpec()
-    out = Path(out or f"runs/{method}-{Path(data.data or 'rotten_tomatoes').stem}-seed{seed}")
+    out = Path(out or f"runs/{method}-{data.name}-seed{seed}")
     check_writable(out, RUN_FILES, overwrite, "run")  # before any data is read or model loaded
-    task, spec, model = resolve_task(task, data.data, model, data.text_column)
+    task, spec, model = resolve_task(task, data.data, model, data.text_column, data)
     classify = task == "seq-cls"
     rates, fit_rates = finetune_group_lrs(method, classify, lr, head_lr, group_lrs)
     config = recipe_config(method, targets, modules_to_save=["classifier"] if classify else [], run_seed=seed,
