@@ -55,7 +55,7 @@ CONFIGS = {
     "peft-tinylora-u64-wt1": ("peft", "tinylora", dict(rank=2, u=64, weight_tying=1.0)),
 }
 EARLIER = ("lora", "unilora", "vblora")  # from docs/results-metrics/
-TUNE = {"lora_xs-r8": (1e-3, 3e-3, 1e-2), "tinylora-u64-wt0": (3e-3, 1e-2, 3e-2)}
+TUNE = {"lora_xs-r8": (1e-3, 3e-3, 1e-2, 3e-2), "tinylora-u64-wt0": (1e-3, 3e-3, 1e-2, 3e-2)}
 
 
 def peft_run(dataset_name: str, fields: dict, seed: int, rate: float) -> dict:
@@ -104,7 +104,7 @@ def ours_run(dataset_name: str, method: str, fields: dict, seed: int, rate: floa
 def run_one(out: Path, dataset_name: str, name: str, seed: int, rate: float | None = None) -> None:
     library, method, fields = CONFIGS[name]
     rate = rate or GROUP_LRS[method][next(iter(GROUP_LRS[method]))]
-    path = out / f"{dataset_name}-{name}-seed{seed}{'' if rate == default_rate(method) else f'-lr{rate:g}'}.json"
+    path = out / f"{dataset_name}-{name}-seed{seed}-lr{rate:g}.json"
     if path.exists():
         return
     print(f"{path.name} ...", flush=True)
@@ -169,29 +169,33 @@ def tune_table(out: Path) -> str:
 
 
 def plot(rows: list[dict], png: Path) -> None:
-    """Accuracy (median of seeds) against stored bytes, log x, one panel per dataset."""
+    """Accuracy (median and range of seeds) against adapter tensor bytes, log x, one panel per dataset.
+    PEFT's TinyLoRA: hollow squares in the colour of ours at the same settings."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(DATASETS), figsize=(12, 4.6))
+    ours = [n for n in (*EARLIER, *CONFIGS) if not n.startswith("peft-")]
+    colour = {name: plt.cm.tab10(i % 10) for i, name in enumerate(ours)}
+    fig, axes = plt.subplots(1, len(DATASETS), figsize=(13, 5))
     for ax, dataset_name in zip(axes, DATASETS):
         for name in (*EARLIER, *CONFIGS):
             runs = [r for r in rows if r["dataset"] == dataset_name and r["config"] == name]
             if not runs:
                 continue
-            x = runs[0]["adapter_bytes"]
             acc = [100 * r["test_accuracy"] for r in runs]
-            marker = "s" if name.startswith("peft-") else ("o" if name in EARLIER else "^")
-            ax.errorbar([x], [statistics.median(acc)], yerr=[[statistics.median(acc) - min(acc)],
-                                                             [max(acc) - statistics.median(acc)]],
-                        fmt=marker, capsize=3, label=name)
+            mid = statistics.median(acc)
+            peft = name.startswith("peft-")
+            ax.errorbar([runs[0]["adapter_bytes"]], [mid], yerr=[[mid - min(acc)], [max(acc) - mid]], capsize=3,
+                        fmt="s" if peft else ("o" if name in EARLIER else "^"), label=name,
+                        color=colour[name.removeprefix("peft-")], mfc="none" if peft else None)
         ax.set(xscale="log", xlabel="adapter tensor bytes, head excluded (log scale)", ylabel="test accuracy (%)",
-               title=f"{dataset_name} (MiniLM, all linear layers; median and range of seeds 1-3)")
+               title=f"{dataset_name}: MiniLM, all linear layers, seeds 1-3")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import unilora
 
-METHODS = ["lora", "unilora", "vblora", "vera", "tied_lora", "fastfood", "unilora", "lora"]
+METHODS = ["lora", "unilora", "vblora", "vera", "tied_lora", "fastfood", "lora_xs", "tinylora"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 def write_store(root: Path, model_dir: Path) -> Path:
-    """Eight adapters of six methods, `user-0.v1` ... `user-7.v1`."""
+    """Eight adapters of eight methods, `user-0.v1` ... `user-7.v1`."""
     for i, method in enumerate(METHODS):
         write_adapter(model_dir, root / f"user-{i}.v1", method, seed=i)
     return root

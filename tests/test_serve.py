@@ -55,7 +55,7 @@ def submit(worker, name, ids, max_tokens, **sampling):
 
 
 def test_rows_joining_mid_decode_give_what_each_adapter_gives_alone(model_dir, store, tokenizer):
-    """8 adapters of six methods and the base model, arriving while others decode, each greedy
+    """8 adapters of eight methods and the base model, arriving while others decode, each greedy
     output equal to its adapter's model.generate run alone."""
     worker = start_worker(model_dir, store, tokenizer)
     try:

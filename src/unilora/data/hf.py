@@ -94,6 +94,11 @@ class Splits:
         self.record["fingerprint"][name] = getattr(self.test, "_fingerprint", None)
 
 
+def recorded_path(spec: str | None) -> str | None:
+    """What an adapter records of a source: an absolute path where it is a path here, else the name."""
+    return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -144,7 +149,7 @@ def open_splits(source: HFSource) -> Splits:
     if source.config is not None and not (isinstance(source.data, str) and not Path(source.data).exists()):
         raise UniLoraError("--data-config names a configuration of a hub dataset; this data is not one")
     data = _open(source)
-    record = {"data": source.data if isinstance(source.data, str) else None, "split": source.split,
+    record = {"data": recorded_path(source.data) if isinstance(source.data, str) else None, "split": source.split,
               "data_config": source.config}
     datasets = _datasets()
     if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):

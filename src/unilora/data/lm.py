@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UniLoraError
-from .hf import HFSource, is_hf_data, open_splits, require_columns, where
+from .hf import HFSource, is_hf_data, open_splits, recorded_path, require_columns, where
 from .tables import TEST_FRACTION, read_rows, read_utf8, row_field, seeded_split
 from .text import bbc_news, rotten_tomatoes
 
@@ -234,7 +234,8 @@ def hf_lm_dataset(source: HFSource, text_column: str, test_path: str | None, see
                     for i, row in enumerate(splits.test)]
         elif test is None:
             train, test = seeded_split(train, source.name, seed, test_fraction)
-    record = {**splits.record, "text_column": text_column, "test_data": test_path, "streaming": source.streaming}
+    record = {**splits.record, "text_column": text_column, "test_data": recorded_path(test_path),
+              "streaming": source.streaming}
     return LMDataset(source.name, kind, train, test, None, record)
 
 

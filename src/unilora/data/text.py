@@ -13,7 +13,7 @@ from pathlib import Path
 from ..core.errors import UniLoraError
 from ..core.notes import note
 from ..core.resources import package_file
-from .hf import HFSource, is_hf_data, label_names_of, open_splits, require_columns, where
+from .hf import HFSource, is_hf_data, label_names_of, open_splits, recorded_path, require_columns, where
 from .tables import TEST_FRACTION, read_rows, read_utf8, row_field, seeded_split
 
 BUILTIN_DATASETS = ("rotten_tomatoes", "bbc_news")
@@ -107,7 +107,7 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
             )
     train = [(row_field(f"{path}:{n}", r, text_column), row_field(f"{path}:{n}", r, label_column)) for n, r in rows]
     if test_path is not None:
-        test = test_pairs(str(test_path), text_column, label_column)
+        test = given_test_pairs(str(test_path), text_column, label_column)
     else:
         train, test = seeded_split(train, path, seed, test_fraction)
     source = {"data": str(path.resolve()), "text_column": text_column, "label_column": label_column,
@@ -115,7 +115,7 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
     return labelled(path.stem, train, test, label_column, source)
 
 
-def test_pairs(test_path: str, text_column: str, label_column: str) -> list[tuple[str, str]]:
+def given_test_pairs(test_path: str, text_column: str, label_column: str) -> list[tuple[str, str]]:
     """(text, label) pairs of --test-data: a file, or a `datasets` source (its test split if it has one)."""
     if is_hf_data(test_path):
         source = HFSource(test_path)
@@ -186,12 +186,13 @@ def hf_text_dataset(source: HFSource, text_column: str, label_column: str, test_
         splits.use_test("validation")
     train = hf_pairs(source, splits.train, source.split, text_column, label_column, names)
     if test_path is not None:
-        test = test_pairs(test_path, text_column, label_column)
+        test = given_test_pairs(test_path, text_column, label_column)
     elif splits.test is not None:
         test = hf_pairs(source, splits.test, splits.test_split, text_column, label_column, names)
     else:
         train, test = seeded_split(train, source.name, seed, test_fraction)
-    record = {**splits.record, "text_column": text_column, "label_column": label_column, "test_data": test_path}
+    record = {**splits.record, "text_column": text_column, "label_column": label_column,
+              "test_data": recorded_path(test_path)}
     return labelled(source.name, train, test, label_column, record, names)
 
 

@@ -19,9 +19,10 @@ from .svd import SVDProjection
 @register_method
 class LoRAXSProjection(SVDProjection):
     method = "lora_xs"
-    # NOT TUNED YET
+    # rank 8 (64 numbers a layer). Rate: the best of scripts/svd_results.py --tune (seed 0, Rotten Tomatoes 2,000 x 2
+    # epochs): 1e-3 74.49, 3e-3 75.43, 1e-2 76.19, 3e-2 74.83.
     # `unilora count`'s default: r = 2 (the paper has no single setting; it scales r from 1 parameter per layer up)
-    recipe = Recipe(defaults=dict(rank=8), group_lrs={"cores": 2e-3}, paper=dict(rank=2))
+    recipe = Recipe(defaults=dict(rank=8), group_lrs={"cores": 1e-2}, paper=dict(rank=2))
 
     def __init__(self, layout, config):
         super().__init__(layout, config)
