@@ -168,6 +168,20 @@ def open_splits(source: HFSource) -> Splits:
     return Splits(train, test, test_split, record, every)
 
 
+def given_test_split(test_path: str) -> tuple[HFSource, object, str]:
+    """--test-data as a `datasets` source: (source, split, its name), the set's test split if it has one."""
+    source = HFSource(test_path)
+    splits = open_splits(source)
+    if splits.test is not None:
+        return source, splits.test, splits.test_split
+    return source, splits.train, source.split
+
+
+def columns_of(split) -> list[str]:
+    """A split's columns (a stream may name them only in its rows)."""
+    return list(split.column_names or next(iter(split), {}))
+
+
 def require_columns(source: HFSource, split, columns: list[str], hint: str) -> None:
     present = list(split.column_names or [])
     missing = [c for c in columns if c not in present]

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UniLoraError
-from .hf import HFSource, is_hf_data, open_splits, recorded_path, require_columns, where
+from .hf import (
+    HFSource,
+    columns_of,
+    given_test_split,
+    is_hf_data,
+    open_splits,
+    recorded_path,
+    require_columns,
+    where,
+)
 from .tables import TEST_FRACTION, read_rows, read_utf8, row_field, seeded_split
 from .text import bbc_news, rotten_tomatoes
 
@@ -175,17 +184,14 @@ def _test_examples(test_path: str, text_column: str) -> tuple[str, list[dict]]:
     """(kind, examples) of --test-data: a file, or a `datasets` source (its test split if it has one)."""
     if not is_hf_data(test_path):
         return _read_examples(Path(test_path), text_column)
-    source = HFSource(test_path)
-    splits = open_splits(source)
-    split, name = (splits.test, splits.test_split) if splits.test is not None else (splits.train, source.split)
+    source, split, name = given_test_split(test_path)
     kind = _hf_kind(source, split, text_column)
     return kind, [example_of(where(source, name, i), row, kind, text_column) for i, row in enumerate(split)]
 
 
 def _hf_kind(source: HFSource, split, text_column: str) -> str:
     """The example kind a split's columns name; the columns that kind reads must be there."""
-    columns = split.column_names or list(next(iter(split), {}))  # a stream may name them only in its rows
-    kind = kind_of(columns)
+    kind = kind_of(columns_of(split))
     needed = {"chat": ["messages"], "prompt_completion": ["prompt", "completion"], "text": [text_column]}[kind]
     require_columns(source, split, needed, "pass --text-column, or give prompt/completion or messages columns")
     return kind
@@ -284,9 +290,8 @@ def is_lm_data(spec, text_column: str = "text", split: str = "train", data_confi
     if spec in BUILTIN_LM_TASKS:
         return True
     if is_hf_data(spec):
-        train = open_splits(HFSource(spec, split, data_config, streaming)).train
-        columns = train.column_names or list(next(iter(train), {}))
-        return kind_of(columns) != "text" or list(columns) == [text_column]
+        columns = columns_of(open_splits(HFSource(spec, split, data_config, streaming)).train)
+        return kind_of(columns) != "text" or columns == [text_column]
     path = Path(spec)
     if not path.is_file() or path.suffix not in (".txt", ".jsonl", ".json"):
         return False

@@ -13,7 +13,16 @@ from pathlib import Path
 from ..core.errors import UniLoraError
 from ..core.notes import note
 from ..core.resources import package_file
-from .hf import HFSource, is_hf_data, label_names_of, open_splits, recorded_path, require_columns, where
+from .hf import (
+    HFSource,
+    given_test_split,
+    is_hf_data,
+    label_names_of,
+    open_splits,
+    recorded_path,
+    require_columns,
+    where,
+)
 from .tables import TEST_FRACTION, read_rows, read_utf8, row_field, seeded_split
 
 BUILTIN_DATASETS = ("rotten_tomatoes", "bbc_news")
@@ -118,9 +127,7 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
 def given_test_pairs(test_path: str, text_column: str, label_column: str) -> list[tuple[str, str]]:
     """(text, label) pairs of --test-data: a file, or a `datasets` source (its test split if it has one)."""
     if is_hf_data(test_path):
-        source = HFSource(test_path)
-        splits = open_splits(source)
-        split, name = (splits.test, splits.test_split) if splits.test is not None else (splits.train, source.split)
+        source, split, name = given_test_split(test_path)
         return hf_pairs(source, split, name, text_column, label_column, label_names_of(split, label_column))
     path = Path(test_path)
     if not path.is_file():
