@@ -107,6 +107,30 @@ def test_peft_to_ours_gives_peft_logits(kind, arch, rows, tmp_path, capsys):
         torch.testing.assert_close(again(input_ids=rows).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_peft_tinylora_of_a_bfloat16_model_converts_and_loads(rows, tmp_path, capsys):
+    """PEFT rounds TinyLoRA's SVD factors to the model's dtype; the conversion checks them against the
+    given model's own SVD at that precision and records that SVD's fingerprint, so the adapter loads onto
+    the model (in bfloat16 or float32) and gives PEFT's logits; another model is refused at conversion."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(build("llama").to(torch.bfloat16), peft_config("tinylora", "llama"))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, dtype=p.dtype) * 0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    build("llama").to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    assert cli_main(["convert", str(tmp_path / "peft"), str(tmp_path / "ours"), "--model", str(tmp_path / "base")]) == 0
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=rows).logits.float()
+        for dtype in (torch.bfloat16, torch.float32):
+            ours = unilora.from_pretrained(build("llama").to(torch.bfloat16).to(dtype), tmp_path / "ours")
+            torch.testing.assert_close(ours(input_ids=rows).logits.float(), expected, atol=0.05, rtol=0.02)
+    build("llama", seed=1).save_pretrained(tmp_path / "other")
+    assert cli_main(["convert", str(tmp_path / "peft"), str(tmp_path / "out"), "--model", str(tmp_path / "other")]) == 2
+    assert "give the base model it was trained on" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_refuses_what_it_cannot_do_exactly(tmp_path, capsys):
     trained_adapter("llama", "lora", tmp_path / "lora")
     assert cli_main(["convert", str(tmp_path / "lora"), str(tmp_path / "out")]) == 2

@@ -74,6 +74,25 @@ def test_an_adapter_refuses_another_base_or_an_svd_with_other_signs(method, ids,
         unilora.from_pretrained(build("llama"), tmp_path / "a")
 
 
+def test_a_float32_adapter_on_a_16_bit_model_says_how_to_serve_it(ids, tmp_path):
+    """Rounding the weights to bfloat16 moves their SVD past the fingerprint's tolerance (measured on
+    MiniLM too): refused, with the ways that work; loading in float32 and casting after keeps the
+    float32 factors (they are buffers, cast with the model)."""
+    model = get_model(build("llama"), AdapterConfig(method="lora_xs", rank=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        model.projection.theta.normal_(generator=torch.Generator().manual_seed(0))
+    model.eval().save_pretrained(tmp_path / "a")
+    with pytest.raises(UniLoraError, match="load the model in float32") as refused:
+        unilora.from_pretrained(build("llama").to(torch.bfloat16), tmp_path / "a")
+    assert "\n" not in str(refused.value)
+    with pytest.raises(UniLoraError) as refused:  # a float32 model of other weights: no word of 16 bits
+        unilora.from_pretrained(build("llama", seed=1), tmp_path / "a")
+    assert "float32" not in str(refused.value)
+    cast = unilora.from_pretrained(build("llama"), tmp_path / "a").to(torch.bfloat16)
+    assert cast.projection.left_0.dtype == torch.bfloat16
+    torch.testing.assert_close(logits_of(cast, ids).float(), logits_of(model, ids), atol=0.05, rtol=0.05)
+
+
 def test_one_svd_per_base_model_shared_by_its_adapters(monkeypatch):
     calls = []
     original = svd.truncated_svd

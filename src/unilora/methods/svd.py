@@ -132,6 +132,7 @@ class SVDProjection(Projection):
         self.shape_groups = [[i for i, s in enumerate(layout.slots) if (s.in_features, s.out_features) == shape]
                              for shape in shapes]
         self.svd = None  # the shared frozen factors, set by attach
+        self.half_precision_base = False  # whether attach saw float16 / bfloat16 weights (a hint when refused)
 
     # --- the frozen factors --------------------------------------------------------
     def attach(self, base_weights):
@@ -147,6 +148,7 @@ class SVDProjection(Projection):
             return dict(self._frozen_parts(truncated_svd(base_weights, self.config.rank)), _refs=refs)
 
         self.attach_parts(shared_fixed_parts(key, draw, still_valid=still_valid))
+        self.half_precision_base = any(w.dtype in (torch.float16, torch.bfloat16) for w in base_weights)
 
     def attach_factors(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """Attach from given (U_r, σ, V_rᵀ) per layer (a converted adapter's own), signs already fixed."""
@@ -225,5 +227,8 @@ class SVDProjection(Projection):
             return
         why = fingerprint_mismatch(saved["svd_fingerprint"], self.svd, [s.name for s in self.layout.slots])
         if why:
+            hint = ("; if it was trained on this model in float32, load the model in float32 (its weights' SVD moves when "
+                    "they are rounded to 16 bits), or merge or export the adapter (unilora export) for 16-bit serving"
+                    if self.half_precision_base else "")
             raise UniLoraError(f"this {self.method} adapter does not fit this base model: {why}; load it onto the base "
-                               "model it was trained on")
+                               f"model it was trained on{hint}")

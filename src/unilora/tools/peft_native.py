@@ -19,7 +19,8 @@ UniLora directories saved with `save_indices=True` and VeRA directories saved wi
 `save_projection=True` become adapters that store those fixed parts (`fixed_parts="stored"`;
 Uni-LoRA's scales 1/sqrt(n_j) are recomputed from the indices, as PEFT computes them). PEFT's
 VeRA files do not record each layer's input size, so VeRA needs the base model (`--model`; only
-its config is read, the modules are built on the meta device).
+its config is read, the modules are built on the meta device). TinyLoRA needs it with its weights:
+the SVD factors PEFT stored are checked against the model's own (see `_tinylora_from_peft`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
 from ..core.targeting import base_module, is_adaptable, linear_shape
+from ..engine.injection import base_weights
 from ..methods import build_projection
-from ..methods.svd import convention_signs
+from ..methods.svd import truncated_svd
 from ..methods.tinylora import draw_projections, tying_groups
-from ..models.backbones import local_or_hub
+from ..models.backbones import load_weights, local_or_hub
 from ..store.adapter_file import adapter_metadata
 from ..store.io import write_adapter_dir
 from ..store.validation import check_finite
@@ -281,9 +283,11 @@ def _vera_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, wei
 
 
 def _tinylora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict, weights: Path, model):
-    """PEFT's TinyLoRA as ours: its tinylora_A = √σ V_rᵀ and tinylora_B = U_r √σ give the SVD factors (the
-    fingerprint checks them against the base model at load); pairs whose signs differ from our convention
-    are flipped, and P's rows and columns with them (D P D), so ΔW is unchanged."""
+    """PEFT's TinyLoRA as ours. Its tinylora_A = √σ V_rᵀ and tinylora_B = U_r √σ are checked against
+    the SVD of the base model's weights (`model`, with weights), which is what our adapter rebuilds at
+    load and records the fingerprint of: PEFT rounds the factors to the base model's dtype, so a
+    bfloat16 model's factors could never match our float32 SVD's fingerprint themselves. Pairs whose
+    signs differ from ours flip P's rows and columns (D P D), so ΔW is unchanged."""
     r, u = _integers(peft_dir, peft_config, ("r", "u"))
     tying, seed = peft_config.get("weight_tying", 0.0), peft_config.get("projection_seed", 42)
     if not (isinstance(tying, (int, float)) and not isinstance(tying, bool) and 0 <= tying <= 1):
@@ -299,33 +303,50 @@ def _tinylora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict,
     if any(shapes.get(key) != (u,) for key in v_keys) or len([k for k in shapes if ".tinylora_v." in k]) != len(v_keys):
         raise UniLoraError(f"'{weights}' does not hold {len(v_keys)} TinyLoRA vectors of length {u} (one per group of "
                            f"{len(order)} layers at weight_tying={tying})")
-    slots, factors, projections, seeded = [], [], [], True
-    for index, name in enumerate(order):
+    slots = []
+    for name in order:
         n_in, n_out = linear_shape(base_module(model, name))
+        keys = [f"{_PREFIX}{name}.tinylora_{part}" for part in ("A", "B", "P")]
+        if shapes.get(keys[0]) != (r, n_in) or shapes.get(keys[1]) != (n_out, r) or shapes.get(keys[2], (u, r, r)) != (u, r, r):
+            raise UniLoraError(f"'{weights}': the factors of '{name}' have shapes {shapes.get(keys[0])}, "
+                               f"{shapes.get(keys[1])}; this model's layer needs ({r}, {n_in}) and ({n_out}, {r})")
+        slots.append(Slot(name, n_in, n_out, r))
+    factors = truncated_svd(base_weights(model, order), r)  # ours, as the adapter will rebuild them at load
+    projections, seeded = [], True
+    for index, (name, (left, s, right)) in enumerate(zip(order, factors)):
         keys = {part: f"{_PREFIX}{name}.tinylora_{part}" for part in ("A", "B", "P")}
-        if shapes.get(keys["A"]) != (r, n_in) or shapes.get(keys["B"]) != (n_out, r) or \
-                shapes.get(keys["P"], (u, r, r)) != (u, r, r):
-            raise UniLoraError(f"'{weights}': the factors of '{name}' have shapes {shapes.get(keys['A'])}, "
-                               f"{shapes.get(keys['B'])}; this model's layer needs ({r}, {n_in}) and ({n_out}, {r})")
-        a, b = handle.get_tensor(keys["A"]).float(), handle.get_tensor(keys["B"]).float()
+        a, b = handle.get_tensor(keys["A"]), handle.get_tensor(keys["B"])
         check_finite({keys["A"]: a, keys["B"]: b}, "refusing to convert", "the PEFT adapter holds non-finite values")
-        root = a.norm(dim=1)  # √σ: the rows of V_rᵀ have unit norm
-        if not bool((root > 0).all()):
-            raise UniLoraError(f"'{weights}': tinylora_A of '{name}' has a zero row, so it is not an SVD factor")
-        left, right = b / root, a / root.unsqueeze(1)
-        signs = convention_signs(left)
+        signs = _peft_svd_signs(a, b, left, s, right, name)
         drawn = draw_projections(1, u, r, seed + index)[0]
         p = handle.get_tensor(keys["P"]).float() if keys["P"] in shapes else drawn
         seeded = seeded and bool((signs > 0).all()) and torch.equal(p, drawn)
-        factors.append((left * signs, root**2, right * signs.unsqueeze(1)))
         projections.append(p * signs.view(1, r, 1) * signs.view(1, 1, r))
-        slots.append(Slot(name, n_in, n_out, r))
     config = dict(method="tinylora", rank=r, u=u, weight_tying=float(tying), seed=seed,
                   fixed_parts="seeded" if seeded else "stored")
     tensors = {"tinylora.v": torch.cat([handle.get_tensor(key) for key in v_keys])}
     if not seeded:
         tensors["tinylora.projections"] = torch.stack(projections)
     return slots, config, tensors, factors
+
+
+def _peft_svd_signs(a: torch.Tensor, b: torch.Tensor, left: torch.Tensor, s: torch.Tensor, right: torch.Tensor,
+                    name: str) -> torch.Tensor:
+    """±1 per pair: PEFT's (tinylora_B, tinylora_A) of one layer against our SVD (U_r, σ, V_rᵀ) of the
+    base weight, after checking they are the same truncated SVD to the precision PEFT stored them in."""
+    a, b = a.float(), b.float()
+    half = any(all(torch.equal(t, t.to(low).float()) for t in (a, b)) for low in (torch.bfloat16, torch.float16))
+    ours = (left * s) @ right
+    gap = float(torch.linalg.matrix_norm(b @ a - ours) / torch.linalg.matrix_norm(ours).clamp_min(1e-30))
+    tolerance = 2e-2 if half else 1e-4  # a half-precision model's factors (PEFT rounds them): bfloat16 keeps 8 bits
+    if not gap <= tolerance:
+        raise UniLoraError(f"the PEFT adapter's SVD factors of '{name}' differ from the given model's (relative "
+                           f"difference {gap:.2g} of the rank-{s.numel()} part): give the base model it was trained on")
+    agreement = (b * left).sum(dim=0) / (b.norm(dim=0) * left.norm(dim=0)).clamp_min(1e-30)
+    if not bool((agreement.abs() > 0.5).all()):
+        raise UniLoraError(f"the PEFT adapter's singular vectors of '{name}' are not the given model's, though they span "
+                           "the same space (near-equal singular values); this adapter cannot be converted exactly")
+    return torch.sign(agreement)
 
 
 def _model_order(modules: set[str], model, kind: str) -> list[str]:
@@ -360,15 +381,17 @@ _NEEDS_MODEL = ("VERA", "TINYLORA")
 
 
 def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[str]:
-    """Write PEFT's VB-LoRA, UniLora or VeRA directory as our adapter, exactly (VB-LoRA's logits,
-    UniLora's stored indices and VeRA's stored matrices are kept). VeRA needs the base model
-    (`model`: a module or a name or path), whose layers give the input sizes PEFT does not record."""
+    """Write PEFT's VB-LoRA, UniLora, VeRA or TinyLoRA directory as our adapter, exactly (VB-LoRA's logits,
+    UniLora's stored indices and VeRA's stored matrices are kept). VeRA and TinyLoRA need the base model
+    (`model`: a module or a name or path): its layers give the input sizes and order PEFT does not
+    record, and TinyLoRA's factors are checked against its weights."""
     peft_dir = Path(peft_dir)
     refuse_overlap(peft_dir, Path(out_dir))
     peft_config = _read_peft_config(peft_dir)
     kind = peft_config.get("peft_type")
-    if isinstance(model, (str, Path)):
-        model = model_skeleton(str(model), peft_config.get("task_type"))
+    if isinstance(model, (str, Path)):  # TinyLoRA's factors are checked against the weights' SVD; VeRA needs shapes only
+        model = (load_weights(str(model), getattr(transformers, PEFT_TASK_CLASSES.get(peft_config.get("task_type"), "AutoModel")))
+                 if kind == "TINYLORA" else model_skeleton(str(model), peft_config.get("task_type")))
     if kind not in _FROM_PEFT:
         raise UniLoraError(f"'{peft_dir}' is a PEFT {kind} adapter; convert reads and writes PEFT UNILORA, VERA, "
                            "VBLORA and TINYLORA directories")
@@ -390,7 +413,7 @@ def from_peft(peft_dir, out_dir, overwrite: bool = False, model=None) -> list[st
     check_finite({k: v for k, v in tensors.items() if v.is_floating_point()}, "refusing to convert",
                  "the PEFT adapter holds non-finite values")
     projection = build_projection(config, layout)
-    if factors is not None:  # an SVD method: the factors PEFT stored, checked against the base model at load
+    if factors is not None:  # an SVD method: the base model's factors, whose fingerprint the adapter records
         projection.attach_factors(factors)
     projection.check_stored_values(tensors, config)
     projection.load_stored_tensors(tensors)
