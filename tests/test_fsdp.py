@@ -47,7 +47,7 @@ def test_blocks_are_found_from_the_model():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["unilora", "vblora"])
+@pytest.mark.parametrize("method", ["unilora", "vblora", "lora_xs", "tinylora"])
 def test_fsdp2_matches_single_process_full_batch(method, tmp_path):
     out_file = tmp_path / "fsdp.pt"
     run_ranks(_rank_main, lambda attempt: (2, str(tmp_path / f"init{attempt}"), method, str(out_file)))
