@@ -55,6 +55,7 @@ def store(tmp_path_factory, models):
     root = tmp_path_factory.mktemp("store")
     save_adapter(base, root / "good")
     save_adapter(base, root / "also-good", method="vblora", seed=2)
+    save_adapter(base, root / "svd-good", method="lora_xs", seed=3)  # its factors come from the base weights
     save_adapter(other, root / "foreign")
     shutil.copytree(root / "good", root / "damaged")
     weights = root / "damaged" / "adapter_model.safetensors"
@@ -70,7 +71,7 @@ def logits(model, ids=torch.tensor([[3, 14, 15, 92, 65]])):
 def test_the_resolver_expands_an_adapter_into_the_same_peft_lora(models, store, tmp_path):
     base, _ = models
     resolution = UniloraResolution(str(store), tmp_path / "cache")
-    for name in ("good", "also-good"):
+    for name in ("good", "also-good", "svd-good"):
         path, lora_id = resolution.resolve("org/tiny-base", name)
         config = json.loads((Path(path) / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "org/tiny-base"
