@@ -56,6 +56,7 @@ def store(tmp_path_factory, models):
     save_adapter(base, root / "good")
     save_adapter(base, root / "also-good", method="vblora", seed=2)
     save_adapter(base, root / "svd-good", method="lora_xs", seed=3)  # its factors come from the base weights
+    save_adapter(base, root / "svd-also", method="tinylora", seed=4)
     save_adapter(other, root / "foreign")
     shutil.copytree(root / "good", root / "damaged")
     weights = root / "damaged" / "adapter_model.safetensors"
@@ -82,7 +83,30 @@ def test_the_resolver_expands_an_adapter_into_the_same_peft_lora(models, store, 
         assert resolution.resolve("org/tiny-base", name) == (path, lora_id) and lora_id > 0
 
 
-def test_the_resolver_refuses_what_it_must_and_keeps_its_cache_bounded(store, tmp_path):
+def test_svd_adapters_share_one_load_of_the_base_model(models, store, tmp_path, monkeypatch):
+    """LoRA-XS and TinyLoRA are rebuilt from the base weights: the resolver loads them once, from the
+    name found on this machine (the recorded folder; "org/tiny-base" would be a hub download)."""
+    import unilora.tools.export as export
+
+    loaded = []
+
+    def counting(name, model_class):
+        model = real(name, model_class)
+        loaded.append(name)
+        return model
+
+    real = export.load_weights
+    monkeypatch.setattr(export, "load_weights", counting)
+    resolution = UniloraResolution(str(store), tmp_path / "cache")
+    for name in ("svd-good", "svd-also", "good"):
+        path, _ = resolution.resolve("org/tiny-base", name)
+        ours = unilora.from_pretrained(LlamaForCausalLM.from_pretrained(models[0]), store / name).eval()
+        theirs = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(models[0]), path).eval()
+        assert torch.allclose(logits(ours), logits(theirs), atol=1e-5), name
+    assert loaded == [str(models[0])]
+
+
+
     resolution = UniloraResolution(str(store), tmp_path / "cache", max_cached=1)
     for name in ("../good", "good/../foreign", "nobody", "damaged"):
         assert resolution.resolve("tiny-base", name) is None, name

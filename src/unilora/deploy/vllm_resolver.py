@@ -5,6 +5,8 @@ registered resolvers; ours looks the name up in a unilora store (a folder or an 
 expands the adapter into an exact PEFT LoRA folder (`export`: B = the method's B, A its A, no rank
 padding, `base_model_name_or_path` = the model vLLM serves) in a bounded cache, and hands vLLM
 that folder. The store keeps each adapter's few kilobytes; vLLM runs them at its own speed.
+LoRA-XS and TinyLoRA adapters are rebuilt from the base model's weights: the resolver loads that
+model once (on the CPU, beside vLLM's copy) and keeps it, so their SVD is taken once per rank.
 
 Refused (the resolver answers None, and vLLM answers the client with its own "model does not
 exist" error): a name that is not a plain name, an adapter the validating reader refuses, and an
@@ -34,11 +36,12 @@ import threading
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from ..core.registry import PROJECTIONS
 from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 from ..store.io import CONFIG_NAME, WEIGHTS_NAME
 from ..store.names import UnknownAdapter, check_name
 from ..store.remote import cache_root, is_url, local_copy
-from ..tools.export import base_model_name, export_peft_lora
+from ..tools.export import base_model_name, base_model_of, export_peft_lora
 
 log = logging.getLogger("unilora.vllm")
 RESOLVER_NAME = "unilora"
@@ -67,6 +70,25 @@ class UniloraResolution:
         self.cache = Path(cache) if cache else cache_root().parent / "vllm-lora"
         self.max_cached = max_cached
         self._lock = threading.Lock()
+        self._base = None  # (name, model): the base SVD-family adapters rebuild their factors from
+
+    def base_for(self, meta: dict, served: str):
+        """The base model whose weights an SVD-family adapter (LoRA-XS, TinyLoRA) is rebuilt from, loaded
+        once and kept, so every such adapter shares one load and one SVD per rank (`shared_fixed_parts`).
+        The model vLLM serves (its weights are what the LoRA will act on), else the one the adapter records;
+        a name found on this machine first (a hub name off the network can take a minute to fail)."""
+        names = [name for name in dict.fromkeys([served, base_model_name(meta)]) if name]
+        names.sort(key=lambda name: not (Path(name).is_dir() or is_embedded_llm(name)))
+        if self._base is not None and self._base[0] in names:
+            return self._base[1]
+        failures = []
+        for name in names:
+            try:
+                self._base = (name, base_model_of(meta, name).eval().requires_grad_(False))
+                return self._base[1]
+            except UniLoraError as err:
+                failures.append(str(err))
+        raise UniLoraError(f"its factors come from the base model's weights, which could not be loaded: {'; '.join(failures)}")
 
     def source(self, name: str) -> Path:
         """The validated local folder of store adapter `name`."""
@@ -94,7 +116,9 @@ class UniloraResolution:
             with self._lock:
                 if not (out / "adapter_config.json").is_file():
                     self.cache.mkdir(parents=True, exist_ok=True)
-                    export_peft_lora(folder, out, base_model=served)
+                    method = PROJECTIONS.get((meta.get("adapter") or {}).get("method"))
+                    base = self.base_for(meta, served) if getattr(method, "needs_base_weights", False) else None
+                    export_peft_lora(folder, out, base_model=served, model=base)
                 os.utime(out)  # recently used: the bound evicts others first
                 self._bound(keep=out)
             return str(out), int(version[:15], 16) + 1
