@@ -2,7 +2,8 @@
 docs/results.md: the embedded all-MiniLM-L6-v2 with every linear layer adapted, Rotten Tomatoes (2,000
 training reviews, 2 epochs, all 2,646 test reviews) and BBC News (first 64 tokens, 1 epoch, all 444 test
 articles), batch 32, seeds 1-3 (seed 0 chose the rates: --tune). PEFT 0.21.2's TinyLoRA trains in the
-same loop (`unilora.training.loop.train`) at the same settings, rates, data, head and seeds.
+same loop (`unilora.training.loop.train`) at the same settings, rates, data, head and seeds. The row
+"head-only" trains the classifier head alone (no adapter): the floor every method starts from.
 
     python scripts/svd_results.py                     # every run missing from OUT, then the table
     python scripts/svd_results.py --tune              # seed 0, Rotten Tomatoes, the rate sweep
@@ -53,6 +54,8 @@ CONFIGS = {
     "peft-tinylora-u13-wt1": ("peft", "tinylora", dict(rank=2, u=13, weight_tying=1.0)),
     "peft-tinylora-u64-wt0": ("peft", "tinylora", dict(rank=2, u=64, weight_tying=0.0)),
     "peft-tinylora-u64-wt1": ("peft", "tinylora", dict(rank=2, u=64, weight_tying=1.0)),
+    # the baseline under every row: the head alone (LoRA-XS whose cores train at rate 0 stay zero: ΔW = 0)
+    "head-only": ("head", "lora_xs", dict(rank=2)),
 }
 EARLIER = ("lora", "unilora", "vblora")  # from docs/results-metrics/
 TUNE = {"lora_xs-r8": (1e-3, 3e-3, 1e-2, 3e-2), "tinylora-u64-wt0": (1e-3, 3e-3, 1e-2, 3e-2)}
@@ -103,13 +106,15 @@ def ours_run(dataset_name: str, method: str, fields: dict, seed: int, rate: floa
 
 def run_one(out: Path, dataset_name: str, name: str, seed: int, rate: float | None = None) -> None:
     library, method, fields = CONFIGS[name]
-    rate = rate or GROUP_LRS[method][next(iter(GROUP_LRS[method]))]
+    rate = 0.0 if library == "head" else rate or default_rate(method)
     path = out / f"{dataset_name}-{name}-seed{seed}-lr{rate:g}.json"
     if path.exists():
         return
     print(f"{path.name} ...", flush=True)
     result = (peft_run if library == "peft" else lambda *a: ours_run(a[0], method, *a[1:]))(dataset_name, fields, seed,
                                                                                             rate)
+    if library == "head":  # nothing of the adapter is trained or needed
+        result.update(stored_params=0, adapter_bytes=0)
     record = {"dataset": dataset_name, "config": name, "library": library, "method": method, **fields, "seed": seed,
               "rate": rate, **result}
     tmp = path.with_suffix(".tmp")
@@ -139,7 +144,8 @@ def earlier_runs(root: Path) -> list[dict]:
 
 def collected(out: Path, earlier: Path) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    return earlier_runs(earlier) + [r for r in runs if r["seed"] in (1, 2, 3) and r["rate"] == default_rate(r["method"])]
+    return earlier_runs(earlier) + [r for r in runs if r["seed"] in (1, 2, 3)
+                                    and r["rate"] == (0.0 if r["library"] == "head" else default_rate(r["method"]))]
 
 
 def table(rows: list[dict]) -> str:
@@ -186,6 +192,9 @@ def plot(rows: list[dict], png: Path) -> None:
                 continue
             acc = [100 * r["test_accuracy"] for r in runs]
             mid = statistics.median(acc)
+            if name == "head-only":  # no bytes to place on a log axis: a line under every method
+                ax.axhline(mid, color="grey", linestyle="--", label="head only (no adapter)")
+                continue
             peft = name.startswith("peft-")
             ax.errorbar([runs[0]["adapter_bytes"]], [mid], yerr=[[mid - min(acc)], [max(acc) - mid]], capsize=3,
                         fmt="s" if peft else ("o" if name in EARLIER else "^"), label=name,
