@@ -159,8 +159,9 @@ def table(rows: list[dict]) -> str:
             acc = [100 * r["test_accuracy"] for r in runs]
             stored = runs[0]["stored_params"]
             seconds = [r["train_seconds"] for r in runs if r.get("train_seconds")]
+            files = runs[0].get("file_bytes") if runs[0].get("library") != "head" else None  # head-only keeps no adapter
             lines.append(f"| {dataset_name} | {name} | {stored:,} | {runs[0]['adapter_bytes']:,} | "
-                         f"{runs[0].get('file_bytes', '-'):{',' if 'file_bytes' in runs[0] else ''}} | {statistics.median(acc):.2f} | "
+                         f"{'-' if files is None else f'{files:,}'} | {statistics.median(acc):.2f} | "
                          f"{min(acc):.2f}-{max(acc):.2f} | {', '.join(f'{a:.2f}' for a in acc)} | "
                          f"{f'{statistics.median(seconds):.0f}' if seconds else '-'} |")
     return "\n".join(lines)
@@ -193,7 +194,7 @@ def plot(rows: list[dict], png: Path) -> None:
             acc = [100 * r["test_accuracy"] for r in runs]
             mid = statistics.median(acc)
             if name == "head-only":  # no bytes to place on a log axis: a line under every method
-                ax.axhline(mid, color="grey", linestyle="--", label="head only (no adapter)")
+                ax.axhline(mid, color="black", linestyle="--", label="head only (no adapter)")
                 continue
             peft = name.startswith("peft-")
             ax.errorbar([runs[0]["adapter_bytes"]], [mid], yerr=[[mid - min(acc)], [max(acc) - mid]], capsize=3,
