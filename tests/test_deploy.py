@@ -106,7 +106,7 @@ def test_svd_adapters_share_one_load_of_the_base_model(models, store, tmp_path, 
     assert loaded == [str(models[0])]
 
 
-
+def test_the_resolver_refuses_what_it_must_and_keeps_its_cache_bounded(store, tmp_path):
     resolution = UniloraResolution(str(store), tmp_path / "cache", max_cached=1)
     for name in ("../good", "good/../foreign", "nobody", "damaged"):
         assert resolution.resolve("tiny-base", name) is None, name
