@@ -106,7 +106,7 @@ def ours_run(dataset_name: str, method: str, fields: dict, seed: int, rate: floa
 
 def run_one(out: Path, dataset_name: str, name: str, seed: int, rate: float | None = None) -> None:
     library, method, fields = CONFIGS[name]
-    rate = 0.0 if library == "head" else rate or default_rate(method)
+    rate = rate or table_rate(library, method)
     path = out / f"{dataset_name}-{name}-seed{seed}-lr{rate:g}.json"
     if path.exists():
         return
@@ -124,6 +124,11 @@ def run_one(out: Path, dataset_name: str, name: str, seed: int, rate: float | No
 
 def default_rate(method: str) -> float:
     return GROUP_LRS[method][next(iter(GROUP_LRS[method]))]
+
+
+def table_rate(library: str, method: str) -> float:
+    """The rate a configuration's table runs train at: the recipe's (0 for head-only)."""
+    return 0.0 if library == "head" else default_rate(method)
 
 
 def earlier_runs(root: Path) -> list[dict]:
@@ -145,7 +150,7 @@ def earlier_runs(root: Path) -> list[dict]:
 def collected(out: Path, earlier: Path) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     return earlier_runs(earlier) + [r for r in runs if r["seed"] in (1, 2, 3)
-                                    and r["rate"] == (0.0 if r["library"] == "head" else default_rate(r["method"]))]
+                                    and r["rate"] == table_rate(r["library"], r["method"])]
 
 
 def table(rows: list[dict]) -> str:

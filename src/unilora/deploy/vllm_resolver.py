@@ -36,7 +36,6 @@ import threading
 from pathlib import Path
 
 from ..core.errors import UniLoraError
-from ..core.registry import PROJECTIONS
 from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 from ..store.io import CONFIG_NAME, WEIGHTS_NAME
 from ..store.names import UnknownAdapter, check_name
@@ -116,9 +115,8 @@ class UniloraResolution:
             with self._lock:
                 if not (out / "adapter_config.json").is_file():
                     self.cache.mkdir(parents=True, exist_ok=True)
-                    method = PROJECTIONS.get((meta.get("adapter") or {}).get("method"))
-                    base = self.base_for(meta, served) if getattr(method, "needs_base_weights", False) else None
-                    export_peft_lora(folder, out, base_model=served, model=base)
+                    # asked for only by a method built from the base weights, with the validated config
+                    export_peft_lora(folder, out, base_model=served, model=lambda checked: self.base_for(checked, served))
                 os.utime(out)  # recently used: the bound evicts others first
                 self._bound(keep=out)
             return str(out), int(version[:15], 16) + 1

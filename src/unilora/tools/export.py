@@ -85,10 +85,13 @@ def base_model_name(meta: dict) -> str | None:
 
 
 def base_model_of(meta: dict, model=None) -> nn.Module:
-    """The base model of an adapter: `model` (a module, or a name or path), else the model it records,
-    loaded as it was trained (a `finetune` classifier's encoder, a causal LM, else its recorded class)."""
+    """The base model of an adapter: `model` (a module, a name or path, or a function of the adapter's
+    config giving the module, for a caller that keeps its models), else the model it records, loaded as
+    it was trained (a `finetune` classifier's encoder, a causal LM, else its recorded class)."""
     if isinstance(model, nn.Module):
         return model
+    if callable(model):
+        return model(meta)
     task = meta.get("task") or {}
     name = str(model) if model else task.get("model") or (meta.get("base_model") or {}).get("name_or_path")
     if not name:
@@ -181,7 +184,7 @@ def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: b
                      base_model: str | None = None, model=None) -> list[str]:
     """Write `adapter_dir` as a plain PEFT LoRA folder, exact; `base_model` names the base in its
     config (default: the name the adapter records). The SVD methods (LoRA-XS, TinyLoRA) rebuild their
-    factors from the base model's weights: `model` (a module, or a name or path), else the recorded one."""
+    factors from the base model's weights: `model` (as `base_model_of` takes it), else the recorded one."""
     refuse_overlap(Path(adapter_dir), Path(out_dir))
     meta, tensors, projection = rebuild_projection(adapter_dir, lambda meta, layout: base_weights_of(meta, layout, model))
     lora, r_out, names = peft_lora_tensors(projection, rank, layer_prefix(meta))

@@ -303,18 +303,18 @@ def _tinylora_from_peft(peft_dir: Path, peft_config: dict, handle, shapes: dict,
     if any(shapes.get(key) != (u,) for key in v_keys) or len([k for k in shapes if ".tinylora_v." in k]) != len(v_keys):
         raise UniLoraError(f"'{weights}' does not hold {len(v_keys)} TinyLoRA vectors of length {u} (one per group of "
                            f"{len(order)} layers at weight_tying={tying})")
+    layer_keys = [{part: f"{_PREFIX}{name}.tinylora_{part}" for part in ("A", "B", "P")} for name in order]
     slots = []
-    for name in order:
+    for name, keys in zip(order, layer_keys):  # every shape checked before the SVD is taken
         n_in, n_out = linear_shape(base_module(model, name))
-        keys = [f"{_PREFIX}{name}.tinylora_{part}" for part in ("A", "B", "P")]
-        if shapes.get(keys[0]) != (r, n_in) or shapes.get(keys[1]) != (n_out, r) or shapes.get(keys[2], (u, r, r)) != (u, r, r):
-            raise UniLoraError(f"'{weights}': the factors of '{name}' have shapes {shapes.get(keys[0])}, "
-                               f"{shapes.get(keys[1])}; this model's layer needs ({r}, {n_in}) and ({n_out}, {r})")
+        if shapes.get(keys["A"]) != (r, n_in) or shapes.get(keys["B"]) != (n_out, r) or \
+                shapes.get(keys["P"], (u, r, r)) != (u, r, r):
+            raise UniLoraError(f"'{weights}': the factors of '{name}' have shapes {shapes.get(keys['A'])}, "
+                               f"{shapes.get(keys['B'])}; this model's layer needs ({r}, {n_in}) and ({n_out}, {r})")
         slots.append(Slot(name, n_in, n_out, r))
     factors = truncated_svd(base_weights(model, order), r)  # ours, as the adapter will rebuild them at load
     projections, seeded = [], True
-    for index, (name, (left, s, right)) in enumerate(zip(order, factors)):
-        keys = {part: f"{_PREFIX}{name}.tinylora_{part}" for part in ("A", "B", "P")}
+    for index, (name, keys, (left, s, right)) in enumerate(zip(order, layer_keys, factors)):
         a, b = handle.get_tensor(keys["A"]), handle.get_tensor(keys["B"])
         check_finite({keys["A"]: a, keys["B"]: b}, "refusing to convert", "the PEFT adapter holds non-finite values")
         signs = _peft_svd_signs(a, b, left, s, right, name)
