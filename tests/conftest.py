@@ -20,6 +20,19 @@ from transformers import (
 VOCAB = 96
 
 
+def pytest_configure(config):
+    """Libraries that build a cache on first use do it here, once, before any test runs: matplotlib
+    lists the system's fonts with a subprocess on its first import in a new HOME, which is not a
+    process of ours and must not trip the slow-tier rule below (a test's verdict must not depend on
+    which caches the machine happens to hold)."""
+    try:
+        import matplotlib
+    except ImportError:  # the `plots` extra is optional; the tests that plot say so themselves
+        return
+    matplotlib.use("Agg")
+    import matplotlib.font_manager  # noqa: F401  (builds the font list, in memory and in its cache)
+
+
 @pytest.fixture(autouse=True)
 def slow_tier_rule(request, monkeypatch):
     """A test that loads real pretrained weights or starts another process carries @pytest.mark.slow,

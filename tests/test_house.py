@@ -5,6 +5,8 @@ the deferrals named below, and the command line holds no tensor code."""
 
 import ast
 import importlib
+import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +31,8 @@ DEFERRED = {
     ("training/causal_lm.py", "rouge_score"): "the optional llm extra",
     ("cli/commands.py", "..serve.server"): "fastapi and uvicorn: the optional serve extra",
     ("cli/commands.py", "..deploy.ray_app"): "ray: the optional ray extra",
+    ("serve/__init__.py", ".app"): "fastapi: the CLI reads serve.settings without the serve extra",
+    ("serve/__init__.py", ".settings"): "the package's names, loaded when asked for, as .app is",
     ("deploy/vllm_resolver.py", "vllm.lora.request"): "vLLM exists only in vLLM's own environment",
     ("deploy/vllm_resolver.py", "vllm.lora.resolver"): "vLLM exists only in vLLM's own environment",
     ("core/targeting.py", "transformers.pytorch_utils"): "at the top, in a try: stays importable without it",
@@ -48,15 +52,13 @@ def lint(copy_root: Path, package: str) -> bool:
     from importlinter.configuration import configure
 
     settings = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    settings["root_package"] = package
-    for contract in settings["contracts"]:
-        for key in ("containers", "ancestors"):
-            if key in contract:
-                contract[key] = [package]
-    lines = [f'[tool.importlinter]\nroot_package = "{package}"\n']
-    for contract in settings["contracts"]:
+    # the copy's name wherever the contracts name the package or one of its modules
+    settings = json.loads(re.sub(r"\bunilora(?=[.\"])", package, json.dumps(settings)))
+    lines = ["[tool.importlinter]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()
+                                       if key != "contracts"]
+    for contract in settings["contracts"]:  # JSON's strings, lists and booleans are TOML's too
         lines.append("[[tool.importlinter.contracts]]")
-        lines += [f"{key} = {value!r}".replace("'", '"') for key, value in contract.items()]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in contract.items()]
     config = copy_root / "importlinter.toml"
     config.write_text("\n".join(lines) + "\n")
     configure()
@@ -72,6 +74,8 @@ def lint(copy_root: Path, package: str) -> bool:
     (None, None),
     (("core/errors.py", "from ..cli import main\n"), "is not allowed to import"),  # core reaching up to the CLI
     (("training/loop.py", "from .runs import finetune\n"), "No cycles are allowed"),  # a cycle inside a layer
+    # the CLI reaching the serve extra's packages at start (through serve.app, which imports fastapi)
+    (("cli/commands.py", "from ..serve.app import create_app\n"), "is not allowed to import fastapi"),
 ])
 def test_the_layer_contracts_fail_on_an_upward_import_or_a_cycle(edit, broken, tmp_path, capsys):
     package = f"unilora_copy_{'clean' if edit is None else Path(edit[0]).stem}"

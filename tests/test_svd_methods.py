@@ -34,7 +34,9 @@ def test_svd_is_the_truncated_svd_with_one_sign_convention_batched_or_not():
         for mine, theirs in zip((u, s, vh), alone):
             torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
         flipped = raw_u[:, :3] * torch.tensor([1.0, -1.0, -1.0])  # what another SVD library may return
-        torch.testing.assert_close(flipped * convention_signs(flipped), u, atol=1e-5, rtol=0)
+        # two algorithms (LAPACK's SVD, ours from the Gram matrix) agree on singular vectors to about
+        # eps / (gap between singular values), seen up to 1.2e-5 here: a flipped sign would be off by ~0.5
+        torch.testing.assert_close(flipped * convention_signs(flipped), u, atol=1e-4, rtol=0)
 
 
 def test_the_fingerprint_catches_any_flipped_pair_and_tolerates_rounding():

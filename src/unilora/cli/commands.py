@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from ..core.extras import require
 from ..core.notes import note
 from ..data.sources import DataSpec
 from ..models.backbones import EMBEDDED_MODEL
@@ -116,6 +117,7 @@ def cmd_inspect(args) -> int:
     if info["method"] == "vblora" and not args.no_plot:
         png = Path(args.png) if args.png else Path(str(Path(args.adapter).resolve()) + "-selection.png")
         folder = next(p for p in [png.parent, *png.parent.parents] if p.exists())
+        require("plots", "the VB-LoRA selection plot", hint=", or pass --no-plot")
         if not os.access(folder, os.W_OK):
             raise UniLoraError(f"cannot write the selection plot to '{png}' ('{folder}' is not writable); "
                                "pass --png PATH or --no-plot")
@@ -243,10 +245,11 @@ def cmd_count(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ..serve.server import serve  # fastapi and uvicorn are the `serve` extra
-
     if args.replicas > 1 and not args.ray:
         raise UniLoraError("--replicas goes with --ray (one process serves with one model)")
+    require("serve", "`unilora serve`")
+    if args.ray:
+        require("ray", "`unilora serve --ray`")
 
     model = args.model or (EMBEDDED_LLM if args.task == "causal-lm" else EMBEDDED_MODEL)
     settings = ServeSettings(
@@ -262,5 +265,7 @@ def cmd_serve(args) -> int:
 
         serve_with_ray(settings, host=args.host, port=args.port, replicas=args.replicas)
     else:
+        from ..serve.server import serve  # fastapi and uvicorn: the `serve` extra
+
         serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0

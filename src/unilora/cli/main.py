@@ -9,6 +9,7 @@ import argparse
 import math
 import sys
 
+from .._version import __version__
 from ..core.config import VBLORA_SELECTIONS
 from ..core.errors import UniLoraError
 from ..core.notes import render
@@ -167,6 +168,7 @@ def _add_group_by_length(p, default: bool | None, why: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unilora", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"unilora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="train an adapter: text classification or causal LM")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from ..core.extras import require
 
 FILE_KINDS = {".parquet": "parquet", ".arrow": "arrow"}
 # a hub dataset id: NAME or OWNER/NAME (what is neither a file nor a folder here)
@@ -28,10 +29,9 @@ BUILTIN_NAMES = ("rotten_tomatoes", "bbc_news", "bbc_headlines", "rotten_tomatoe
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise UniLoraError("this data is read through Hugging Face `datasets`: pip install datasets") from None
+    require("datasets", "this data (a hub id, a save_to_disk folder, a .parquet or .arrow file)")
+    import datasets
+
     return datasets
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UniLoraError
+from ..core.extras import require
 from .hf import (
     HFSource,
     columns_of,
@@ -278,6 +279,8 @@ def load_lm_dataset(spec, text_column: str = "text", test_path: str | None = Non
             raise UniLoraError(f"--metric {metric} scores generated answers; plain-text data has no answers "
                                "(use prompt/completion or chat data)")
         dataset.metric = metric
+    if dataset.metric == "rougeL":  # known before training: say so now, not after the last epoch
+        require("llm", "the rougeL metric", ("rouge_score",))
     return dataset
 
 

@@ -39,7 +39,8 @@ from ..core.errors import UniLoraError
 from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 from ..store.io import CONFIG_NAME, WEIGHTS_NAME
 from ..store.names import UnknownAdapter, check_name
-from ..store.remote import cache_root, is_url, local_copy
+from ..core.resources import cache_root
+from ..store.remote import is_url, local_copy
 from ..tools.export import base_model_name, base_model_of, export_peft_lora
 
 log = logging.getLogger("unilora.vllm")
@@ -66,7 +67,7 @@ class UniloraResolution:
 
     def __init__(self, store: str, cache: str | os.PathLike | None = None, max_cached: int = DEFAULT_CACHED):
         self.store = store.rstrip("/")
-        self.cache = Path(cache) if cache else cache_root().parent / "vllm-lora"
+        self.cache = Path(cache) if cache else cache_root() / "vllm-lora"
         self.max_cached = max_cached
         self._lock = threading.Lock()
         self._base = None  # (name, model): the base SVD-family adapters rebuild their factors from

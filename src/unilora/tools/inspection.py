@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.extras import require
 from ..methods import build_projection
 from ..store.io import CONFIG_NAME, HEAD_PREFIX, WEIGHTS_NAME, read_adapter
 
@@ -58,6 +59,7 @@ def describe(adapter_dir) -> dict:
 def save_selection_plot(adapter_dir, png_path, max_subvectors: int = 96) -> Path:
     """Seed 003 figures 3 and 8: how often each bank vector is selected, and which vectors the
     first sub-vectors select (the selection footprint)."""
+    require("plots", "the VB-LoRA selection plot", hint=", or pass --no-plot")
     import matplotlib  # deferred: the optional `plots` extra, needed for VB-LoRA's plot only
 
     matplotlib.use("Agg")

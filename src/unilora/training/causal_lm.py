@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import UniLoraError
+from ..core.extras import require
 from ..core.notes import note
 from ..core.tasks import task_kind
 from ..data.lm import BUILTIN_LM_TASKS, LMDataset, StreamedRows, check_messages, load_lm_dataset
@@ -219,10 +220,9 @@ def score(metric: str, generations: list[str], references: list[str]) -> float:
     """rougeL: mean ROUGE-L F1 x 100 (rouge-score, stemmed); accuracy: share of answers whose first
     word is the reference's (case and punctuation ignored); exact_match: whole answers equal so."""
     if metric == "rougeL":
-        try:
-            from rouge_score import rouge_scorer  # deferred: the optional `llm` extra, for this metric only
-        except ImportError:
-            raise UniLoraError("the rougeL metric needs the rouge-score package: pip install rouge-score") from None
+        require("llm", "the rougeL metric", ("rouge_score",))
+        from rouge_score import rouge_scorer  # deferred: the optional `llm` extra, for this metric only
+
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         values = [scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generations, references)]
         return 100.0 * sum(values) / max(1, len(values))
