@@ -86,7 +86,7 @@ def test_the_resolver_expands_an_adapter_into_the_same_peft_lora(models, store, 
 def test_svd_adapters_share_one_load_of_the_base_model(models, store, tmp_path, monkeypatch):
     """LoRA-XS and TinyLoRA are rebuilt from the base weights: the resolver loads them once, from the
     name found on this machine (the recorded folder; "org/tiny-base" would be a hub download)."""
-    import unilora.tools.export as export
+    import unilora.models.adapter_base as export
 
     loaded = []
 

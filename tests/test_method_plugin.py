@@ -1,7 +1,10 @@
-"""A method is one file: a Projection subclass registered by name, with its recipe on the class and,
-where its frozen parts come from the base model's weights, the attach-time hook that receives them.
-The toy method here is defined the way a new method's file would be, and runs through the engine,
-the recipes and the tools."""
+"""A method is one file: a Projection subclass registered by name, with its options (fields, defaults,
+checks, command-line help), its recipe, its one trained vector, its PEFT mapping both ways and, where its
+frozen parts come from the base model's weights, the attach-time hook that receives them. The toy
+method here is defined the way a new method's file would be (nothing outside this file knows it), and
+runs through the config, the command line, the engine, the recipes and the tools."""
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,56 +13,73 @@ from torch import nn
 import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
 from unilora.cli import main
+from unilora.core.config import MethodOptions, Number, option
 from unilora.core.layout import Layout, Slot
 from unilora.core.registry import PROJECTIONS, register_method
+from unilora.core.targeting import base_module, linear_shape
 from unilora.methods import build_projection, recipe_config
-from unilora.methods.base import Projection, Recipe, copy_into
+from unilora.methods.base import Projection, Recipe, TrainedVector
+from unilora.methods.peft_format import PeftReading, layer_key
+from unilora.tools.peft_native import from_peft, to_peft
 from unilora.training.recipes import GROUP_LRS, METHOD_DEFAULTS, PAPER_DEFAULTS, finetune_group_lrs
 
 from conftest import build, logits_of
 
 
+@dataclass
+class ToyOptions(MethodOptions):
+    b_scale: float = option(1.0, Number(0.0, open_low=True), "multiplies B")
+
+
 class FrozenSingularA(Projection):
-    """ΔW = Bᵀᵀ A with A the top-r right singular vectors of the base weight (from `attach`); only B trains."""
+    """ΔW = b_scale · Bᵀᵀ A with A the top-r right singular vectors of the base weight (from `attach`);
+    only B trains."""
 
     method = "toy_svd"
+    options = ToyOptions
+    vector = TrainedVector("b", "toy_svd.b", "b")
+    peft_type = "TOY_SVD"
+    peft_needs_model = "weights"
     needs_base_weights = True
     recipe = Recipe(defaults=dict(rank=2), group_lrs={"b": 1e-2})
 
     def __init__(self, layout, config):
         super().__init__(layout, config)
         self.register_buffer("a", torch.zeros(sum(s.a_numel for s in layout.slots)), persistent=False)
-        self.b = nn.Parameter(torch.zeros(sum(s.b_numel for s in layout.slots)))
+        self.b = nn.Parameter(torch.zeros(self.vector_length(layout, config)))
 
     def attach(self, base_weights):
         rows = [torch.linalg.svd(w.float(), full_matrices=False)[2][: s.rank] for w, s in zip(base_weights, self.layout.slots)]
         self.a.copy_(torch.cat([r.reshape(-1) for r in rows]))
 
-    @property
-    def theta(self):
-        return self.b
-
     def factors_from(self, theta):
         a = torch.split(self.a, [s.a_numel for s in self.layout.slots])
-        b = torch.split(theta, [s.b_numel for s in self.layout.slots])
+        b = torch.split(theta * self.config.b_scale, [s.b_numel for s in self.layout.slots])
         return [(x.view(s.rank, s.in_features), y.view(s.rank, s.out_features)) for x, y, s in zip(a, b, self.layout.slots)]
 
     @classmethod
-    def stored_spec(cls, layout, config):
-        return {"toy_svd.b": ((sum(s.b_numel for s in layout.slots),), "float")}
+    def vector_length(cls, layout, config):
+        return sum(s.b_numel for s in layout.slots)
 
-    def param_groups(self):
-        return {"b": [self.b]}
+    def peft_state(self, names, save_projection=True):
+        parts = torch.split(self.b.detach(), [s.b_numel for s in self.layout.slots])
+        return {layer_key(name, "toy_svd_b"): part.clone() for name, part in zip(names, parts)}
 
-    def stored_tensors(self, store=None):
-        return {"toy_svd.b": self.b.detach()}
+    def peft_config(self, save_projection=True):
+        return {"b_scale": self.config.b_scale}
 
-    def load_stored_tensors(self, tensors):
-        copy_into(self.b, tensors["toy_svd.b"], "toy_svd.b")
+    @classmethod
+    def from_peft(cls, source):
+        (r,) = source.integers("r")
+        order = source.model_order(set(source.modules("toy_svd_b")), "TOY_SVD")
+        slots = [Slot(name, *linear_shape(base_module(source.model, name)), r) for name in order]
+        b = torch.cat([source.tensor(layer_key(name, "toy_svd_b")) for name in order])
+        return PeftReading(slots, dict(method=cls.method, rank=r, b_scale=source.config["b_scale"]), {"toy_svd.b": b})
 
 
 class NoRecipe(FrozenSingularA):
     method = "toy_bare"
+    peft_type = None  # one method per PEFT type (the registry refuses a second)
     needs_base_weights = False
     recipe = None
 
@@ -145,6 +165,37 @@ def test_every_recipe_fits_its_method(method):
     layout = Layout([Slot("a", 256, 128, 4), Slot("b", 128, 256, 4)])
     for paper in (False, True):
         config = recipe_config(method, ["a", "b"], paper=paper, tuned_model=False, theta_dim=None)
-        projection = build_projection(AdapterConfig(**{**config.to_dict(), "theta_dim": min(config.theta_dim, 500)}),
-                                      layout)
+        small = {"theta_dim": min(config.theta_dim, 500)} if "theta_dim" in config.to_dict() else {}
+        projection = build_projection(config.replace(**small), layout)
         assert set(GROUP_LRS[method]) == set(projection.param_groups())
+
+
+def test_a_methods_options_live_in_its_file(toy_methods, tmp_path, capsys):
+    """The toy's own field: a default, a check, a command-line option, recorded in its adapters only."""
+    assert AdapterConfig(method="toy_svd").b_scale == 1.0
+    with pytest.raises(UniLoraError, match="b_scale must be a finite number > 0, got -1"):
+        AdapterConfig(method="toy_svd", b_scale=-1)
+    assert "b_scale" not in AdapterConfig(method="unilora", b_scale=3.0).to_dict()  # another method's: ignored
+    with pytest.raises(UniLoraError, match="b_scale must be a finite number > 0"):
+        AdapterConfig(method="unilora", b_scale="x")  # ignored, yet a damaged value is refused
+    assert main(["finetune", "--help"]) == 0
+    assert "--b-scale B_SCALE toy_svd, toy_bare: multiplies B" in " ".join(capsys.readouterr().out.split())
+    model = get_model(build("llama"), AdapterConfig(method="toy_svd", rank=2, b_scale=3.0, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "toy")
+    assert unilora.from_pretrained(build("llama"), tmp_path / "toy").adapter_config.b_scale == 3.0
+
+
+def test_a_methods_peft_mapping_lives_in_its_file(toy_methods, ids, tmp_path):
+    """Ours to the toy's PEFT format and back, through the generic convert, with the same outputs."""
+    model = get_model(build("llama"), AdapterConfig(method="toy_svd", rank=2, b_scale=0.5, target_modules="all-linear"))
+    with torch.no_grad():
+        model.projection.b.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    expected = logits_of(model, ids)
+    model.save_pretrained(tmp_path / "toy")
+    assert to_peft(tmp_path / "toy", tmp_path / "peft", model=build("llama"))[0].startswith("wrote PEFT TOY_SVD")
+    assert from_peft(tmp_path / "peft", tmp_path / "back", model=build("llama"))[0].startswith(
+        "wrote unilora toy_svd adapter")
+    back = unilora.from_pretrained(build("llama"), tmp_path / "back").eval()
+    assert back.adapter_config.b_scale == 0.5
+    assert torch.allclose(logits_of(back, ids), expected, atol=1e-6)

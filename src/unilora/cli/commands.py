@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..core.config import command_line_options
 from ..core.errors import UniLoraError
 from ..core.extras import require
 from ..core.notes import note
@@ -25,9 +26,6 @@ from ..training.distill_run import ONE_TEACHER, DistillRun, distill_adapter
 from ..training.gain import LEVEL
 from ..training.runs import FinetuneRun, run_evaluate, run_finetune
 
-# AdapterConfig fields the adapter options set (the method's recipe gives the rest)
-ADAPTER_FIELDS = ("rank", "theta_dim", "num_vectors", "vector_length", "topk", "selection", "store", "init", "u",
-                  "weight_tying")
 
 
 def warn(message: str) -> None:
@@ -43,7 +41,7 @@ def targets(text: str):
 
 def adapter_fields(args) -> dict:
     """The AdapterConfig fields the options give (the adapter's seed only where --adapter-seed is)."""
-    fields = {key: getattr(args, key, None) for key in ADAPTER_FIELDS}
+    fields = {key: getattr(args, key, None) for key in ("rank", *command_line_options())}
     if getattr(args, "adapter_seed", None) is not None:
         fields["seed"] = args.adapter_seed
     return fields

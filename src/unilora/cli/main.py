@@ -10,7 +10,7 @@ import math
 import sys
 
 from .._version import __version__
-from ..core.config import VBLORA_SELECTIONS
+from ..core.config import Choice, command_line_options
 from ..core.errors import UniLoraError
 from ..core.notes import render
 from ..core.registry import method_names
@@ -105,20 +105,23 @@ def _group_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--group-lr expects NAME=RATE (e.g. bank=1e-3), got '{text}'") from None
 
 
+def _method_option_type(check):
+    def parse(text: str):
+        try:
+            return check.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
 def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("adapter (defaults per method: see unilora.training.recipes)")
     g.add_argument("--method", choices=method_names(), default="unilora")
     g.add_argument("--rank", type=_positive_int)
-    g.add_argument("--theta-dim", type=_positive_int, help="Uni-LoRA / Fastfood: length d of the trained vector")
-    g.add_argument("--num-vectors", type=_positive_int, help="VB-LoRA: bank size h")
-    g.add_argument("--vector-length", type=_positive_int, help="VB-LoRA: sub-vector length b")
-    g.add_argument("--topk", type=_positive_int, help="VB-LoRA: k")
-    g.add_argument("--selection", choices=VBLORA_SELECTIONS, help="VB-LoRA: vector selection during training")
-    g.add_argument("--store", choices=("topk", "logits"), help="VB-LoRA: what the adapter file keeps")
-    g.add_argument("--init", choices=("uniform", "zero_delta"), help="Uni-LoRA: initialisation of θ_d")
-    g.add_argument("--u", type=_positive_int, help="TinyLoRA: length of each trained vector v")
-    g.add_argument("--weight-tying", type=_unit_interval, help="TinyLoRA: share of layers tied to one v, 0 (a v per "
-                   "layer) to 1 (one v for the whole model)")
+    # each method's own options, as its file declares them (core/config.option with a help)
+    for name, (check, help_text, methods) in command_line_options().items():
+        kind = {"choices": check.values} if isinstance(check, Choice) else {"type": _method_option_type(check)}
+        g.add_argument("--" + name.replace("_", "-"), dest=name, help=f"{', '.join(methods)}: {help_text}", **kind)
     g.add_argument("--adapter-seed", type=int, help="seed of the projection (default: --seed)")
 
 

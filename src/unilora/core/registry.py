@@ -18,12 +18,22 @@ def register_method(cls: type) -> type:
         raise TypeError(f"{cls.__name__} sets no `method` name to register under")
     if PROJECTIONS.get(name, cls) is not cls:
         raise ValueError(f"method '{name}' is already registered, by {PROJECTIONS[name].__name__}")
+    peft_type = getattr(cls, "peft_type", None)
+    taken = [other for other, known in PROJECTIONS.items() if other != name and peft_type
+             and getattr(known, "peft_type", None) == peft_type]
+    if taken:  # convert finds our method by PEFT's type: one method each (a subclass sets its own or None)
+        raise ValueError(f"PEFT type '{peft_type}' is already mapped, by method '{taken[0]}'")
     PROJECTIONS[name] = cls
     return cls
 
 
 def method_names() -> tuple[str, ...]:
     return tuple(PROJECTIONS)
+
+
+def registered_options() -> dict[str, type]:
+    """method name -> its options class (the `MethodOptions` dataclass its Projection names)."""
+    return {name: cls.options for name, cls in PROJECTIONS.items()}
 
 
 def projection_class(method: str) -> type:

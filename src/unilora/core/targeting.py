@@ -75,6 +75,15 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def base_weights(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    """The frozen weight (out × in) of each named layer, for a method built from them."""
+    weights = [base_weight(base_module(model, name)) for name in names]
+    if any(w.device.type == "meta" for w in weights):
+        raise UniLoraError("this method builds its frozen factors from the base model's weights, and this model has "
+                           "none (it lives on the meta device); load the model's weights first")
+    return weights
+
+
 def resolved_targets(model: nn.Module, names: list[str], exclude: list[str] = ()) -> list[str]:
     """What "all-linear" or a regex chose, as PEFT writes it: the module names' last parts, when
     they choose exactly the same layers again; else the full names."""

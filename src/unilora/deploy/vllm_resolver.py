@@ -41,7 +41,8 @@ from ..store.io import CONFIG_NAME, WEIGHTS_NAME
 from ..store.names import UnknownAdapter, check_name
 from ..core.resources import cache_root
 from ..store.remote import is_url, local_copy
-from ..tools.export import base_model_name, base_model_of, export_peft_lora
+from ..models.adapter_base import base_model_name, base_model_of
+from ..tools.export import export_peft_lora
 
 log = logging.getLogger("unilora.vllm")
 RESOLVER_NAME = "unilora"

@@ -4,13 +4,12 @@ model's own modules back where no adapter uses them any more. AdaptedModel keeps
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.errors import LayoutMismatchError, UniLoraError
 from ..core.layout import Layout
-from ..core.targeting import base_module, base_weight, is_adaptable, linear_shape, name_matches, replace_module
+from ..core.targeting import is_adaptable, linear_shape, name_matches, replace_module
 from .binder import FactorBinder
 from .layers import AdaptedLayer, LayerAdapter, SavedHead
 from .routing import AdapterRouter
@@ -35,15 +34,6 @@ def check_targets_exist(model: nn.Module, layout: Layout) -> None:
                 f"adapter does not fit this model: layer '{slot.name}' is {n_out}x{n_in} here but "
                 f"{slot.out_features}x{slot.in_features} in the adapter; use the base model it was trained on"
             )
-
-
-def base_weights(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
-    """The frozen weight (out × in) of each named layer, for a method built from them."""
-    weights = [base_weight(base_module(model, name)) for name in names]
-    if any(w.device.type == "meta" for w in weights):
-        raise UniLoraError("this method builds its frozen factors from the base model's weights, and this model has "
-                           "none (it lives on the meta device); load the model's weights first")
-    return weights
 
 
 def inject_layers(model: nn.Module, names: list[str], router: AdapterRouter, adapter_name: str,

@@ -20,14 +20,14 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
-from ..core.targeting import base_module, find_targets, is_conv1d, linear_shape, resolved_targets
+from ..core.targeting import base_module, base_weights, find_targets, is_conv1d, linear_shape, resolved_targets
 from ..methods import Projection, build_projection
 from ..store.adapter_file import adapter_metadata, adapter_tensors, from_state_dict, load_into, require_same_config
 from ..store.io import AdapterFile, read_adapter, write_adapter_dir
 from ..store.remote import open_adapter
 from .binder import FactorBinder
 from .hf_compat import TransformersCompat, input_embeddings
-from .injection import base_weights, check_targets_exist, inject_layers, remove_adapter, unwrap, wrap_heads
+from .injection import check_targets_exist, inject_layers, remove_adapter, unwrap, wrap_heads
 from .layers import AdaptedLayer
 from .routing import AdapterRouter
 
@@ -125,7 +125,7 @@ class AdaptedModel(TransformersCompat, nn.Module):
         names = target_names or find_targets(self.model, config.target_modules, exclude=config.modules_to_save)
         if isinstance(config.target_modules, str):  # saved as the layers it chose, as PEFT does
             resolved = resolved_targets(self.model, names, exclude=config.modules_to_save)
-            config = dataclasses.replace(config, target_modules=resolved)
+            config = config.replace(target_modules=resolved)
         layout = Layout([Slot(n, *linear_shape(base_module(self.model, n)), config.rank) for n in names])
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         weights = None if device.type == "meta" else (lambda: base_weights(self.model, names))
@@ -338,11 +338,11 @@ class AdaptedModel(TransformersCompat, nn.Module):
         self._require(name)
         config = self._adapters[name].config
         if resumable and config.method == "vblora":
-            config = dataclasses.replace(config, store="logits")
+            config = config.replace(store="logits")
         metadata = self.adapter_metadata(config, name)
         if task is not None:
             metadata["task"] = task
-        tensors = self.adapter_tensors(state_dict, store=config.store, adapter_name=name)
+        tensors = self.adapter_tensors(state_dict, store=getattr(config, "store", None), adapter_name=name)
         write_adapter_dir(directory, metadata, tensors, overwrite=overwrite)
 
     def load_adapter_weights(self, directory: str | os.PathLike) -> None:

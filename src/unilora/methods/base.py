@@ -1,8 +1,11 @@
 """The common shape of every method: a projection from trainable θ_d to θ_D = P θ_d.
 
-A method is one file: a Projection subclass registered by name (`@register_method`), its recipe
-(the defaults and learning rates used where a user leaves them open) and, where its frozen parts
-come from the base model's weights (an SVD), `needs_base_weights` and `attach`.
+A method is one file: a Projection subclass registered by name (`@register_method`), its options
+(a `MethodOptions` dataclass: its own fields, defaults and checks), its recipe (the defaults and
+learning rates used where a user leaves them open), its PEFT mapping where PEFT has the method
+(`peft_type`, `peft_state`, `peft_config`, `from_peft`) and, where its frozen parts come from the
+base model's weights (an SVD), `needs_base_weights` and `attach`. A method that trains one vector
+names it (`vector`) and gets its parameter group and its storage from here.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig
+from ..core.config import AdapterConfig, MethodOptions
 from ..core.errors import UniLoraError
 from ..core.layout import Layout
+from .peft_format import PeftReading, PeftSource
 
 
 class ScaledFactors(NamedTuple):
@@ -50,6 +54,15 @@ class Recipe:
     tuned_sharing: float | None = None
     # fields of `defaults` that fit MiniLM's shapes only: on other models the method chooses them
     model_specific: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedVector:
+    """The one trained vector of a method that trains one (θ_d, LoRA's flat weights, VeRA's scales)."""
+
+    attribute: str  # the nn.Parameter's name on the projection (its state-dict key)
+    key: str  # its tensor's name in an adapter file
+    group: str  # its optimizer parameter group
 
 
 class FixedParts:
@@ -93,6 +106,12 @@ class Projection(nn.Module):
     """
 
     method: str = ""
+    options: type[MethodOptions] = MethodOptions  # the method's own settings (fields of AdapterConfig)
+    vector: TrainedVector | None = None  # where the method trains one vector
+    peft_type: str | None = None  # PEFT's adapter type of the same method, where PEFT has one
+    # what reading PEFT's files of the method needs of the base model: None, "shapes" or "weights"
+    peft_needs_model: str | None = None
+    peft_projection_optional = False  # PEFT redraws the fixed parts from the seed when they are left out
     stochastic: bool = False  # a training-mode reconstruction that samples (VB-LoRA's noisy / Gumbel selection)
     recipe: Recipe | None = None
     # Frozen parts that come from the adapted layers' base weights (e.g. their SVD), given to
@@ -119,7 +138,9 @@ class Projection(nn.Module):
     # --- the projection -------------------------------------------------------------
     @property
     def theta(self) -> torch.Tensor:
-        raise NotImplementedError
+        if self.vector is None:
+            raise NotImplementedError
+        return getattr(self, self.vector.attribute)
 
     def factors_from(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
@@ -165,14 +186,29 @@ class Projection(nn.Module):
     # --- training -------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named groups of trainable parameters, for separate learning rates."""
-        raise NotImplementedError
+        if self.vector is None:
+            raise NotImplementedError
+        return {self.vector.group: [self.theta]}
 
     # --- storage --------------------------------------------------------------------
     @classmethod
     def stored_spec(cls, layout: Layout, config: AdapterConfig) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, "float" or "index") of every tensor an adapter file of this method holds;
         checked against the file's header before anything is loaded or built."""
+        if cls.vector is None:
+            raise NotImplementedError
+        return {cls.vector.key: ((cls.vector_length(layout, config),), "float"), **cls.fixed_spec(layout, config)}
+
+    @classmethod
+    def vector_length(cls, layout: Layout, config: AdapterConfig) -> int:
+        """The length of the trained vector (`vector`)."""
         raise NotImplementedError
+
+    @classmethod
+    def fixed_spec(cls, layout: Layout, config: AdapterConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The fixed parts an adapter file keeps beside the trained vector (adapters converted from
+        PEFT, whose parts came from torch's RNG: `fixed_parts="stored"`)."""
+        return {}
 
     @classmethod
     def build_bytes(cls, layout: Layout, config: AdapterConfig) -> int:
@@ -186,10 +222,40 @@ class Projection(nn.Module):
 
     def stored_tensors(self, store: str | None = None) -> dict[str, torch.Tensor]:
         """What an adapter file holds (`store` matters to VB-LoRA only)."""
-        raise NotImplementedError
+        if self.vector is None:
+            raise NotImplementedError
+        return {self.vector.key: self.theta.detach(), **self.stored_fixed_tensors()}
+
+    def stored_fixed_tensors(self) -> dict[str, torch.Tensor]:
+        """The fixed parts this projection's file keeps (see `fixed_spec`)."""
+        return {}
 
     def load_stored_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        if self.vector is None:
+            raise NotImplementedError
+        key = self.vector.key
+        self._require_tensors(tensors, [key, *self.stored_fixed_tensors()])
+        copy_into(self.theta, tensors[key], key)
+        self.load_fixed_tensors(tensors)
+
+    def load_fixed_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the fixed parts a file keeps (`stored_fixed_tensors`' names, checked present)."""
+
+    # --- PEFT's format of the same method (tools/peft_native.py) --------------------------
+    def peft_state(self, names: list[str], save_projection: bool = True) -> dict[str, torch.Tensor]:
+        """PEFT's state-dict entries of this adapter, its layers named `names` (PEFT_LAYER.format(name, part)
+        for a layer's tensors, "base_model.<part>" for shared ones)."""
+        raise UniLoraError(f"PEFT 0.21.2 has no {self.method} adapter type; `unilora export` writes any adapter as "
+                           "PEFT LoRA")
+
+    def peft_config(self, save_projection: bool = True) -> dict:
+        """The fields of PEFT's adapter_config.json that are this method's own."""
+        return {}
+
+    @classmethod
+    def from_peft(cls, source: PeftSource) -> PeftReading:
+        """Our adapter from PEFT's directory of this method (`source`: methods.peft_format.PeftSource)."""
+        raise UniLoraError(f"PEFT has no {cls.method} adapter type to read")
 
     def stored_param_count(self) -> int:
         """Float32-equivalent stored parameters (seed 003 §3.4 accounting)."""

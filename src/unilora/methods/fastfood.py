@@ -8,15 +8,23 @@ norm before truncation to D rows. O(L log L) time, nothing of size D × d is eve
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..core.config import Integer, MethodOptions, Number, option
 from ..core.errors import UniLoraError
 from ..core.registry import register_method
 from ..core.rng import SeededStream
-from .base import Projection, Recipe, copy_into, shared_fixed_parts
+from .base import Projection, Recipe, TrainedVector, shared_fixed_parts
+
+
+@dataclass
+class FastfoodOptions(MethodOptions):
+    theta_dim: int = option(23040, Integer(1), "length d of the trained vector θ_d")
+    init_scale: float = option(0.02, Number(0.0))  # θ_d ~ U(-s, s): not zero, A and B both come from it
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +41,8 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 @register_method
 class FastfoodProjection(Projection):
     method = "fastfood"
+    options = FastfoodOptions
+    vector = TrainedVector("theta_d", "fastfood.theta_d", "theta")
     # rate not tuned
     recipe = Recipe(defaults=dict(rank=4, theta_dim=9000), group_lrs={"theta": 5e-3},
                     paper=dict(rank=4, theta_dim=23040))
@@ -65,10 +75,6 @@ class FastfoodProjection(Projection):
         s = config.init_scale
         self.theta_d = nn.Parameter(torch.rand(d, generator=generator) * 2 * s - s)
 
-    @property
-    def theta(self):
-        return self.theta_d
-
     def factors_from(self, theta):
         x = torch.nn.functional.pad(theta, (0, self.padded - theta.shape[0])) * self.signs
         x = fwht(x)[self.permutation] * self.gauss
@@ -76,23 +82,13 @@ class FastfoodProjection(Projection):
         return self.layout.split(flat)
 
     @classmethod
-    def stored_spec(cls, layout, config):
-        return {"fastfood.theta_d": ((config.theta_dim,), "float")}
+    def vector_length(cls, layout, config):
+        return config.theta_dim
 
     @classmethod
     def build_bytes(cls, layout, config):
         padded = 1 << max(0, (layout.D - 1).bit_length())
         return 64 * padded  # signs, permutation, Gaussian (numpy and torch), FWHT temporaries
-
-    def param_groups(self):
-        return {"theta": [self.theta_d]}
-
-    def stored_tensors(self, store=None):
-        return {"fastfood.theta_d": self.theta_d.detach()}
-
-    def load_stored_tensors(self, tensors):
-        self._require_tensors(tensors, ["fastfood.theta_d"])
-        copy_into(self.theta_d, tensors["fastfood.theta_d"], "fastfood.theta_d")
 
     def metadata(self):
         return {"padded_length": self.padded, "gauss_summary": self._gauss_summary}

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from ..core.registry import register_method
-from .base import Projection, Recipe, copy_into
+from .base import Projection, Recipe, TrainedVector
 
 
 @register_method
 class LoRAProjection(Projection):
     method = "lora"
+    vector = TrainedVector("weights", "lora.weights", "lora")
     # rate: the best of the sweep (scripts/tune_rates.sh); the next one up, 1e-2, diverged
     recipe = Recipe(defaults=dict(rank=8), group_lrs={"lora": 3e-3}, paper=dict(rank=8))
 
@@ -27,16 +28,12 @@ class LoRAProjection(Projection):
             a.copy_(torch.rand(a.shape, generator=generator) * 2 * bound - bound)
         self.weights = nn.Parameter(flat)
 
-    @property
-    def theta(self):
-        return self.weights
-
     def factors_from(self, theta):
         return self.layout.split(theta)
 
     @classmethod
-    def stored_spec(cls, layout, config):
-        return {"lora.weights": ((layout.D,), "float")}
+    def vector_length(cls, layout, config):
+        return layout.D
 
     @classmethod
     def build_bytes(cls, layout, config):
@@ -46,13 +43,3 @@ class LoRAProjection(Projection):
         with torch.no_grad():
             self.weights.copy_(target)
         return True
-
-    def param_groups(self):
-        return {"lora": [self.weights]}
-
-    def stored_tensors(self, store=None):
-        return {"lora.weights": self.weights.detach()}
-
-    def load_stored_tensors(self, tensors):
-        self._require_tensors(tensors, ["lora.weights"])
-        copy_into(self.weights, tensors["lora.weights"], "lora.weights")

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from ..core.registry import register_method
-from .base import Recipe, copy_into
+from .base import Recipe, TrainedVector
 from .svd import SVDProjection
 
 
 @register_method
 class LoRAXSProjection(SVDProjection):
     method = "lora_xs"
+    vector = TrainedVector("weights", "lora_xs.cores", "cores")
     # rank 8 (64 numbers a layer). Rate: the best of scripts/svd_results.py --tune (seed 0, Rotten Tomatoes 2,000 x 2
     # epochs): 1e-3 74.49, 3e-3 75.43, 1e-2 76.19, 3e-2 74.83.
     # `unilora count`'s default: r = 2 (the paper has no single setting; it scales r from 1 parameter per layer up)
@@ -29,24 +30,10 @@ class LoRAXSProjection(SVDProjection):
         r = config.rank
         self.weights = nn.Parameter(torch.zeros(len(layout) * r * r))
 
-    @property
-    def theta(self):
-        return self.weights
-
     def cores(self, theta):
         r = self.config.rank
         return theta.view(len(self.layout), r, r)
 
     @classmethod
-    def stored_spec(cls, layout, config):
-        return {"lora_xs.cores": ((len(layout) * config.rank**2,), "float")}
-
-    def param_groups(self):
-        return {"cores": [self.weights]}
-
-    def stored_tensors(self, store=None):
-        return {"lora_xs.cores": self.weights.detach()}
-
-    def load_stored_tensors(self, tensors):
-        self._require_tensors(tensors, ["lora_xs.cores"])
-        copy_into(self.weights, tensors["lora_xs.cores"], "lora_xs.cores")
+    def vector_length(cls, layout, config):
+        return len(layout) * config.rank**2

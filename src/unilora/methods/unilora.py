@@ -8,15 +8,37 @@ then a seeded shuffle), so no slot is unused.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..core.config import Choice, Integer, MethodOptions, Number, option
 from ..core.errors import UniLoraError
+from ..core.layout import Slot
 from ..core.registry import register_method
 from ..core.rng import SeededStream
-from .base import Projection, Recipe, copy_into, shared_fixed_parts
+from .base import Projection, Recipe, TrainedVector, copy_into, shared_fixed_parts
+from .peft_format import PeftReading, layer_key, shared_key
+
+INITS = ("uniform", "zero_delta")
+FIXED_PARTS = ("seeded", "stored")
+
+
+@dataclass
+class UniLoRAOptions(MethodOptions):
+    theta_dim: int = option(23040, Integer(1), "length d of the trained vector θ_d")
+    init: str = option("uniform", Choice(INITS), "initialisation of θ_d: U(-s, s), or zero_delta (ΔW = 0 at step 0)")
+    # "seeded": the index vector is drawn from `seed` and the file holds θ_d only; "stored": the file
+    # holds the indices too (adapters converted from PEFT, whose indices come from torch's RNG)
+    fixed_parts: str = option("seeded", Choice(FIXED_PARTS))
+    init_scale: float = option(0.02, Number(0.0))
+    left_out_at_default = ("fixed_parts",)
+
+    def check(self, config):
+        if self.init == "zero_delta" and self.theta_dim < 2:
+            raise UniLoraError("init='zero_delta' needs theta_dim >= 2 (one slot pool for A, one for B)")
 
 
 def balanced_assignment(D: int, d: int, seed: int, b_mask: np.ndarray | None = None) -> np.ndarray:
@@ -43,6 +65,9 @@ def balanced_assignment(D: int, d: int, seed: int, b_mask: np.ndarray | None = N
 @register_method
 class UniLoRAProjection(Projection):
     method = "unilora"
+    options = UniLoRAOptions
+    vector = TrainedVector("theta_d", "unilora.theta_d", "theta")
+    peft_type = "UNILORA"
     # θ rate: the best of the sweep (scripts/tune_rates.sh; 4e-2 scored the same), tuned where each θ_d
     # entry feeds D/d = 165,888 / 9,000 = 18.4 LoRA weights (MiniLM, all linear, rank 4); other models
     # scale it by their D/d (training/recipes.fitted_group_lrs). A distilled classifier trains θ at 4e-2:
@@ -88,21 +113,18 @@ class UniLoRAProjection(Projection):
             init[self.fixed.first_b_slot:] = 0.0
         self.theta_d = nn.Parameter(init)
 
-    @property
-    def theta(self):
-        return self.theta_d
-
     def factors_from(self, theta):
         # Scale the d slots first, then one gather to D entries; backward is one scatter-add.
         flat = torch.index_select(theta * self.slot_scale, 0, self.indices)
         return self.layout.split(flat)
 
     @classmethod
-    def stored_spec(cls, layout, config):
-        spec = {"unilora.theta_d": ((config.theta_dim,), "float")}
-        if config.fixed_parts == "stored":
-            spec["unilora.indices"] = ((layout.D,), "index")
-        return spec
+    def vector_length(cls, layout, config):
+        return config.theta_dim
+
+    @classmethod
+    def fixed_spec(cls, layout, config):
+        return {"unilora.indices": ((layout.D,), "index")} if config.fixed_parts == "stored" else {}
 
     @classmethod
     def check_stored_values(cls, tensors, config):
@@ -123,14 +145,8 @@ class UniLoRAProjection(Projection):
             self.theta_d.copy_(theta * self.slot_scale)
         return True
 
-    def param_groups(self):
-        return {"theta": [self.theta_d]}
-
-    def stored_tensors(self, store=None):
-        tensors = {"unilora.theta_d": self.theta_d.detach()}
-        if self.config.fixed_parts == "stored":
-            tensors["unilora.indices"] = self.indices
-        return tensors
+    def stored_fixed_tensors(self):
+        return {"unilora.indices": self.indices} if self.config.fixed_parts == "stored" else {}
 
     def stored_param_count(self):
         """θ_d, plus a stored index vector counted as float32 fractions (as VB-LoRA's indices)."""
@@ -139,19 +155,67 @@ class UniLoRAProjection(Projection):
             count += self.indices.numel() * self.indices.element_size() // 4
         return count
 
-    def load_stored_tensors(self, tensors):
-        self._require_tensors(tensors, ["unilora.theta_d"])
-        copy_into(self.theta_d, tensors["unilora.theta_d"], "unilora.theta_d")
-        if self.config.fixed_parts == "stored":
-            self._require_tensors(tensors, ["unilora.indices"])
-            indices = tensors["unilora.indices"].long()
-            self.check_stored_values({"unilora.indices": indices}, self.config)
-            copy_into(self.indices, indices, "unilora.indices")
-            counts = torch.bincount(indices, minlength=self.config.theta_dim).to(torch.float64)
-            # 1/sqrt(n_j) keeps PᵀP = I on the slots in use; an unused slot scales by 0 (never read)
-            scale = torch.where(counts > 0, counts.clamp_min(1).rsqrt(), torch.zeros_like(counts))
-            with torch.no_grad():
-                self.slot_scale.copy_(scale.to(self.slot_scale.dtype))
+    def load_fixed_tensors(self, tensors):
+        if self.config.fixed_parts != "stored":
+            return
+        indices = tensors["unilora.indices"].long()
+        self.check_stored_values({"unilora.indices": indices}, self.config)
+        copy_into(self.indices, indices, "unilora.indices")
+        counts = torch.bincount(indices, minlength=self.config.theta_dim).to(torch.float64)
+        # 1/sqrt(n_j) keeps PᵀP = I on the slots in use; an unused slot scales by 0 (never read)
+        scale = torch.where(counts > 0, counts.clamp_min(1).rsqrt(), torch.zeros_like(counts))
+        with torch.no_grad():
+            self.slot_scale.copy_(scale.to(self.slot_scale.dtype))
 
     def metadata(self):
         return {} if self._index_digest is None else {"index_sha256": self._index_digest}
+
+    # --- PEFT's UNILORA ------------------------------------------------------------------
+    # θ_d as is; each layer's entries of our index vector as `indices_A` (r × in) and `indices_B`
+    # (out × r, our Bᵀ transposed), their 1/sqrt(n_j) as `scales_A` / `scales_B` (our scaling folded into
+    # `scales_B`). PEFT would redraw the indices from torch's RNG: the directory stores ours
+    # (`save_indices`), and PEFT computes the same 1/sqrt(n_j) from them.
+    def peft_state(self, names, save_projection=True):
+        layout, s = self.layout, self.config.scaling
+        indices = self.indices.long()
+        state = {shared_key("unilora_theta_d"): self.theta_d.detach().clone()}
+        for name, (idx_a, idx_bt), (sc_a, sc_bt) in zip(names, layout.split(indices),
+                                                       layout.split(self.slot_scale[indices])):
+            state[layer_key(name, "unilora_indices_A")] = idx_a.clone()
+            state[layer_key(name, "unilora_indices_B")] = idx_bt.t().contiguous()
+            state[layer_key(name, "unilora_scales_A")] = sc_a.clone()
+            state[layer_key(name, "unilora_scales_B")] = (sc_bt.t() * s).contiguous()
+        return state
+
+    def peft_config(self, save_projection=True):
+        return {"theta_d_length": self.config.theta_dim, "proj_seed": self.config.seed, "unilora_dropout": 0.0,
+                "save_indices": True, "init_weights": True}
+
+    @classmethod
+    def from_peft(cls, source):
+        """A directory saved with `save_indices=True` (the indices are kept: fixed_parts="stored")."""
+        r, d = source.integers("r", "theta_d_length")
+        modules = source.modules("unilora_indices_A")
+        if not modules:
+            raise UniLoraError(f"'{source.weights}' holds no UniLora indices: PEFT saved it without save_indices=True "
+                               "and would redraw them from torch's RNG; re-save it with save_indices=True to convert "
+                               "it exactly")
+        if source.shape(shared_key("unilora_theta_d")) != (d,):
+            raise UniLoraError(f"'{source.weights}' does not hold a theta_d of length {d}")
+        slots, indices = [], []
+        for name in modules:
+            keys = layer_key(name, "unilora_indices_A"), layer_key(name, "unilora_indices_B")
+            shape_a, shape_b = map(source.shape, keys)
+            if shape_a is None or shape_b is None or len(shape_a) != 2 or len(shape_b) != 2 or shape_a[0] != r \
+                    or shape_b[1] != r:
+                raise UniLoraError(f"'{source.weights}': the indices of '{name}' have shapes {shape_a}, {shape_b}; "
+                                   f"expected ({r}, in) and (out, {r})")
+            slots.append(Slot(name, shape_a[1], shape_b[0], r))
+            indices.append(source.tensor(keys[0]).reshape(-1))
+            indices.append(source.tensor(keys[1]).t().reshape(-1))  # our Bᵀ, row-major
+        flat = torch.cat(indices)
+        options = dict(method=cls.method, rank=r, theta_dim=d, fixed_parts="stored",
+                       seed=int(source.config.get("proj_seed") or 0))
+        tensors = {"unilora.theta_d": source.tensor(shared_key("unilora_theta_d")),
+                   "unilora.indices": flat.to(torch.int32 if flat.numel() < 2**31 else torch.int64)}
+        return PeftReading(slots, options, tensors)

@@ -12,17 +12,20 @@ eval every mode but "all" uses the noise-free top-k, which is exactly what the a
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import Choice, Integer, MethodOptions, Number, option
 from ..core.errors import UniLoraError
+from ..core.layout import Slot
 from ..core.notes import note
 from ..core.registry import register_method
 from .base import Projection, Recipe, copy_into
+from .peft_format import PeftReading, layer_key, shared_key
 
 # Logits that an adapter saved in top-k form did not keep are rebuilt this far below the
 # smallest kept logit: the top-k and their softmax weights are then exactly as saved.
@@ -30,6 +33,30 @@ _REBUILT_LOGIT_MARGIN = 10.0
 
 
 MAX_AUTO_VECTOR_LENGTH = 256
+SELECTIONS = ("topk", "all", "noisy_topk", "gumbel", "st_gumbel")
+
+
+@dataclass
+class VBLoRAOptions(MethodOptions):
+    num_vectors: int = option(90, Integer(1, 2**31 - 1), "bank size h")
+    vector_length: int | None = option(None, Integer(1, 2**31 - 1, optional=True),
+                                       "sub-vector length b (default: the largest b <= 256 dividing every adapted "
+                                       "dimension)")
+    topk: int = option(2, Integer(1, 2**31 - 1), "k, the bank vectors mixed per sub-vector")
+    selection: str = option("topk", Choice(SELECTIONS), "vector selection during training")
+    gumbel_tau: float = option(1.0 / 3.0, Number(0.0, open_low=True))
+    noise_std: float = option(0.1, Number(0.0))
+    # the adapter file: "topk" (indices + k-1 weights) or "logits" (exact resume)
+    store: str = option("topk", Choice(("topk", "logits")), "what the adapter file keeps: top-k indices and weights, "
+                        "or every logit (exact resume)")
+    chosen_from_layout = ("vector_length",)
+
+    def check(self, config):
+        if self.topk > self.num_vectors:
+            raise UniLoraError(f"topk must be between 1 and num_vectors={self.num_vectors}, got {self.topk}")
+        if self.selection == "all" and self.store == "topk":
+            raise UniLoraError("selection='all' mixes every bank vector, so top-k indices cannot reproduce it: "
+                               "use store='logits'")
 
 
 def auto_vector_length(layout) -> int:
@@ -62,6 +89,8 @@ def index_dtype(num_vectors: int) -> torch.dtype:
 @register_method
 class VBLoRAProjection(Projection):
     method = "vblora"
+    options = VBLoRAOptions
+    peft_type = "VBLORA"
     # rates: the best of the sweep (scripts/tune_rates.sh); the next bank rate up, 4e-2, diverged. The
     # recipe's b = 128 divides MiniLM's widths only: elsewhere b is chosen from the model. A distilled
     # classifier trains the logits at 8e-2: on seeds 5-7 it ended closer to the teacher in held-out KL
@@ -93,7 +122,7 @@ class VBLoRAProjection(Projection):
         b = auto_vector_length(layout)
         note(f"VB-LoRA: vector_length not given; using b={b}, the largest b <= {MAX_AUTO_VECTOR_LENGTH} "
              "dividing every adapted dimension")
-        return dataclasses.replace(config, vector_length=b)
+        return config.replace(vector_length=b)
 
     @property
     def theta(self):
@@ -230,3 +259,57 @@ class VBLoRAProjection(Projection):
         with torch.no_grad():
             self.logits.copy_(logits)
         self._loaded_selection = (indices.to(self.logits.device), weights.to(self.logits.device), self.logits._version)
+
+    # --- PEFT's VBLORA ---------------------------------------------------------------------
+    # The bank as `vblora_vector_bank`; each layer's logits as `logits_A` (r × in/b × h) and
+    # `logits_B` (out/b × r × h). An adapter stored as top-k gets logits whose top-k softmax is the
+    # stored weights (as our loader rebuilds them). PEFT's VB-LoRA has no scaling: other than 1 is refused.
+    def peft_state(self, names, save_projection=True):
+        s = self.config.scaling
+        if s != 1.0:
+            raise UniLoraError(f"this VB-LoRA adapter scales its update by {s:g}; PEFT's VB-LoRA has no scaling, "
+                               "so it cannot hold it exactly (export it as LoRA with `unilora export` instead)")
+        b, h = self.config.vector_length, self.config.num_vectors
+        state = {shared_key("vblora_vector_bank"): self.bank.detach().clone()}
+        offset = 0
+        for name, slot in zip(names, self.layout.slots):
+            n_a, n_b = slot.rank * slot.in_features // b, slot.rank * slot.out_features // b
+            logits_a = self.logits.detach()[offset: offset + n_a].reshape(slot.rank, slot.in_features // b, h)
+            logits_bt = self.logits.detach()[offset + n_a: offset + n_a + n_b].reshape(slot.rank, slot.out_features // b, h)
+            state[layer_key(name, "vblora_logits_A")] = logits_a.clone()
+            state[layer_key(name, "vblora_logits_B")] = logits_bt.transpose(0, 1).contiguous()
+            offset += n_a + n_b
+        return state
+
+    def peft_config(self, save_projection=True):
+        c = self.config
+        return {"num_vectors": c.num_vectors, "vector_length": c.vector_length, "topk": c.topk,
+                "save_only_topk_weights": False, "vblora_dropout": 0.0}
+
+    @classmethod
+    def from_peft(cls, source):
+        """A directory with its full logits (`save_only_topk_weights=False`): an adapter stored as logits."""
+        if source.config.get("save_only_topk_weights"):
+            raise UniLoraError("this PEFT VB-LoRA adapter keeps only top-k weights; save it with "
+                               "save_only_topk_weights=False to convert it")
+        r, h, b, k = source.integers("r", "num_vectors", "vector_length", "topk")
+        modules = source.modules("vblora_logits_A")
+        if source.shape(shared_key("vblora_vector_bank")) != (h, b) or not modules:
+            raise UniLoraError(f"'{source.weights}' does not hold a VB-LoRA bank of shape ({h}, {b}) and per-layer "
+                               "logits")
+        slots = []
+        for name in modules:
+            shape_a = source.shape(layer_key(name, "vblora_logits_A"))
+            shape_b = source.shape(layer_key(name, "vblora_logits_B"))
+            if (shape_a is None or shape_b is None or len(shape_a) != 3 or len(shape_b) != 3 or shape_a[0] != r
+                    or shape_b[1] != r or shape_a[2] != h or shape_b[2] != h):
+                raise UniLoraError(f"'{source.weights}': the logits of '{name}' have shapes {shape_a}, {shape_b}; "
+                                   f"expected ({r}, in/{b}, {h}) and (out/{b}, {r}, {h})")
+            slots.append(Slot(name, shape_a[1] * b, shape_b[0] * b, r))
+        logits = []
+        for name in modules:
+            logits.append(source.tensor(layer_key(name, "vblora_logits_A")).reshape(-1, h))
+            logits.append(source.tensor(layer_key(name, "vblora_logits_B")).transpose(0, 1).reshape(-1, h))
+        options = dict(method=cls.method, rank=r, num_vectors=h, vector_length=b, topk=k, store="logits")
+        tensors = {"vblora.bank": source.tensor(shared_key("vblora_vector_bank")), "vblora.logits": torch.cat(logits)}
+        return PeftReading(slots, options, tensors)

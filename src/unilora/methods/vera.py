@@ -9,13 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..core.config import Choice, MethodOptions, Number, option
+from ..core.errors import UniLoraError
+from ..core.layout import Slot
 from ..core.registry import register_method
 from ..core.rng import SeededStream
-from .base import Projection, Recipe, ScaledFactors, copy_into, shared_fixed_parts
+from ..core.targeting import base_module, linear_shape
+from .base import Projection, Recipe, ScaledFactors, TrainedVector, copy_into, shared_fixed_parts
+from .peft_format import PeftReading, layer_key, shared_key
+
+
+@dataclass
+class VeRAOptions(MethodOptions):
+    # "seeded": the shared matrices are drawn from `seed` and never stored; "stored": the file holds
+    # them (adapters converted from PEFT, whose matrices come from torch's RNG)
+    fixed_parts: str = option("seeded", Choice(("seeded", "stored")))
+    vera_d_init: float = option(0.1, Number())  # the initial value of every d_l
+    left_out_at_default = ("fixed_parts",)
 
 
 def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) -> torch.Tensor:
@@ -26,6 +41,10 @@ def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) 
 @register_method
 class VeRAProjection(Projection):
     method = "vera"
+    options = VeRAOptions
+    vector = TrainedVector("scales", "vera.scales", "scales")
+    peft_type = "VERA"
+    peft_needs_model = "shapes"  # PEFT's files do not record each layer's input size and order
     # rate: the best of the sweep (scripts/tune_rates.sh)
     recipe = Recipe(defaults=dict(rank=256), group_lrs={"scales": 3e-2}, paper=dict(rank=1024))
 
@@ -57,10 +76,6 @@ class VeRAProjection(Projection):
         )
         self.scales = nn.Parameter(init)
 
-    @property
-    def theta(self):
-        return self.scales
-
     def _scaled(self, theta) -> list[ScaledFactors]:
         parts = torch.split(theta, self.sizes)
         return [
@@ -75,13 +90,16 @@ class VeRAProjection(Projection):
         return self._scaled(self.theta)
 
     @classmethod
-    def stored_spec(cls, layout, config):
-        spec = {"vera.scales": ((sum(s.rank + s.out_features for s in layout.slots),), "float")}
-        if config.fixed_parts == "stored":
-            r = config.rank
-            spec["vera.shared_a"] = ((r, max(s.in_features for s in layout.slots)), "float")
-            spec["vera.shared_bt"] = ((r, max(s.out_features for s in layout.slots)), "float")
-        return spec
+    def vector_length(cls, layout, config):
+        return sum(s.rank + s.out_features for s in layout.slots)
+
+    @classmethod
+    def fixed_spec(cls, layout, config):
+        if config.fixed_parts != "stored":
+            return {}
+        r = config.rank
+        return {"vera.shared_a": ((r, max(s.in_features for s in layout.slots)), "float"),
+                "vera.shared_bt": ((r, max(s.out_features for s in layout.slots)), "float")}
 
     @classmethod
     def build_bytes(cls, layout, config):
@@ -89,22 +107,62 @@ class VeRAProjection(Projection):
         shared = r * (max(s.in_features for s in layout.slots) + max(s.out_features for s in layout.slots))
         return 24 * shared + 8 * layout.D  # float64 draw + float32 copies; dense factors for merging
 
-    def param_groups(self):
-        return {"scales": [self.scales]}
+    def stored_fixed_tensors(self):
+        if self.config.fixed_parts != "stored":
+            return {}
+        return {"vera.shared_a": self.shared_a, "vera.shared_bt": self.shared_bt}
 
-    def stored_tensors(self, store=None):
-        tensors = {"vera.scales": self.scales.detach()}
+    def load_fixed_tensors(self, tensors):
         if self.config.fixed_parts == "stored":
-            tensors.update({"vera.shared_a": self.shared_a, "vera.shared_bt": self.shared_bt})
-        return tensors
-
-    def load_stored_tensors(self, tensors):
-        self._require_tensors(tensors, ["vera.scales"])
-        copy_into(self.scales, tensors["vera.scales"], "vera.scales")
-        if self.config.fixed_parts == "stored":
-            self._require_tensors(tensors, ["vera.shared_a", "vera.shared_bt"])
             copy_into(self.shared_a, tensors["vera.shared_a"], "vera.shared_a")
             copy_into(self.shared_bt, tensors["vera.shared_bt"], "vera.shared_bt")
 
     def metadata(self):
         return {} if self._digest is None else {"shared_sha256": self._digest}
+
+    # --- PEFT's VERA ---------------------------------------------------------------------
+    # Our shared A, Bᵀ as `vera_A` (r × max in) and `vera_B` (max out × r); each layer's d and b as
+    # `lambda_d` and `lambda_b` (the scaling folded into `lambda_b`). PEFT would redraw the matrices from
+    # torch's RNG: the directory stores ours (`save_projection`).
+    def peft_state(self, names, save_projection=True):
+        state = {shared_key("vera_A"): self.shared_a.clone(), shared_key("vera_B"): self.shared_bt.t().contiguous()}
+        for name, factors in zip(names, self.layer_factors()):
+            state[layer_key(name, "vera_lambda_d")] = factors.d.detach().clone()
+            state[layer_key(name, "vera_lambda_b")] = (factors.b.detach() * self.config.scaling).clone()
+        return state
+
+    def peft_config(self, save_projection=True):
+        return {"projection_prng_key": self.config.seed, "save_projection": True, "vera_dropout": 0.0,
+                "d_initial": self.config.vera_d_init, "init_weights": True}
+
+    @classmethod
+    def from_peft(cls, source):
+        """A directory saved with `save_projection=True` (its matrices are kept: fixed_parts="stored").
+        PEFT does not record each layer's input size: the base model (`source.model`) gives them."""
+        (r,) = source.integers("r")
+        modules = source.modules("vera_lambda_d")
+        shape_a, shape_b = source.shape(shared_key("vera_A")), source.shape(shared_key("vera_B"))
+        if not modules or shape_a is None or shape_b is None:
+            raise UniLoraError(f"'{source.weights}' holds no VeRA matrices: PEFT saved it without save_projection=True "
+                               "and would redraw them from torch's RNG; re-save it with save_projection=True to "
+                               "convert it exactly")
+        modules = source.model_order(set(modules), "VERA")
+        slots = []
+        for name in modules:
+            n_in, n_out = linear_shape(base_module(source.model, name))
+            if source.shape(layer_key(name, "vera_lambda_d")) != (r,) \
+                    or source.shape(layer_key(name, "vera_lambda_b")) != (n_out,):
+                raise UniLoraError(f"'{source.weights}': the vectors of '{name}' do not fit r={r} and the model's "
+                                   f"{n_out} outputs; give the model the adapter was trained on")
+            slots.append(Slot(name, n_in, n_out, r))
+        expected = ((r, max(s.in_features for s in slots)), (max(s.out_features for s in slots), r))
+        if (shape_a, shape_b) != expected:
+            raise UniLoraError(f"'{source.weights}': vera_A / vera_B have shapes {shape_a}, {shape_b}; these layers "
+                               f"need {expected}")
+        scales = [source.tensor(layer_key(name, f"vera_lambda_{part}")) for name in modules for part in ("d", "b")]
+        options = dict(method=cls.method, rank=r, fixed_parts="stored",
+                       seed=int(source.config.get("projection_prng_key") or 0),
+                       vera_d_init=float(source.config.get("d_initial", 0.1)))
+        tensors = {"vera.scales": torch.cat(scales), "vera.shared_a": source.tensor(shared_key("vera_A")),
+                   "vera.shared_bt": source.tensor(shared_key("vera_B")).t().contiguous()}
+        return PeftReading(slots, options, tensors)

@@ -24,10 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
+from ..core.finite import check_finite
 from ..core.layout import Layout, Slot
 from ..core.tasks import LM_DATA_KINDS, METRICS, TASK_KINDS
 from ..methods import PROJECTIONS
-from .validation import Fields, check_allocation, check_finite, check_header, read_json_object, tensor_header
+from .validation import Fields, check_allocation, check_header, read_json_object, tensor_header
 from .writing import Recognisers, write_json_atomic, write_output_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -155,8 +156,9 @@ def _check_meta(meta: dict, path: Path) -> tuple[AdapterConfig, Layout]:
         raise UniLoraError(f"'{path}': bad 'adapter' section ({err})") from None
     except UniLoraError as err:
         raise UniLoraError(f"'{path}': {err}") from None
-    if config.method == "vblora" and config.vector_length is None:
-        raise UniLoraError(f"'{path}': a saved VB-LoRA adapter must record its vector_length")
+    for name in type(config.options).chosen_from_layout:
+        if getattr(config, name) is None:
+            raise UniLoraError(f"'{path}': a saved {config.method} adapter must record its {name}")
     layout = _parse_layout(fields, config)
     fields.obj("projection")
     heads = fields.strings("head_modules", default=[])

@@ -140,13 +140,6 @@ def check_header(path: Path, header: dict, expected: dict[str, tuple[tuple[int, 
             raise UniLoraError(f"'{path}': tensor '{name}' has shape {tuple(found)}, its config implies {tuple(shape)}")
 
 
-def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise UniLoraError(f"{where}: tensor '{name}' holds {bad:,} NaN or infinite values; {fix}")
-
-
 def memory_budget() -> int:
     """Bytes this process can still allocate: free memory, and the address-space limit if set."""
     budget = 1 << 62

@@ -21,12 +21,13 @@ from safetensors.torch import load_file
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
+from ..core.finite import check_finite
 from ..core.layout import Layout, Slot
 from ..core.targeting import name_matches
 from ..methods import build_projection, recipe_config, refuse_without_weights
 from ..store.adapter_file import adapter_metadata
 from ..store.io import ADAPTER_FILES, write_adapter_dir
-from ..store.validation import Fields, check_finite, check_header, read_json_object, tensor_header
+from ..store.validation import Fields, check_header, read_json_object, tensor_header
 from ..store.writing import check_writable
 
 _PEFT_PREFIX = "base_model.model."

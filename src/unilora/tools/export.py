@@ -16,17 +16,14 @@ import json
 from pathlib import Path
 
 import torch
-import transformers
-from torch import nn
 
 from ..core.errors import UniLoraError
+from ..core.finite import check_finite
 from ..core.layout import Layout
-from ..core.tasks import task_kind
-from ..engine.injection import base_weights, check_targets_exist
-from ..models.backbones import EMBEDDED_HUB_NAME, is_embedded, load_weights
-from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
+from ..core.targeting import base_weights
+from ..engine.injection import check_targets_exist
+from ..models.adapter_base import base_model_name, base_model_of, is_finetuned_classifier, peft_task_type
 from ..store.io import save_tensors, written_by_us
-from ..store.validation import check_finite
 from ..store.writing import write_output_dir
 from .inspection import rebuild_projection
 
@@ -37,12 +34,6 @@ EXPORT_FILES = {
     "head.safetensors": written_by_us,
 }
 
-# PEFT task types by the transformers class-name suffix of the base model
-_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Seq2SeqLM", "SEQ_2_SEQ_LM"))
-
-
 def _export_rank(rank: int, requested: int | None) -> int:
     if requested is None:
         return rank
@@ -51,60 +42,7 @@ def _export_rank(rank: int, requested: int | None) -> int:
     return requested
 
 
-def peft_task_type(meta: dict) -> str | None:
-    """PEFT's task_type for the model the adapter was saved from. `finetune` classifiers are exported
-    relative to their encoder, i.e. feature extraction."""
-    if _is_finetuned_classifier(meta):
-        return "FEATURE_EXTRACTION"
-    if meta.get("peft_task_type") in {task for _, task in _TASK_TYPES}:  # an adapter converted from PEFT's
-        return meta["peft_task_type"]
-    cls = (meta.get("base_model") or {}).get("class") or ""
-    return next((task for suffix, task in _TASK_TYPES if cls.endswith(suffix)), None)
-
-
-# the transformers class that loads a base model for each PEFT task type
-PEFT_TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-                     "TOKEN_CLS": "AutoModelForTokenClassification", "QUESTION_ANS": "AutoModelForQuestionAnswering",
-                     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
-
 _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
-
-
-def _is_finetuned_classifier(meta: dict) -> bool:
-    """An adapter of `finetune --task seq-cls`: its layers live under the classifier's `encoder.`."""
-    task = meta.get("task")
-    return bool(task) and task.get("task", "seq-cls") == "seq-cls"
-
-
-def base_model_name(meta: dict) -> str | None:
-    """The name or path the base model was loaded from (embedded models by their hub names)."""
-    name = (meta.get("task") or {}).get("model") or (meta.get("base_model") or {}).get("name_or_path")
-    if name and is_embedded(name):
-        return EMBEDDED_HUB_NAME
-    return EMBEDDED_LLM_HUB_NAME if name and is_embedded_llm(name) else name
-
-
-def base_model_of(meta: dict, model=None) -> nn.Module:
-    """The base model of an adapter: `model` (a module, a name or path, or a function of the adapter's
-    config giving the module, for a caller that keeps its models), else the model it records, loaded as
-    it was trained (a `finetune` classifier's encoder, a causal LM, else its recorded class)."""
-    if isinstance(model, nn.Module):
-        return model
-    if callable(model):
-        return model(meta)
-    task = meta.get("task") or {}
-    name = str(model) if model else task.get("model") or (meta.get("base_model") or {}).get("name_or_path")
-    if not name:
-        raise UniLoraError("the adapter records no base model: give the model it was trained on (--model NAME_OR_PATH, "
-                           "or model= in Python)")
-    if _is_finetuned_classifier(meta):
-        return load_weights(name, transformers.AutoModel)
-    if task_kind(task) == "causal-lm" or peft_task_type(meta) == "CAUSAL_LM":
-        return load_weights(name, transformers.AutoModelForCausalLM)
-    model_class = getattr(transformers, (meta.get("base_model") or {}).get("class") or "", None)
-    if not hasattr(model_class, "from_pretrained"):  # e.g. converted from PEFT: its task type names the class
-        model_class = getattr(transformers, PEFT_TASK_CLASSES.get(peft_task_type(meta), "AutoModel"))
-    return load_weights(name, model_class)
 
 
 def base_weights_of(meta: dict, layout, model=None) -> list[torch.Tensor]:
@@ -164,7 +102,7 @@ def peft_heads(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[str | None
 
 def layer_prefix(meta: dict) -> str:
     """Adapters from `unilora finetune` wrap the encoder as `encoder.`: PEFT users load the encoder itself."""
-    return "encoder." if _is_finetuned_classifier(meta) else ""
+    return "encoder." if is_finetuned_classifier(meta) else ""
 
 
 def write_peft_dir(out_dir, tensors: dict, config: dict, head: dict, overwrite: bool, what: str) -> None:

@@ -149,7 +149,7 @@ def fit_rates_to(model: AdaptedModel, settings: TrainSettings) -> str | None:
         return None
     config = model.adapter_config
     settings.group_lrs, said = fitted_group_lrs(config.method, settings.group_lrs, model.projection.layout.D,
-                                                config.theta_dim)
+                                                getattr(config, "theta_dim", None))
     return said
 
 

@@ -16,7 +16,8 @@ from ..core.targeting import base_module, find_targets, is_conv1d
 from ..core.tasks import task_kind
 from ..engine.model import AdaptedModel
 from ..models.backbones import is_causal_lm, load_causal_lm
-from ..store.validation import check_finite, check_header, read_json_object, tensor_header
+from ..core.finite import check_finite
+from ..store.validation import check_header, read_json_object, tensor_header
 from ..tools.compress import LowRankUpdate, from_peft_lora, truncated
 from .classification import build_classifier
 from .records import read_task_adapter
