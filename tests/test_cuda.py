@@ -12,7 +12,7 @@ import unilora
 from conftest import build, method_options
 from unilora.serve.residency import Residency
 from unilora.serve.sequence import Sampling, Sequence
-from unilora.serve.store import AdapterStore
+from unilora.store.source import AdapterStore
 from unilora.serve.worker import Worker
 
 pytestmark = [pytest.mark.cuda,

@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 import unilora
 from unilora.core.errors import UniLoraError
 from unilora.deploy.vllm_resolver import UniloraResolution, same_base
-from unilora.serve.store import AdapterStore
+from unilora.store.source import AdapterStore
 from unilora.store.remote import local_copy
 
 ROOT = Path(__file__).resolve().parent.parent

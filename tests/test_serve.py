@@ -15,7 +15,8 @@ from transformers import LlamaForCausalLM
 from unilora.serve.protocol import ChatRequest, CompletionRequest, RequestError, parse
 from unilora.serve.residency import Residency
 from unilora.serve.sequence import Sampling, Sequence
-from unilora.serve.store import AdapterStore, BadAdapter, UnknownAdapter, check_name
+from unilora.store.names import BadAdapter, UnknownAdapter, check_name
+from unilora.store.source import AdapterStore
 from unilora.serve.worker import Overloaded, Worker
 
 

@@ -39,7 +39,8 @@ from .protocol import ChatRequest, CompletionRequest, LoadAdapterRequest, Reques
 from .residency import Residency
 from .sequence import Sampling, Sequence
 from .settings import ServeSettings
-from .store import AdapterStore, check_name
+from ..store.names import check_name
+from ..store.source import AdapterStore
 from .worker import Overloaded, Worker
 
 log = logging.getLogger("unilora.serve")

@@ -21,7 +21,8 @@ from ..core.tasks import task_kind
 from ..models.backbones import SequenceClassifier, load_backbone
 from .protocol import ClassifyRequest, RequestError, parse
 from .residency import Residency
-from .store import AdapterStore, BadAdapter
+from ..store.names import BadAdapter
+from ..store.source import AdapterStore
 from .worker import Overloaded
 
 MAX_LENGTH = 512

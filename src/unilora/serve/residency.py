@@ -22,7 +22,7 @@ from torch import nn
 from ..core.errors import LayoutMismatchError
 from ..engine.model import AdaptedModel
 from ..store.io import AdapterFile
-from .store import BadAdapter
+from ..store.names import BadAdapter
 
 
 @dataclass

@@ -16,7 +16,7 @@ import uvicorn
 from ..core.errors import UniLoraError
 from .app import create_app
 from .settings import ServeSettings
-from .store import AdapterStore
+from ..store.source import AdapterStore
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -29,7 +29,7 @@ from ..engine.routing import BASE
 from .batch import RunningBatch, cache_argument
 from .residency import Residency
 from .sequence import Sequence
-from .store import AdapterStore
+from ..store.source import AdapterStore
 
 log = logging.getLogger("unilora.serve")
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import fsspec
 
 from ..core.errors import UniLoraError
-from ..store.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter
-from ..store.names import NAME_PATTERN, BadAdapter, UnknownAdapter, check_name
-from ..store.remote import is_url, list_adapters, local_copy, remote_signature
+from .io import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter
+from .names import NAME_PATTERN, BadAdapter, UnknownAdapter, check_name
+from .remote import is_url, list_adapters, local_copy, remote_signature
 
 LISTING_TTL_S = 2.0  # /v1/models re-reads a large store at most this often
 
