@@ -29,7 +29,7 @@ from ..core.errors import UniLoraError
 from ..serve.app import create_app, error_response, read_body
 from ..serve.protocol import RequestError
 from ..serve.settings import ServeSettings
-from ..store.names import NAME_PATTERN
+from ..store.names import is_adapter_name
 
 REPLICA_HEADER = "x-unilora-replica"
 
@@ -90,7 +90,7 @@ def adapter_name(body: bytes, settings: ServeSettings) -> str:
         return ""
     if not isinstance(model, str) or model in (settings.model_id, settings.model):
         return ""
-    return model if NAME_PATTERN.fullmatch(model) and ".." not in model else ""
+    return model if is_adapter_name(model) else ""
 
 
 @serve.deployment

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,12 +35,11 @@ import threading
 from pathlib import Path
 
 from ..core.errors import UniLoraError
-from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
-from ..store.io import CONFIG_NAME, WEIGHTS_NAME
-from ..store.names import UnknownAdapter, check_name
 from ..core.resources import cache_root
-from ..store.remote import is_url, local_copy
 from ..models.adapter_base import base_model_name, base_model_of
+from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
+from ..store.io import WEIGHTS_NAME
+from ..store.source import AdapterStore
 from ..tools.export import export_peft_lora
 
 log = logging.getLogger("unilora.vllm")
@@ -68,6 +66,7 @@ class UniloraResolution:
 
     def __init__(self, store: str, cache: str | os.PathLike | None = None, max_cached: int = DEFAULT_CACHED):
         self.store = store.rstrip("/")
+        self.adapters = AdapterStore(self.store)
         self.cache = Path(cache) if cache else cache_root() / "vllm-lora"
         self.max_cached = max_cached
         self._lock = threading.Lock()
@@ -91,22 +90,16 @@ class UniloraResolution:
                 failures.append(str(err))
         raise UniLoraError(f"its factors come from the base model's weights, which could not be loaded: {'; '.join(failures)}")
 
-    def source(self, name: str) -> Path:
-        """The validated local folder of store adapter `name`."""
-        check_name(name)
-        if is_url(self.store):
-            return local_copy(f"{self.store}/{name}")
-        root = Path(self.store).resolve()
-        folder = (root / name).resolve()
-        if folder.parent != root or not (folder / CONFIG_NAME).is_file():
-            raise UnknownAdapter(f"no adapter named '{name}' in {self.store}")
-        return folder
+    def source(self, name: str) -> tuple[Path, dict]:
+        """The local folder of store adapter `name` and its validated config, read through the store
+        the server uses (the name rule, containment after symlinks, a verified copy of a URL's)."""
+        adapter, _ = self.adapters.read(name)
+        return self.adapters.folder(name), adapter.meta
 
     def resolve(self, served: str, name: str) -> tuple[str, int] | None:
         """(PEFT folder, a stable positive integer id), or None where the adapter is refused."""
         try:
-            folder = self.source(name)
-            meta = json.loads((folder / CONFIG_NAME).read_text())
+            folder, meta = self.source(name)
             recorded = base_model_name(meta)
             if not same_base(recorded, served):
                 log.warning("unilora adapter '%s' was trained on '%s', not on '%s'", name, recorded, served)
@@ -148,7 +141,11 @@ def register() -> None:
     from vllm.lora.request import LoRARequest  # vLLM's own environment only
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-    resolution = from_environment()
+    try:
+        resolution = from_environment()
+    except UniLoraError as err:  # a store that cannot be read: vLLM serves on, without this resolver
+        log.warning("unilora resolver not registered: %s", err)
+        return
     if resolution is None:
         log.warning("unilora resolver not registered: set UNILORA_VLLM_STORE to a folder or URL of adapters")
         return

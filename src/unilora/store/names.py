@@ -27,9 +27,14 @@ class BadAdapter(UniLoraError):
     status = 422
 
 
+def is_adapter_name(name) -> bool:
+    """Whether `name` is a plain adapter name (the one rule, see the module docstring)."""
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None and ".." not in name
+
+
 def check_name(name) -> str:
     """A plain adapter name, or UnknownAdapter naming the rule (never a path)."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+    if not is_adapter_name(name):
         shown = name[:80] if isinstance(name, str) else type(name).__name__
         raise UnknownAdapter(f"'{shown}' is not an adapter name: names are 1-128 letters, digits, '-', '_' or '.', "
                              "start with a letter or digit, and hold no '..' or path separator")

@@ -1,5 +1,5 @@
-"""The adapter store a server reads from: a folder of adapter folders, an adapter's name being its
-folder's name.
+"""The one adapter source of `unilora serve`, the vLLM resolver and the Ray app: a folder of adapter
+folders (or an fsspec URL), an adapter's name being its folder's name.
 
 Names are plain (letters, digits, `-`, `_`, `.`, no `..`, no separator), and the folder a name
 resolves to must lie inside the store after symlinks are followed: a client can never make the
@@ -30,7 +30,7 @@ import fsspec
 
 from ..core.errors import UniLoraError
 from .io import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter
-from .names import NAME_PATTERN, BadAdapter, UnknownAdapter, check_name
+from .names import BadAdapter, UnknownAdapter, check_name, is_adapter_name
 from .remote import is_url, list_adapters, local_copy, remote_signature
 
 LISTING_TTL_S = 2.0  # /v1/models re-reads a large store at most this often
@@ -90,10 +90,14 @@ class AdapterStore:
             except (OSError, UniLoraError):
                 raise UnknownAdapter(f"the model '{name}' does not exist: no adapter of that name in the store") from None
         root, folder = (self.runtime_root, registered) if registered is not None else (self.root, self.root / name)
-        if not (folder / CONFIG_NAME).is_file() or not inside(root, folder / CONFIG_NAME) \
-                or not inside(root, folder / WEIGHTS_NAME):
+        if not self._usable(root, folder):
             raise UnknownAdapter(f"the model '{name}' does not exist: no adapter of that name in the store")
         return folder
+
+    @staticmethod
+    def _usable(root: Path, folder: Path) -> bool:
+        """Both files of an adapter there, each inside `root` once every symlink is followed."""
+        return all((folder / name).is_file() and inside(root, folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME))
 
     def signature(self, name: str) -> Signature:
         if self.url is not None and name not in self._runtime:
@@ -139,9 +143,8 @@ class AdapterStore:
         if cached is None or cached[1] != stamp or now - cached[0] > LISTING_TTL_S:
             found = []
             with os.scandir(self.root) as entries:
-                for entry in entries:
-                    if NAME_PATTERN.fullmatch(entry.name) and ".." not in entry.name \
-                            and os.path.isfile(os.path.join(entry.path, CONFIG_NAME)):
+                for entry in entries:  # only what a request could use: a name, both files, inside the store
+                    if is_adapter_name(entry.name) and self._usable(self.root, Path(entry.path)):
                         found.append(entry.name)
             cached = (now, stamp, sorted(found))
             with self._lock:
@@ -153,7 +156,7 @@ class AdapterStore:
         with self._lock:
             cached, runtime = self._listing, list(self._runtime)
         if cached is None or now - cached[0] > LISTING_TTL_S:
-            found = [n for n in list_adapters(self.url) if NAME_PATTERN.fullmatch(n) and ".." not in n]
+            found = [n for n in list_adapters(self.url) if is_adapter_name(n)]
             cached = (now, 0, found)
             with self._lock:
                 self._listing = cached
