@@ -11,7 +11,10 @@ import torch
 import unilora
 from conftest import build, method_options
 from unilora.serve.residency import Residency
-from unilora.serve.sequence import Sampling, Sequence
+from unilora.serve.adapters import prepare_adapter
+from unilora.serve.sampling import Sampling
+from unilora.serve.scheduler import Scheduler
+from unilora.serve.sequence import DoneEvent, ErrorEvent, Sequence
 from unilora.store.source import AdapterStore
 from unilora.serve.worker import Worker
 
@@ -81,15 +84,14 @@ def test_the_servers_worker_generates_on_the_gpu_as_generate_does(tmp_path):
         def decode(self, ids, skip_special_tokens=True):
             return " ".join(map(str, ids))
 
-    worker = Worker(Residency(base, 10, 1 << 30, 1 << 26), AdapterStore(tmp_path / "store"), Tokens(),
-                    max_batch=8, max_queue=8)
+    residency = Residency(base, 10, 1 << 30, 1 << 26)
+    worker = Worker(Scheduler(residency, Tokens(), max_batch=8, max_queue=8), max_queue=8)
     worker.start()
     try:
-        adapter, signature = worker.store.read("a")
+        adapter = prepare_adapter(AdapterStore(tmp_path / "store"), residency, "a", 1, residency.shape)
         done = threading.Event()
-        seq = Sequence("a", [5, 6, 7, 8], Sampling(max_tokens=10, temperature=0),
-                       lambda e: done.set() if e[0] in ("done", "error") else None, time.monotonic() + 60,
-                       adapter_file=adapter, signature=signature)
+        seq = Sequence(adapter, [5, 6, 7, 8], Sampling(max_tokens=10, temperature=0),
+                       lambda e: done.set() if isinstance(e, (DoneEvent, ErrorEvent)) else None, time.monotonic() + 60)
         worker.submit([seq])
         assert done.wait(60)
     finally:

@@ -12,12 +12,15 @@ import torch
 from serving import isolated_greedy, model_dir, tokenizer, write_adapter, write_store  # noqa: F401 (fixtures)
 from transformers import LlamaForCausalLM
 
+from unilora.serve.adapters import prepare_adapter
 from unilora.serve.protocol import ChatRequest, CompletionRequest, RequestError, parse
 from unilora.serve.residency import Residency
-from unilora.serve.sequence import Sampling, Sequence
+from unilora.serve.sampling import Sampling
+from unilora.serve.scheduler import Overloaded, Scheduler
+from unilora.serve.sequence import DoneEvent, ErrorEvent, Sequence, TextEvent
+from unilora.serve.worker import Worker
 from unilora.store.names import BadAdapter, UnknownAdapter, check_name
 from unilora.store.source import AdapterStore
-from unilora.serve.worker import Overloaded, Worker
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +37,28 @@ class Collector:
 
     def __call__(self, event):
         self.events.append(event)
-        if event[0] in ("done", "error"):
+        if isinstance(event, (DoneEvent, ErrorEvent)):
             self.done.set()
+
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TextEvent))
 
 
 def start_worker(model_dir, store, tokenizer, max_resident=100, max_batch=32, max_queue=64):
     base = LlamaForCausalLM.from_pretrained(model_dir).eval().requires_grad_(False)
     residency = Residency(base, max_resident, 1 << 30, 1 << 26)
-    worker = Worker(residency, AdapterStore(store), tokenizer, max_batch=max_batch, max_queue=max_queue)
+    worker = Worker(Scheduler(residency, tokenizer, max_batch=max_batch, max_queue=max_queue), max_queue=max_queue)
+    worker.residency, worker.store, worker.eos_ids = residency, AdapterStore(store), worker.scheduler.eos_ids
     worker.start()
     return worker
 
 
 def submit(worker, name, ids, max_tokens, **sampling):
+    """As a request does: the adapter prepared (held if resident, else read and checked), then submitted."""
     sink = Collector()
-    adapter, signature = worker.store.read(name) if name else (None, None)
-    seq = Sequence(name, ids, Sampling(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0), **sampling),
-                   sink, time.monotonic() + 60, adapter_file=adapter, signature=signature)
+    adapter = prepare_adapter(worker.store, worker.residency, name, 1, worker.residency.shape) if name else None
+    seq = Sequence(adapter, ids, Sampling(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0), **sampling),
+                   sink, time.monotonic() + 60)
     worker.submit([seq])
     return seq, sink
 
@@ -70,7 +78,7 @@ def test_rows_joining_mid_decode_give_what_each_adapter_gives_alone(model_dir, s
             time.sleep(0.01 * (i % 3))  # some arrive together, some while others decode
         for seq, sink in submitted:
             assert sink.done.wait(60), "generation did not finish"
-            assert sink.events[-1][0] == "done", sink.events[-1]
+            assert isinstance(sink.events[-1], DoneEvent), sink.events[-1]
         for (seq, _), name, ids in zip(submitted, names, prompts):
             expected = isolated_greedy(model_dir, store / name if name else None, ids, seq.sampling.max_tokens)
             got = seq.generated
@@ -129,12 +137,11 @@ def test_a_damaged_or_foreign_adapter_fails_alone(model_dir, store, tmp_path, to
     write_adapter(wide, own / "foreign", "lora", seed=1)
     worker = start_worker(model_dir, own, tokenizer)
     try:
-        bad, bad_sink = submit(worker, "foreign", [5, 6, 7], max_tokens=20)
+        with pytest.raises(BadAdapter, match="another base model"):  # refused as it is prepared, before any work
+            submit(worker, "foreign", [5, 6, 7], max_tokens=20)
         good, good_sink = submit(worker, "user-0.v1", [5, 6, 7], max_tokens=20)
-        assert bad_sink.done.wait(30) and good_sink.done.wait(30)
-        assert bad_sink.events[-1][0] == "error" and bad_sink.events[-1][1] == 422
-        assert "another base model" in bad_sink.events[-1][2]
-        assert good_sink.events[-1][0] == "done" and len(good.generated) > 0
+        assert good_sink.done.wait(30)
+        assert isinstance(good_sink.events[-1], DoneEvent) and len(good.generated) > 0
     finally:
         worker.stop(5)
 
@@ -153,7 +160,7 @@ def test_a_full_queue_is_refused_not_queued_for_ever(model_dir, store, tokenizer
         while first.finish_reason is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert first.finish_reason == "cancelled" and len(first.generated) < 200
-        assert not sink.events or sink.events[-1][0] == "text"  # nothing more is sent to a client gone
+        assert not [e for e in sink.events if not isinstance(e, TextEvent)]  # nothing more is sent to a client gone
     finally:
         worker.stop(5)
 
@@ -169,12 +176,11 @@ def test_sampling_is_seeded_and_stop_strings_cut_the_text(model_dir, store, toke
         assert runs[0] == runs[1]
         greedy, sink = submit(worker, "user-2.v1", [40, 41, 42], max_tokens=10)
         assert sink.done.wait(30)
-        text = "".join(e[1] for e in sink.events if e[0] == "text")
+        text = sink.text()
         stop = text[len(text) // 2: len(text) // 2 + 2]
         cut, sink = submit(worker, "user-2.v1", [40, 41, 42], max_tokens=10, stop=(stop,))
         assert sink.done.wait(30)
-        streamed = "".join(e[1] for e in sink.events if e[0] == "text")
-        assert streamed == text[: text.find(stop)] and sink.events[-1][1] == "stop"
+        assert sink.text() == text[: text.find(stop)] and sink.events[-1] == DoneEvent("stop")
     finally:
         worker.stop(5)
 

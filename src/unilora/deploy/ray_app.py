@@ -26,7 +26,8 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 
 from ..core.errors import UniLoraError
-from ..serve.app import create_app, error_response, read_body
+from ..serve.app import create_app
+from ..serve.http import error_response, read_body
 from ..serve.protocol import RequestError
 from ..serve.settings import ServeSettings
 from ..store.names import is_adapter_name

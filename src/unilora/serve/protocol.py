@@ -169,3 +169,34 @@ def parse(model: type[BaseModel], raw: bytes) -> BaseModel:
     if problem:
         raise RequestError(400, problem)
     return request
+
+
+# --- the response shapes -----------------------------------------------------------------------
+def choice(kind: str, index: int, text: str, finish: str | None, delta: bool) -> dict:
+    """One choice of a completion ("text") or chat ("chat") answer, or of a stream's chunk (`delta`)."""
+    if kind == "text":
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    if delta:  # the role came in the stream's first chunk
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish}
+
+
+def first_chat_delta(index: int) -> dict:
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def object_name(kind: str, chunk: bool) -> str:
+    if kind == "text":
+        return "text_completion"
+    return "chat.completion.chunk" if chunk else "chat.completion"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(model_id: str, created: int, root: str, parent: str | None) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "unilora", "root": root,
+            "parent": parent}

@@ -2,51 +2,55 @@
 where its events go.
 
 The worker thread advances a `Sequence` one token at a time; the HTTP side reads its events from
-`sink`, a callable that hands them across threads. Events are tuples:
+`sink`, a callable that hands them across threads. The events:
 
-- ("text", delta): new text, held back while it may still become a stop string or ends inside a
+- `TextEvent`: new text, held back while it may still become a stop string or ends inside a
   multi-byte character;
-- ("done", finish_reason, usage): "stop" (end-of-sequence token or a stop string) or "length";
-- ("error", status, message): the request failed (bad adapter, timeout, overload); the others in
-  the batch go on.
+- `DoneEvent`: the generation ended, "stop" (end-of-sequence token or a stop string) or "length";
+- `ErrorEvent`: the request failed (timeout, overload, shutdown, a bug of ours); the others in the
+  batch go on.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
+from .adapters import PreparedAdapter
+from .sampling import Sampling
 
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
-    def generator(self) -> torch.Generator | None:
-        if self.temperature == 0:
-            return None
-        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        return torch.Generator().manual_seed(seed)
+@dataclass(frozen=True)
+class TextEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    status: int
+    message: str
+
+
+Event = Union[TextEvent, DoneEvent, ErrorEvent]
 
 
 @dataclass(eq=False)
 class Sequence:
-    adapter: str | None  # a store name; None: the base model
+    adapter: PreparedAdapter | None  # None: the base model
     prompt_ids: list[int]
     sampling: Sampling
-    sink: Callable[[tuple], None]
+    sink: Callable[[Event], None]
     deadline: float  # time.monotonic() after which the request times out
     index: int = 0  # its place among the prompts of one request
-    adapter_file: object = None  # an AdapterFile read for this request when not resident
-    signature: object = None  # the store signature the request was checked against
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
@@ -59,26 +63,26 @@ class Sequence:
         self._rng = self.sampling.generator()
 
     @property
+    def adapter_name(self) -> str | None:
+        return self.adapter.name if self.adapter is not None else None
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def fail(self, status: int, message: str) -> None:
         if self.finish_reason is None:
             self.finish_reason = "error"
-            self.sink(("error", status, message))
+            self.sink(ErrorEvent(status, message))
+
+    def cancel_quietly(self) -> None:
+        """End a sequence whose client is gone: nobody reads its events."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's float logits (vocabulary,)."""
-        s = self.sampling
-        if s.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p  # keeps at least the top token
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self._rng))
+        return self.sampling.choose(logits, self._rng)
 
     def advance(self, token: int, tokenizer, eos_ids: set[int]) -> None:
         """Take one new token: send the text it completes, and finish on end-of-sequence, a stop
@@ -100,12 +104,11 @@ class Sequence:
             finish = "length"
         end = len(text) if finish else len(text) - self._held_back(text)
         if end > self._sent:
-            self.sink(("text", text[self._sent:end]))
+            self.sink(TextEvent(text[self._sent:end]))
             self._sent = end
         if finish:
             self.finish_reason = finish
-            self.sink(("done", finish, {"prompt_tokens": len(self.prompt_ids),
-                                        "completion_tokens": len(self.generated)}))
+            self.sink(DoneEvent(finish))
 
     def _held_back(self, text: str) -> int:
         """Characters at the end of `text` not to send yet: an unfinished character, or the

@@ -1,0 +1,120 @@
+"""What one app serves: the store, the model (loaded on a background thread after the socket opens)
+and its worker, the metrics; and what the handlers share: readiness, the adapter a request's `model`
+names, prompt encoding and adapter preparation."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from ..core.errors import UniLoraError
+from ..models.backbones import load_causal_lm
+from ..store.names import check_name
+from ..store.source import AdapterStore
+from ..training.causal_lm import prompt_ids
+from .adapters import PreparedAdapter, prepare_adapter
+from .batch import check_model
+from .classifier import Classifier
+from .metrics import Metrics
+from .protocol import RequestError
+from .residency import Residency
+from .scheduler import Scheduler
+from .settings import ServeSettings
+from .worker import Worker
+
+log = logging.getLogger("unilora.serve")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Server:
+    def __init__(self, settings: ServeSettings, loaded=None, on_load_failure=None):
+        self.settings = settings
+        self.store = AdapterStore(settings.adapters, settings.allow_runtime_loading)
+        self.metrics = Metrics()
+        self.worker: Worker | None = None
+        self.residency: Residency | None = None  # the causal LM's adapters
+        self.classifier: Classifier | None = None
+        self.tokenizer = None
+        self.context: int | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.tokenizer_lock = threading.Lock()
+        self._loaded = loaded  # (tokenizer, model) given by a caller instead of loading `settings.model`
+        self.on_load_failure = on_load_failure  # called (on the loading thread) when the model cannot load
+
+    @property
+    def ready(self) -> bool:
+        return self.worker is not None
+
+    # --- start and stop --------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model and start the worker (on a background thread at start-up)."""
+        s = self.settings
+        try:
+            if s.task == "seq-cls":
+                self.classifier = Classifier(s.model, self.metrics, s.max_resident, s.max_resident_bytes,
+                                             s.factor_cache_bytes, loaded=self._loaded, device=s.device)
+                self.tokenizer = self.classifier.tokenizer
+                worker = Worker(None, max_queue=s.max_queue, metrics=self.metrics)
+            else:
+                tokenizer, model = self._loaded or load_causal_lm(s.model)
+                model = model.to(device=s.device, dtype=DTYPES[s.dtype]).eval().requires_grad_(False)
+                check_model(model)
+                self.tokenizer = tokenizer
+                self.context = getattr(model.config, "max_position_embeddings", None)
+                self.residency = Residency(model, s.max_resident, s.max_resident_bytes, s.factor_cache_bytes,
+                                           self.metrics)
+                scheduler = Scheduler(self.residency, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
+                                      metrics=self.metrics, tokenizer_lock=self.tokenizer_lock)
+                worker = Worker(scheduler, max_queue=s.max_queue, metrics=self.metrics)
+        except UniLoraError as err:
+            self.load_error = str(err)
+        except Exception as err:  # not the user's input: keep the traceback in the log
+            log.exception("loading the model failed")
+            self.load_error = f"{type(err).__name__}: {err}"
+        if self.load_error is not None:
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            return
+        worker.start()
+        self.worker = worker
+        log.info("ready: %s, adapters from %s", s.model_id, self.store.root)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop(timeout=self.settings.drain_timeout)
+
+    # --- what handlers share ---------------------------------------------------------------
+    def require_ready(self) -> Worker:
+        if self.worker is None:
+            message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+            raise RequestError(503, message, retry_after=5)
+        return self.worker
+
+    def adapter_of(self, model: str) -> str | None:
+        """The store name a request's `model` names; None for the base model."""
+        if model in (self.settings.model_id, self.settings.model):
+            return None
+        check_name(model)
+        return model
+
+    def prepare(self, name: str, holds: int) -> PreparedAdapter:
+        """Adapter `name`, checked and held for `holds` sequences (on a thread-pool thread)."""
+        holder = self.residency if self.residency is not None else self.classifier
+        shape = self.residency.shape if self.residency is not None else None
+        return prepare_adapter(self.store, holder, name, holds, shape, self.metrics)
+
+    def release(self, prepared: PreparedAdapter | None, holds: int) -> None:
+        """End holds that no sequence will take (the request ended before the worker admitted it)."""
+        if prepared is None or prepared.file is not None:
+            return
+        holder = self.residency if self.residency is not None else self.classifier
+        for _ in range(holds):
+            holder.release(prepared.name)
+
+    def encode(self, prompt) -> list[int]:
+        with self.tokenizer_lock:
+            return prompt_ids(self.tokenizer, prompt, isinstance(prompt, list))
