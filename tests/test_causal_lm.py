@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM
 
 from conftest import tiny_gpt2, tiny_llama
 from serving import smollm2_tokenizer, write_tiny_llama
-from unilora.training.causal_lm import IGNORE, collate, encode_chat, encode_prompt_completion, encode_texts, score, token_loss
+from unilora.data.lm_tokens import IGNORE, collate, encode_chat, encode_prompt_completion, encode_texts
+from unilora.training.causal_lm import score, token_loss
 from unilora.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -374,7 +375,7 @@ def test_a_new_users_text_run_says_what_it_did(llama_dir, tmp_path, capsys):
 
 def test_an_answer_ended_at_once_is_said_not_printed_blank(llama_dir, tmp_path, capsys, monkeypatch):
     from unilora.cli import commands
-    from unilora.training.causal_lm import Generation, generate
+    from unilora.engine.generation import Generation, generate
 
     model = LlamaForCausalLM.from_pretrained(llama_dir).eval()
     eos = model.generation_config.eos_token_id

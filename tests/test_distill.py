@@ -611,7 +611,8 @@ def test_a_causal_lm_teacher_runs_once_per_text_and_its_kept_outputs_are_its_own
     """The training texts' next-token distributions are computed in one pass at the first batch and
     read after that (past the cache's budget they are recomputed in their batches, the same); the
     held-out texts are scored by the teacher once, however often the student is evaluated."""
-    from unilora.training.causal_lm import collate, lm_dataset_of
+    from unilora.data.lm_tokens import collate
+    from unilora.training.causal_lm import lm_dataset_of
     from unilora.training.distill import LMDistillTask
     from unilora.training.loop import TrainSettings
     from unilora.training.teachers import teacher_from_adapter

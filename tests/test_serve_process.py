@@ -22,7 +22,7 @@ from serving import METHODS, ServerProcess, isolated_greedy, model_dir, tokenize
 
 import unilora
 from unilora.models.backbones import load_causal_lm
-from unilora.training.causal_lm import prompt_ids
+from unilora.data.lm_tokens import prompt_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from load_test import run_load  # noqa: E402

@@ -4,10 +4,12 @@ calls as `unilora finetune`."""
 from __future__ import annotations
 
 from ..data.lm import bbc_headlines
+from ..data.lm_tokens import prompt_ids
 from ..data.sources import DataSpec
+from ..engine.generation import generate
 from ..models.backbones import load_causal_lm
 from ..models.embedded_llm import EMBEDDED_LLM
-from ..training.causal_lm import generate, generate_from_adapter, prompt_ids
+from ..training.causal_lm import generate_from_adapter
 from ..training.runs import run_finetune
 from .commands import print_finetune
 

@@ -11,10 +11,10 @@ import time
 import torch
 
 from ..core.errors import UniLoraError
+from ..data.lm_tokens import prompt_ids
 from ..models.backbones import load_causal_lm
 from ..store.names import check_name
 from ..store.source import AdapterStore
-from ..training.causal_lm import prompt_ids
 from .adapters import PreparedAdapter, prepare_adapter
 from .batch import check_model
 from .classifier import Classifier

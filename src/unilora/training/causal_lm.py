@@ -1,5 +1,6 @@
-"""Causal-LM fine-tuning (`--task causal-lm`): tokenizing the three data kinds with their loss
-masks, eval loss / perplexity, generation, and the metrics scored on generated answers."""
+"""Causal-LM fine-tuning (`--task causal-lm`): the loss and eval loss / perplexity, the metrics
+scored on generated answers, and the task. Tokenizing lives in data/lm_tokens.py, batched greedy
+generation in engine/generation.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import inspect
 import itertools
 import math
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,98 +15,29 @@ import torch.nn.functional as F
 
 from ..core.errors import UniLoraError
 from ..core.extras import require
-from ..core.notes import note
 from ..core.tasks import task_kind
-from ..data.lm import BUILTIN_LM_TASKS, LMDataset, StreamedRows, check_messages, load_lm_dataset
+from ..data.lm import (
+    BUILTIN_LM_TASKS,
+    LMDataset,
+    StreamedRows,
+    check_messages,
+    load_lm_dataset,
+)
+from ..data.lm_tokens import (
+    IGNORE,
+    Encoded,
+    collate,
+    encode_examples,
+    prompt_and_answer,
+    prompt_ids,
+    token_ids,
+)
 from ..data.tables import read_rows
+from ..engine.generation import generate
 from ..engine.model import AdaptedModel
 from ..models.backbones import load_causal_lm
 from .loop import Task, TrainSettings, distributed, fitted_max_length
 from .records import hf_options, note_changes, read_task_adapter, recorded_data
-
-IGNORE = -100  # label of a token that carries no loss (prompt, user turns, padding)
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def _chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise UniLoraError("chat data needs a tokenizer with a chat template, and this model's has none; "
-                           "use prompt/completion data instead")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
-
-
-def encode_chat(tokenizer, messages: list[dict]) -> Encoded:
-    """The rendered conversation; loss on the assistant turns (their closing token included)."""
-    ids = _ids(tokenizer, _chat_text(tokenizer, messages), False)
-    labels = [IGNORE] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = _ids(tokenizer, _chat_text(tokenizer, messages[:i], add_generation_prompt=True), False)
-        end = _ids(tokenizer, _chat_text(tokenizer, messages[: i + 1]), False)
-        if ids[: len(start)] != start or ids[: len(end)] != end:
-            raise UniLoraError("this tokenizer's chat template does not render a conversation as the sum of its "
-                               "turns, so the assistant tokens cannot be found; use prompt/completion data")
-        labels[len(start) : len(end)] = ids[len(start) : len(end)]
-    return Encoded(ids, labels)
-
-
-def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> Encoded:
-    prompt_ids = _ids(tokenizer, prompt, True)
-    answer = _ids(tokenizer, completion, False) + [tokenizer.eos_token_id]
-    return Encoded(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
-
-
-def encode_texts(tokenizer, texts: list[str], max_length: int, packing: bool,
-                 first_block_only: bool = False) -> list[Encoded]:
-    """Documents (each closed by EOS) cut into blocks of max_length; packed: one stream;
-    `first_block_only`: each document's first block (one example per document)."""
-    documents = [_ids(tokenizer, t, True) + [tokenizer.eos_token_id] for t in texts]
-    streams = [[t for d in documents for t in d]] if packing else documents
-    blocks = [s[i : i + max_length] for s in streams
-              for i in range(0, min(len(s), max_length) if first_block_only else len(s), max_length)]
-    return [Encoded(b, b) for b in blocks if len(b) >= 2]  # a lone token predicts nothing
-
-
-def encode_examples(tokenizer, dataset_kind: str, rows: list[dict], max_length: int, packing: bool,
-                    streamed: bool = False) -> list[Encoded]:
-    """Token ids and labels of rows; `streamed`: a batch of a stream's rows, one example per row (a text's
-    first block), its cuts not noted batch by batch."""
-    if dataset_kind == "text":
-        return encode_texts(tokenizer, [r["text"] for r in rows], max_length, packing, first_block_only=streamed)
-    encoded, cut = [], 0
-    for row in rows:
-        e = (encode_chat(tokenizer, row["messages"]) if dataset_kind == "chat"
-             else encode_prompt_completion(tokenizer, row["prompt"], row["completion"]))
-        if len(e.input_ids) > max_length:  # keep the answer and what leads into it
-            e, cut = Encoded(e.input_ids[-max_length:], e.labels[-max_length:]), cut + 1
-        encoded.append(e)
-    if cut and not streamed:
-        note(f"{cut} of {len(rows)} examples are longer than --max-length {max_length}; their beginnings were cut")
-    return encoded
-
-
-def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch (positions need no adjusting); padding carries no loss."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -146,69 +77,6 @@ def eval_loss(model, examples: list[Encoded], pad_id: int, batch_size: int, keep
     return total / max(1, count)
 
 
-def prompt_and_answer(row: dict) -> tuple[str | list[dict], str]:
-    """(prompt, reference answer) of a prompt/completion or chat example: a conversation is cut
-    before its last assistant turn."""
-    if "prompt" in row:
-        return row["prompt"], row["completion"]
-    messages = row["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
-
-
-def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
-    """Token ids of a prompt: a conversation, or a text sent as a user turn when `chat`, goes through
-    the chat template (which holds its own special tokens); else the text as the tokenizer encodes it."""
-    if isinstance(prompt, list) or chat:
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        return _ids(tokenizer, _chat_text(tokenizer, messages, add_generation_prompt=True), False)
-    return _ids(tokenizer, prompt, True)
-
-
-class Generation(str):
-    """A generated text (special tokens removed, stripped) that also says how many tokens the model
-    produced before it ended: an empty text from 0 tokens is a model that stopped at once."""
-
-    new_tokens: int
-
-    def __new__(cls, text: str, new_tokens: int) -> "Generation":
-        made = super().__new__(cls, text)
-        made.new_tokens = new_tokens
-        return made
-
-
-def _tokens_before_end(row: list[int], ends: set[int]) -> int:
-    return next((i for i, token in enumerate(row) if token in ends), len(row))
-
-
-@torch.no_grad()
-def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
-             max_prompt_tokens: int | None = None) -> list[Generation]:
-    """Greedy continuations of each prompt (token ids; batched, left-padded), special tokens removed."""
-    model.eval()
-    if max_prompt_tokens:
-        encoded = [e[-max_prompt_tokens:] for e in encoded]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    outputs: list[Generation] = [Generation("", 0)] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ends = {tokenizer.eos_token_id, *(configured if isinstance(configured, (list, tuple)) else [configured])}
-        for row, i in enumerate(idx):
-            tokens = new[row, width:].tolist()
-            outputs[i] = Generation(tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                                    _tokens_before_end(tokens, ends - {None}))
-    return outputs
-
-
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -221,7 +89,9 @@ def score(metric: str, generations: list[str], references: list[str]) -> float:
     word is the reference's (case and punctuation ignored); exact_match: whole answers equal so."""
     if metric == "rougeL":
         require("llm", "the rougeL metric", ("rouge_score",))
-        from rouge_score import rouge_scorer  # deferred: the optional `llm` extra, for this metric only
+        from rouge_score import (
+            rouge_scorer,  # deferred: the optional `llm` extra, for this metric only
+        )
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         values = [scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generations, references)]
@@ -238,7 +108,7 @@ def score(metric: str, generations: list[str], references: list[str]) -> float:
 
 def answer_budget(tokenizer, answers: list[str]) -> int:
     """Tokens to generate per answer: the longest reference plus room for the closing token."""
-    return max(len(_ids(tokenizer, a, False)) for a in answers) + 4
+    return max(len(token_ids(tokenizer, a, False)) for a in answers) + 4
 
 
 def score_generations(model, tokenizer, dataset: LMDataset, max_length: int, batch_size: int,

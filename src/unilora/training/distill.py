@@ -24,13 +24,14 @@ from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.notes import note
 from ..data.lm import LMDataset
+from ..data.lm_tokens import IGNORE
+from ..data.lm_tokens import collate as lm_collate
 from ..data.text import TextDataset
 from ..engine.layers import AdaptedLayer
 from ..engine.model import AdaptedModel, get_model
 from ..models.backbones import load_causal_lm
 from ..tools.compress import compress
-from .causal_lm import IGNORE, CausalLMTask, batches_by_length, score_generations
-from .causal_lm import collate as lm_collate
+from .causal_lm import CausalLMTask, batches_by_length, score_generations
 from .classification import build_classifier, collate, encode, predict, predict_logits
 from .gain import kept_gain, kept_gain_interval
 from .loop import Task, TrainSettings, fit_rates_to, fitted_max_length, train
