@@ -1,13 +1,17 @@
-"""Tiny random-init models of the four layouts the library must handle, and the rule of the two
-test tiers."""
+"""Tiny random-init models of the four layouts the library must handle, the helpers tests in several
+folders share, and the rule of the two test tiers."""
 
 import multiprocessing.process
+import shutil
 import subprocess
+from pathlib import Path
 
+import peft
 import pytest
 import torch
 from transformers import (
     BertConfig,
+    BertModel,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -17,7 +21,12 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from unilora.cli import main
+from unilora.models.backbones import resolve_model
+
 VOCAB = 96
+TESTS = Path(__file__).resolve().parent  # this folder: the shared helpers (serving.py, fuzz_adapters.py, ...)
+ROOT = TESTS.parent  # the checkout: README.md, scripts/, benchmarks/
 
 
 def pytest_configure(config):
@@ -137,3 +146,33 @@ def edit_adapter_weights(directory, change):
     change(tensors)
     save_file(tensors, str(path))
     edit_adapter_config(directory, lambda meta: meta.update(weights_sha256=file_sha256(path)))
+
+
+def one_line_error(argv, capsys, *fragments):
+    """The command fails with exit code 2 and one line on stderr holding every fragment."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def small_bert(folder):
+    """A local model folder: a small random BERT (hidden 32, FFN 48) with MiniLM's tokenizer."""
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48)).save_pretrained(folder)
+    minilm = resolve_model("minilm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", folder / name)
+    return folder
+
+
+def peft_lora_dir(tmp_path, r=4, targets=("q_proj", "v_proj")):
+    """A PEFT LoRA on the tiny Llama, its B factors nonzero, saved by PEFT."""
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(str(tmp_path / "peft"))
+    return model.eval(), tmp_path / "peft"

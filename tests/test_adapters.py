@@ -10,7 +10,7 @@ import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
 from unilora.engine.layers import AdaptedLayer, SavedHead
 
-from conftest import HEADS, VOCAB, build, method_options
+from conftest import HEADS, ROOT, VOCAB, build, method_options
 
 METHODS = list(unilora.METHODS)
 # the second adapter of a pair adapts fewer layers, so some rows meet layers their adapter skips
@@ -256,9 +256,8 @@ def test_adapter_names_are_checked():
 
 def test_readme_many_adapters_snippet_runs(tmp_path, monkeypatch):
     """The README's "Many adapters on one base" snippet, run as written."""
-    from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     snippet = readme.split("### Many adapters on one base", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     namespace = {}

@@ -1,6 +1,5 @@
 """Compressing existing low-rank updates into Uni-LoRA (closed form + refinement) and VB-LoRA."""
 
-import peft
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,17 +9,7 @@ from unilora import AdapterConfig
 from unilora.cli import main
 from unilora.tools.compress import LowRankUpdate, balanced, compress, delta_error, from_peft_lora
 
-from conftest import build, logits_of
-
-
-def peft_lora_dir(tmp_path, r=4, targets=("q_proj", "v_proj")):
-    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    model.save_pretrained(str(tmp_path / "peft"))
-    return model.eval(), tmp_path / "peft"
+from conftest import build, logits_of, one_line_error, peft_lora_dir
 
 
 def test_balancing_keeps_delta_w_and_equalises_the_factors():
@@ -114,7 +103,6 @@ def test_compress_input_errors(tmp_path, capsys):
 def test_distillation_options_without_data_are_refused(tmp_path, capsys, options):
     """Without --data a PEFT LoRA gets a weight-space fit, which reads none of these: the user who
     gave them meant to distil, and is told so instead of getting a fit that ignored them."""
-    from test_hostile import one_line_error
 
     _, peft_dir = peft_lora_dir(tmp_path)
     out = tmp_path / "fit"
@@ -126,7 +114,6 @@ def test_distillation_options_without_data_are_refused(tmp_path, capsys, options
 
 def test_targets_of_a_lora_are_refused(tmp_path, capsys):
     """A LoRA's compact adapter adapts the LoRA's layers: --targets would do nothing."""
-    from test_hostile import one_line_error
 
     _, peft_dir = peft_lora_dir(tmp_path)
     out = tmp_path / "fit"

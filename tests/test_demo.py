@@ -2,14 +2,12 @@
 package) and Rotten Tomatoes reviews, through the CLI, then evaluation of the saved adapter."""
 
 import json
-import shutil
 
 import pytest
-from transformers import BertConfig, BertModel
 
-from unilora.models.backbones import resolve_model
 from unilora.cli import main
 from unilora.data.text import rotten_tomatoes
+from conftest import small_bert
 
 
 def test_rotten_tomatoes_is_split_by_movie():
@@ -38,15 +36,6 @@ def test_finetune_then_evaluate_on_real_weights(method, tmp_path, capsys):
     assert main(["evaluate", str(out / "adapter"), "--test-limit", "64"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test_accuracy"] == metrics["test_accuracy"]
-
-
-def small_bert(folder):
-    """A local model folder: a small random BERT (hidden 32, FFN 48) with MiniLM's tokenizer."""
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=48)).save_pretrained(folder)
-    minilm = resolve_model("minilm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(f"{minilm}/{name}", folder / name)
-    return folder
 
 
 def test_vblora_on_another_model_chooses_its_vector_length(tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import ROOT, tiny_llama
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
@@ -22,7 +22,6 @@ from unilora.deploy.vllm_resolver import UniloraResolution, same_base
 from unilora.store.source import AdapterStore
 from unilora.store.remote import local_copy
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def save_model(folder: Path, seed: int = 0) -> Path:

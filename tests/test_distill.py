@@ -10,9 +10,8 @@ from unilora.cli import main
 from unilora.store.io import read_adapter
 from unilora.training.recipes import DISTILL_GROUP_LRS, GROUP_LRS
 
-from conftest import edit_adapter_weights
+from conftest import edit_adapter_weights, one_line_error, small_bert
 from test_causal_lm import chat_rows, llama_dir, tokenizer, write_jsonl  # noqa: F401 (fixtures)
-from test_demo import small_bert
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +296,6 @@ def test_a_student_equal_to_its_teacher_has_nothing_to_learn(teacher_run, tmp_pa
 
 
 def test_distillation_input_errors_are_one_line(teacher_run, tmp_path, capsys):
-    from test_hostile import one_line_error
 
     model, run = teacher_run
     out = str(tmp_path / "o")
@@ -477,7 +475,6 @@ def test_a_causal_lm_student_plans_small_batches_and_runs_the_rest_in_finetunes(
 
 
 def test_teacher_and_data_of_different_tasks_are_refused(lm_teacher, teacher_run, tmp_path, capsys):
-    from test_hostile import one_line_error
 
     out = tmp_path / "o"
     one_line_error(["compress", str(out), "--adapter", str(lm_teacher), "--data", "rotten_tomatoes", "--method",
@@ -562,7 +559,6 @@ def test_a_peft_lora_on_gpt2_conv1d_layers_is_a_teacher(tokenizer, tmp_path, cap
 
 
 def test_a_fully_fine_tuned_causal_lm_is_a_teacher(llama_dir, teacher_run, tmp_path, capsys):
-    from test_hostile import one_line_error
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from unilora.training.teachers import teacher_from_finetuned

@@ -15,7 +15,7 @@ import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
 from unilora.cli import main
 
-from conftest import build, logits_of, method_options
+from conftest import TESTS, build, logits_of, method_options
 
 
 def saved(tmp_path, name="a", seed=3, method="unilora"):
@@ -117,7 +117,7 @@ CRASHING_SAVE = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_crash_during_replace_leaves_the_whole_old_or_the_whole_new_adapter(tmp_path):
     script = tmp_path / "crash.py"
-    script.write_text(CRASHING_SAVE.format(tests=os.path.dirname(__file__)))
+    script.write_text(CRASHING_SAVE.format(tests=TESTS))
     new = get_model(build("bert"), AdapterConfig(**{**method_options("unilora"), "seed": 5, "target_modules": "all-linear"}))
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     outcomes = set()

@@ -13,7 +13,7 @@ import unilora
 from unilora import AdapterConfig, UniLoraError, get_model
 from unilora.cli import main
 
-from conftest import build, edit_adapter_config, edit_adapter_weights, method_options
+from conftest import TESTS, build, edit_adapter_config, edit_adapter_weights, method_options, one_line_error
 
 
 def saved(tmp_path, method="unilora", name="a", **overrides):
@@ -24,15 +24,6 @@ def saved(tmp_path, method="unilora", name="a", **overrides):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
     model.save_pretrained(tmp_path / name)
     return model, tmp_path / name
-
-
-def one_line_error(argv, capsys, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def refused(path, *fragments):
@@ -291,7 +282,7 @@ def test_compress_refuses_damaged_peft_adapters(tmp_path, capsys):
 # --- fuzzing: truncations, byte flips and config mutations under a memory bound --------------------------
 @pytest.mark.slow
 def test_fuzzed_adapter_files_load_correctly_or_fail_with_our_error():
-    script = os.path.join(os.path.dirname(__file__), "fuzz_adapters.py")
+    script = str(TESTS / "fuzz_adapters.py")
     result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fuzzed" in result.stdout

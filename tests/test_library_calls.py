@@ -15,8 +15,7 @@ from unilora.tools.counting import count_for_arch
 from unilora.training.distill_run import distill_adapter
 from unilora.training.runs import resolve_task, run_evaluate, run_finetune
 
-from test_compress import peft_lora_dir
-from test_demo import small_bert
+from conftest import peft_lora_dir, small_bert
 from test_distill import teacher_run  # noqa: F401 (fixture)
 
 

@@ -7,15 +7,13 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import VOCAB, build, method_options
+from conftest import VOCAB, build, method_options, one_line_error, small_bert
 from unilora import AdapterConfig, get_model
 from unilora.cli import main
 from unilora.core.errors import UniLoraError
 from unilora.training.plan import TARGET_STEPS, plan_run, short_run_warning
 from unilora.training.loop import Task, TrainSettings, train
 
-from test_demo import small_bert
-from test_hostile import one_line_error
 
 
 @pytest.mark.parametrize("n_train, batch, epochs", [

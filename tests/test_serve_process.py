@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -24,12 +23,13 @@ import unilora
 from unilora.models.backbones import load_causal_lm
 from unilora.data.lm_tokens import prompt_ids
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from load_test import run_load  # noqa: E402
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

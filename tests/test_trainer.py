@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast, TrainingArguments
 import unilora
 from unilora import AdapterConfig, get_model
 
-from conftest import build, logits_of, method_options
+from conftest import ROOT, build, logits_of, method_options
 
 
 def classifier(method="unilora"):
@@ -129,9 +129,8 @@ def test_trl_sft_trainer_trains_and_saves_our_adapter(method, tmp_path):
 
 def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
     """The README's "With Hugging Face Trainer and TRL" snippet, run as written."""
-    from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme.split("### With Hugging Face Trainer and TRL", 1)[1]
     snippet = section.split("```python", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
