@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU here: run this on a GPU machine')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-timeout 120 python -m pytest -m cuda -q tests/test_cuda.py
+timeout 120 python -m pytest -m cuda -q tests/serve/test_cuda.py
 timeout 180 python benchmarks/train_step.py --device cuda --dtype bf16 --models llama-small --steps 8 \
     --out docs/benchmarks-gpu.md
 timeout 240 python benchmarks/serve.py --device cuda --dtype bf16 --store-size 2000 --resident 1000 \

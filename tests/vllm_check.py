@@ -1,4 +1,4 @@
-"""Run inside the vLLM environment (scripts/vllm_venv.sh) by tests/test_deploy.py: vLLM's plugin
+"""Run inside the vLLM environment (scripts/vllm_venv.sh) by tests/deploy/test_deploy.py: vLLM's plugin
 loader finds and registers the unilora resolver through its entry point; the resolved folder
 passes vLLM's PEFTHelper and validate_legal; names it must refuse give None. Prints one JSON line.
 

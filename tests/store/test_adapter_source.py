@@ -63,7 +63,7 @@ def test_the_vllm_resolver_refuses_the_same(store, tmp_path):
 
 def test_ray_routes_only_plain_names(store):
     """The Ray router takes the adapter name from the body for routing only; a replica then reads it
-    through the same store (tests/test_ray.py sends hostile names to a running cluster)."""
+    through the same store (tests/deploy/test_ray.py sends hostile names to a running cluster)."""
     from unilora.deploy.ray_app import adapter_name
     from unilora.serve.settings import ServeSettings
 
