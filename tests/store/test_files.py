@@ -117,7 +117,7 @@ CRASHING_SAVE = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_crash_during_replace_leaves_the_whole_old_or_the_whole_new_adapter(tmp_path):
     script = tmp_path / "crash.py"
-    script.write_text(CRASHING_SAVE.format(tests=TESTS))
+    script.write_text(CRASHING_SAVE.format(tests=str(TESTS)))
     new = get_model(build("bert"), AdapterConfig(**{**method_options("unilora"), "seed": 5, "target_modules": "all-linear"}))
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     outcomes = set()
