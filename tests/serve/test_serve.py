@@ -15,8 +15,9 @@ from transformers import LlamaForCausalLM
 from unilora.serve.adapters import prepare_adapter
 from unilora.serve.protocol import ChatRequest, CompletionRequest, RequestError, parse
 from unilora.serve.residency import Residency
-from unilora.serve.sampling import Sampling
-from unilora.serve.scheduler import Overloaded, Scheduler
+from unilora.serve.sampling import Sampling, sampling_of
+from unilora.serve.batch import PromptInProgress
+from unilora.serve.scheduler import Overloaded, Scheduler, plan_prefill
 from unilora.serve.sequence import DoneEvent, ErrorEvent, Sequence, TextEvent
 from unilora.serve.worker import Worker
 from unilora.store.names import BadAdapter, UnknownAdapter, check_name
@@ -33,32 +34,40 @@ class Collector:
     """A sink that records a sequence's events and says when it is done."""
 
     def __init__(self):
-        self.events, self.done = [], threading.Event()
+        self.events, self.done, self.finished_at = [], threading.Event(), None
 
     def __call__(self, event):
         self.events.append(event)
         if isinstance(event, (DoneEvent, ErrorEvent)):
+            self.finished_at = time.monotonic()
             self.done.set()
 
     def text(self) -> str:
         return "".join(e.text for e in self.events if isinstance(e, TextEvent))
 
 
-def start_worker(model_dir, store, tokenizer, max_resident=100, max_batch=32, max_queue=64):
+def start_worker(model_dir, store, tokenizer, max_resident=100, max_batch=32, max_queue=64, max_iteration_tokens=256):
     base = LlamaForCausalLM.from_pretrained(model_dir).eval().requires_grad_(False)
     residency = Residency(base, max_resident, 1 << 30, 1 << 26)
-    worker = Worker(Scheduler(residency, tokenizer, max_batch=max_batch, max_queue=max_queue), max_queue=max_queue)
+    scheduler = Scheduler(residency, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                          max_iteration_tokens=max_iteration_tokens)
+    worker = Worker(scheduler, max_queue=max_queue)
     worker.residency, worker.store, worker.eos_ids = residency, AdapterStore(store), worker.scheduler.eos_ids
     worker.start()
     return worker
 
 
-def submit(worker, name, ids, max_tokens, **sampling):
-    """As a request does: the adapter prepared (held if resident, else read and checked), then submitted."""
+def prepared(worker, name, ids, max_tokens, **sampling):
+    """A sequence as a request makes it: the adapter prepared (held if resident, else read and checked)."""
     sink = Collector()
     adapter = prepare_adapter(worker.store, worker.residency, name, 1, worker.residency.shape) if name else None
     seq = Sequence(adapter, ids, Sampling(max_tokens=max_tokens, temperature=sampling.pop("temperature", 0), **sampling),
                    sink, time.monotonic() + 60)
+    return seq, sink
+
+
+def submit(worker, name, ids, max_tokens, **sampling):
+    seq, sink = prepared(worker, name, ids, max_tokens, **sampling)
     worker.submit([seq])
     return seq, sink
 
@@ -87,6 +96,99 @@ def test_rows_joining_mid_decode_give_what_each_adapter_gives_alone(model_dir, s
         assert len({tuple(s.generated) for s, _ in submitted[:8]}) > 1, "adapters must change the output"
     finally:
         worker.stop(5)
+
+
+def test_prompts_read_in_chunks_give_what_each_adapter_gives_alone(model_dir, store, tokenizer):
+    """A budget of 7 tokens per turn: most prompts (up to 60 tokens) are prefilled over several turns
+    on their own caches, beside rows of other adapters decoding; every method and the base model
+    still give exactly their greedy tokens alone."""
+    worker = start_worker(model_dir, store, tokenizer, max_iteration_tokens=7)
+    try:
+        generator = torch.Generator().manual_seed(1)
+        names = [f"user-{i}.v1" for i in range(8)] + [None, "user-5.v1"]
+        lengths = [60, 3, 25, 9, 41, 17, 2, 33, 50, 6]
+        prompts = [torch.randint(10, 5000, (n,), generator=generator).tolist() for n in lengths]
+        submitted = []
+        for i, (name, ids) in enumerate(zip(names, prompts)):
+            submitted.append(submit(worker, name, ids, max_tokens=8))
+            time.sleep(0.01 * (i % 3))
+        for seq, sink in submitted:
+            assert sink.done.wait(60), "generation did not finish"
+            assert isinstance(sink.events[-1], DoneEvent), sink.events[-1]
+        for (seq, _), name, ids in zip(submitted, names, prompts):
+            expected = isolated_greedy(model_dir, store / name if name else None, ids, 8)
+            got = seq.generated
+            assert got == expected[: len(got)] and (len(got) == len(expected) or got[-1] in worker.eos_ids), name
+    finally:
+        worker.stop(5)
+
+
+def test_a_short_request_is_answered_while_a_long_prompt_is_still_being_read(model_dir, store, tokenizer):
+    """Head of line: with 16 tokens per turn, a 240-token prompt takes 15 turns or more to read; a
+    2-token request sent after its first chunk is finished before the long one has its first token."""
+    worker = start_worker(model_dir, store, tokenizer, max_iteration_tokens=16)
+    try:
+        long_ids = torch.randint(10, 5000, (240,), generator=torch.Generator().manual_seed(2)).tolist()
+        long_seq, long_sink = prepared(worker, "user-1.v1", long_ids, max_tokens=4)
+        short_seq, short_sink = prepared(worker, "user-2.v1", [11, 12, 13], max_tokens=2)
+        worker.submit([long_seq])
+        while not any(p.done for p in worker.scheduler.prompts) and long_seq.first_token_at is None:
+            time.sleep(0.0005)  # the long prompt's first chunk is read
+        worker.submit([short_seq])
+        assert short_sink.done.wait(30) and long_sink.done.wait(60)
+        assert isinstance(short_sink.events[-1], DoneEvent) and len(short_seq.generated) == 2
+        assert short_sink.finished_at < long_seq.first_token_at
+        expected = isolated_greedy(model_dir, store / "user-1.v1", long_ids, 4)
+        assert long_seq.generated == expected[: len(long_seq.generated)]
+    finally:
+        worker.stop(5)
+
+
+def test_a_timeout_or_a_disconnect_ends_a_prompt_between_its_chunks(model_dir, store, tokenizer):
+    """4 tokens per turn: a 240-token prompt needs 60 turns to read. Caught part-way, a request whose
+    time is up fails with 504 and one whose client left ends quietly, at the next turn; nothing is
+    generated for either and the server is idle again."""
+    worker = start_worker(model_dir, store, tokenizer, max_iteration_tokens=4)
+    try:
+        ids = torch.randint(10, 5000, (240,), generator=torch.Generator().manual_seed(3)).tolist()
+        for ending in ("timeout", "disconnect"):
+            seq, sink = submit(worker, "user-0.v1", ids, max_tokens=4)
+            while not any(p.done for p in worker.scheduler.prompts):
+                time.sleep(0.0005)
+            in_progress = worker.scheduler.prompts[0]
+            if ending == "timeout":
+                seq.deadline = time.monotonic()
+            else:
+                seq.cancelled.set()
+            deadline = time.monotonic() + 30
+            while worker.scheduler.has_work and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert not worker.scheduler.has_work and seq.generated == []
+            assert 0 < in_progress.done < 240, "it ended part-way through its prompt"
+            if ending == "timeout":
+                assert isinstance(sink.events[-1], ErrorEvent) and sink.events[-1].status == 504, sink.events
+                assert "timed out" in sink.events[-1].message
+            else:
+                assert seq.finish_reason == "cancelled" and sink.events == []
+    finally:
+        worker.stop(5)
+
+
+def test_the_prefill_plan_spends_the_budget_short_prompts_first():
+    def prompt(n, done=0):
+        return PromptInProgress(Sequence(None, list(range(n)), Sampling(max_tokens=1), lambda e: None, 0.0), "base",
+                                done=done)
+
+    a, b, c = prompt(100), prompt(10), prompt(20)
+    whole, chunked, n = plan_prefill([a, b, c], 64)
+    assert whole == [b, c] and chunked is a and n == 64 - 2 * 20  # padded width counted: 2 rows of 20
+    under_way, short = prompt(100, done=40), prompt(50)
+    whole, chunked, n = plan_prefill([under_way, short], 64)
+    assert whole == [] and chunked is under_way and n == 60  # a quarter is kept for it, so 50 does not fit
+    whole, chunked, n = plan_prefill([under_way, prompt(30)], 64)
+    assert len(whole) == 1 and chunked is under_way and n == 34
+    one = prompt(5)
+    assert plan_prefill([one], 1) == ([], one, 1)  # a budget of one token still moves
 
 
 def test_lru_keeps_its_bound_and_notices_replaced_and_removed_folders(model_dir, store, tmp_path, tokenizer):
@@ -228,11 +330,77 @@ def test_runtime_loading_stays_under_its_root(store, tmp_path):
     (json.dumps({"model": "m", "prompt": "x", "n": 2}).encode(), "'n' must be 1"),
     (json.dumps({"model": "m", "prompt": "x", "stop": ["a"] * 9}).encode(), "stop"),
     (json.dumps({"model": "m", "prompt": ["x"] * 99}).encode(), "prompts"),
+    (b'{"model": "m", "prompt": "x", "user": ' + b"[" * 1000 + b"]" * 1000 + b"}", "nests JSON deeper than 32"),
+    (b'{"model": "m", "prompt": "x", "user": ' + b"[" * 40 + b"]" * 40 + b"}", "nests JSON deeper than 32"),
+    (json.dumps({"model": "m", "prompt": "x", "response_format": {"type": "json_object"}}).encode(),
+     "'response_format'"),
+    (json.dumps({"model": "m", "prompt": "x", "tool_choice": "auto"}).encode(), "'tool_choice'"),
+    (json.dumps({"model": "m", "prompt": "x", "logit_bias": {"x": 1}}).encode(), "token ids"),
+    (json.dumps({"model": "m", "prompt": "x", "logit_bias": {"5": 101}}).encode(), "-100 to 100"),
+    (json.dumps({"model": "m", "prompt": "x", "presence_penalty": 2.5}).encode(), "presence_penalty"),
+    (json.dumps({"model": "m", "prompt": "x", "logprobs": 6}).encode(), "logprobs"),
 ])
 def test_bad_request_bodies_are_one_line_400s(body, fragment):
     with pytest.raises(RequestError) as err:
         parse(CompletionRequest, body)
     assert err.value.status == 400 and fragment in err.value.message and "\n" not in err.value.message
+
+
+def test_chat_fields_that_need_each_other_and_the_limits_name_the_field_asked():
+    with pytest.raises(RequestError, match="'top_logprobs' needs 'logprobs': true"):
+        parse(ChatRequest, json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                       "top_logprobs": 2}).encode())
+    chat = parse(ChatRequest, json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                          "max_completion_tokens": 99, "logit_bias": {"7": -3}}).encode())
+    with pytest.raises(RequestError, match="'max_completion_tokens' is 99, above this server's limit of 50"):
+        sampling_of(chat, 50, 256, [3], None)
+    with pytest.raises(RequestError, match="'logit_bias' names token 7, and this model's vocabulary has 7 tokens"):
+        sampling_of(chat.model_copy(update={"max_completion_tokens": 5}), 50, 256, [3], None, vocab_size=7)
+    assert sampling_of(chat.model_copy(update={"max_completion_tokens": 5}), 50, 256, [3], None,
+                       vocab_size=8).logit_bias == ((7, -3.0),)
+
+
+def test_bias_and_penalties_follow_openais_definitions():
+    logits = torch.tensor([3.0, 2.9, 2.0, -1.0])
+    assert Sampling(max_tokens=1, temperature=0).choose(logits, None, [0]) == 0
+    assert Sampling(max_tokens=1, temperature=0, frequency_penalty=0.2).choose(logits, None, [0]) == 1
+    # frequency counts every occurrence, presence once: 3 - 3 * 0.3 = 2.1 < 2.9 - 0.3 ... and 2.0 wins over both
+    penalised = Sampling(max_tokens=1, frequency_penalty=0.3, presence_penalty=0.7).adjusted(logits, [0, 0, 0, 1])
+    assert torch.allclose(penalised, torch.tensor([3.0 - 0.9 - 0.7, 2.9 - 0.3 - 0.7, 2.0, -1.0]))
+    assert Sampling(max_tokens=1, temperature=0, logit_bias=((3, 100.0),)).choose(logits, None) == 3
+    rng = torch.Generator().manual_seed(0)
+    banned = Sampling(max_tokens=1, temperature=1.0, logit_bias=((0, -100.0), (1, -100.0)))
+    assert {banned.choose(logits, rng) for _ in range(200)} <= {2, 3}
+    untouched = Sampling(max_tokens=1)
+    assert untouched.adjusted(logits, [0, 1]) is logits  # no copy when nothing applies
+
+
+def test_logprobs_are_the_models_own_for_every_token(model_dir, store, tokenizer):
+    """Greedy with 3 alternatives: each token's log-probability equals log-softmax of the adapter's
+    logits at that position (a plain forward over prompt + generated), and it is the top one."""
+    worker = start_worker(model_dir, store, tokenizer)
+    try:
+        ids = [40, 41, 42, 43]
+        seq, sink = submit(worker, "user-3.v1", ids, max_tokens=6, top_logprobs=3)
+        assert sink.done.wait(30) and isinstance(sink.events[-1], DoneEvent)
+        entries = [e for event in sink.events if isinstance(event, TextEvent) for e in event.logprobs]
+        kept = [t for t in seq.generated if t not in worker.eos_ids]
+        assert len(entries) == len(kept) > 0
+        import unilora
+
+        model = unilora.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir), store / "user-3.v1").eval()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + seq.generated])).logits[0]
+        expected = torch.log_softmax(logits[len(ids) - 1:-1].float(), -1)
+        for i, (token, entry) in enumerate(zip(kept, entries)):
+            assert entry.token == tokenizer.decode([token])
+            assert abs(entry.logprob - float(expected[i, token])) < 1e-4
+            assert len(entry.top) == 3 and entry.top[0][0] == entry.token and entry.top[0][1] >= entry.top[1][1]
+        plain, sink = submit(worker, "user-3.v1", ids, max_tokens=6)
+        assert sink.done.wait(30) and all(e.logprobs == () for e in sink.events if isinstance(e, TextEvent))
+        assert plain.generated == seq.generated
+    finally:
+        worker.stop(5)
 
 
 def test_chat_messages_are_checked():
@@ -290,3 +458,28 @@ def test_classify_serves_classifiers_of_different_label_counts(tmp_path):
         assert client.post("/v1/classify", json={"model": "tiny", "input": ["x"]}).status_code == 400
         assert client.post("/v1/classify", json={"model": "nobody", "input": ["x"]}).status_code == 404
         assert client.post("/v1/completions", json={"model": "two", "prompt": "x"}).status_code == 404
+
+
+def test_a_bug_of_ours_is_a_500_in_the_error_shape_counted_under_its_endpoint(model_dir, store, tokenizer):
+    from fastapi.testclient import TestClient
+
+    from unilora.serve.app import create_app
+    from unilora.serve.settings import ServeSettings
+
+    app = create_app(ServeSettings(adapters=str(store), model=str(model_dir), drain_timeout=1),
+                     loaded=(tokenizer, LlamaForCausalLM.from_pretrained(model_dir)))
+    with TestClient(app, raise_server_exceptions=False) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def broken(prompt):
+            raise RuntimeError("a bug")
+
+        app.state.server.encode = broken
+        answer = http.post("/v1/completions", json={"model": "user-0.v1", "prompt": "x"})
+        assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
+        assert "RuntimeError" in answer.json()["error"]["message"]
+        metrics = http.get("/metrics").text
+        assert 'unilora_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
+        assert 'endpoint="other",status="500"' not in metrics

@@ -6,6 +6,8 @@ README's client snippet as written. Each test ends every process it started."""
 import asyncio
 import concurrent.futures
 import contextlib
+import json
+import os
 import re
 import shutil
 import signal
@@ -17,11 +19,13 @@ import httpx
 import openai
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 from serving import METHODS, ServerProcess, isolated_greedy, model_dir, tokenizer, write_adapter, write_store  # noqa: F401,E501 (fixtures)
 
 import unilora
 from unilora.models.backbones import load_causal_lm
 from unilora.data.lm_tokens import prompt_ids
+from unilora.serve.scheduler import eos_ids
 
 from conftest import ROOT
 
@@ -34,10 +38,23 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, model_dir):
+    """The eight adapters, and what a request cannot use: a damaged file, an adapter for a wider model,
+    a folder holding a config and no weights, a symlink out of the store, a folder named like the base."""
     root = write_store(tmp_path_factory.mktemp("store"), model_dir)
     shutil.copytree(root / "user-1.v1", root / "damaged")
     weights = root / "damaged" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x7f\x7f\x7f\x7f")
+    config = LlamaConfig.from_pretrained(model_dir)
+    config.hidden_size, config.intermediate_size = 48, 96
+    wide = tmp_path_factory.mktemp("wide")
+    LlamaForCausalLM(config).save_pretrained(wide)
+    write_adapter(wide, root / "foreign", "lora", seed=1)
+    (root / "halfway").mkdir()
+    shutil.copy(root / "user-0.v1" / "adapter_config.json", root / "halfway")
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(root / "user-0.v1", outside / "elsewhere")
+    os.symlink(outside / "elsewhere", root / "escape")
+    shutil.copytree(root / "user-0.v1", root / "tiny")  # the served model name: a request for it gets the base
     return root
 
 
@@ -56,6 +73,11 @@ def server(model_dir, store, tmp_path_factory):
         process.stop()
 
 
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
+
+
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
@@ -67,9 +89,18 @@ def post(server, path: str, body, key: str | None = KEY, **kwargs) -> httpx.Resp
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kwargs)
 
 
-def test_models_lists_the_base_and_every_adapter(server):
-    listed = {m.id: m for m in client(server).models.list().data}
-    assert "tiny" in listed and {f"user-{i}.v1" for i in range(8)} <= set(listed)
+def test_models_lists_the_base_and_every_adapter_a_request_could_use(server):
+    listed = [m.id for m in client(server).models.list().data]
+    assert sorted(listed) == sorted(["tiny", "damaged", "foreign", *(f"user-{i}.v1" for i in range(8))])
+    card = client(server).models.retrieve("user-3.v1")
+    assert (card.id, card.object, card.parent) == ("user-3.v1", "model", "tiny")
+    assert client(server).models.retrieve("tiny").parent is None
+    for missing in ("nobody", "halfway", "escape"):
+        with pytest.raises(openai.NotFoundError) as err:
+            client(server).models.retrieve(missing)
+        assert err.value.body["code"] == "model_not_found"
+    head = httpx.head(server.url + "/health", timeout=10)
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_a_mixed_batch_of_eight_adapters_and_the_base_equals_isolated_generation(server, model_dir, store, tokenizer):
@@ -107,15 +138,21 @@ def test_chat_and_streaming_give_the_same_text(server, tokenizer, model_dir, sto
     assert "".join(c.choices[0].text for c in text_stream) == whole_text.choices[0].text
 
 
-def test_errors_come_back_in_openais_shape_and_others_keep_serving(server):
+def test_errors_come_back_in_openais_shape_and_others_keep_serving(server, store, model_dir, tokenizer):
     api = client(server)
     with pytest.raises(openai.NotFoundError) as err:
         api.completions.create(model="nobody", prompt="x", max_tokens=2)
     assert err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.UnprocessableEntityError) as err:
         api.completions.create(model="damaged", prompt="x", max_tokens=2)
-    assert "damaged" in err.value.body["message"]
-    assert api.completions.create(model="user-1.v1", prompt="x", max_tokens=2, temperature=0).choices[0].text
+    assert "damaged" in err.value.body["message"] and str(store) not in err.value.body["message"]
+    errors_before = metric(server, "unilora_adapter_errors_total")
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # a proper status, before the stream's first byte
+        api.completions.create(model="foreign", prompt="x", max_tokens=2, stream=True)
+    assert err.value.status_code == 422 and "another base model" in err.value.body["message"]
+    assert metric(server, "unilora_adapter_errors_total") == errors_before + 1
+    answer = api.completions.create(model="user-1.v1", prompt="x", max_tokens=4, temperature=0).choices[0].text
+    assert answer == greedy_text(model_dir, store / "user-1.v1", tokenizer, "x", 4)
     cases = [
         (b"{broken", 400, "not valid JSON"),
         ({"model": "user-0.v1", "prompt": "x", "max_tokens": 251}, 400, "limit of 250"),
@@ -128,7 +165,14 @@ def test_errors_come_back_in_openais_shape_and_others_keep_serving(server):
         assert response.status_code == status, (body if isinstance(body, bytes) else str(body)[:80], response.text)
         error = response.json()["error"]
         assert fragment in error["message"] and set(error) >= {"message", "type", "code"}
-    assert post(server, "/v1/nothing", {}).status_code == 404
+    nothing = post(server, "/v1/embeddings", {})
+    assert nothing.status_code == 404 and nothing.json()["error"]["code"] is None
+    assert "no endpoint /v1/embeddings" in nothing.json()["error"]["message"]
+    wrong_method = httpx.delete(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+    deep = post(server, "/v1/completions", b'{"model": "tiny", "prompt": "x", "user": ' + b"[" * 1000 + b"]" * 1000
+                + b"}")
+    assert deep.status_code == 400 and "nests JSON deeper" in deep.json()["error"]["message"]
 
 
 def test_the_api_key_is_required_on_v1_only(server):
@@ -139,12 +183,19 @@ def test_the_api_key_is_required_on_v1_only(server):
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
-def test_adapters_added_and_removed_while_serving(server, store, model_dir):
+def greedy_text(model_dir, adapter_dir, tokenizer, prompt: str, max_tokens: int) -> str:
+    """What the adapter alone answers (greedy), as the server's text."""
+    return tokenizer.decode(isolated_greedy(model_dir, adapter_dir, tokenizer(prompt)["input_ids"], max_tokens),
+                            skip_special_tokens=True)
+
+
+def test_adapters_added_and_removed_while_serving(server, store, model_dir, tokenizer):
     api = client(server)
     new = store / "late-arrival"
     try:
         write_adapter(model_dir, new, "unilora", seed=42)
-        assert api.completions.create(model="late-arrival", prompt="x", max_tokens=2, temperature=0).choices
+        answer = api.completions.create(model="late-arrival", prompt="x", max_tokens=4, temperature=0)
+        assert answer.choices[0].text == greedy_text(model_dir, new, tokenizer, "x", 4)
         assert "late-arrival" in {m.id for m in api.models.list().data}
     finally:
         shutil.rmtree(new)
@@ -152,34 +203,43 @@ def test_adapters_added_and_removed_while_serving(server, store, model_dir):
         api.completions.create(model="late-arrival", prompt="x", max_tokens=2)
 
 
-def test_runtime_loading_stays_under_its_root(server, store):
+def test_runtime_loading_stays_under_its_root(server, store, model_dir, tokenizer):
     shutil.copytree(store / "user-5.v1", server.runtime / "five")
     assert post(server, "/v1/load_lora_adapter", {"lora_name": "escape", "lora_path": str(store / "user-5.v1")}
                 ).status_code == 403
     assert post(server, "/v1/load_lora_adapter", {"lora_name": "five", "lora_path": "five"}).status_code == 200
-    assert client(server).completions.create(model="five", prompt="x", max_tokens=2, temperature=0).choices
+    answer = client(server).completions.create(model="five", prompt="x", max_tokens=4, temperature=0)
+    assert answer.choices[0].text == greedy_text(model_dir, store / "user-5.v1", tokenizer, "x", 4)
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "five"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client(server).completions.create(model="five", prompt="x", max_tokens=2)
 
 
-def test_a_client_that_disconnects_stops_its_generation(server):
+def never_ending(tokenizer, model_dir=None) -> dict:
+    """A logit_bias that bans every end-of-sequence token: a generation then runs to its max_tokens
+    unless it is cancelled."""
+    ends = {tokenizer.eos_token_id}
+    if model_dir is not None:
+        configured = LlamaConfig.from_pretrained(model_dir).eos_token_id
+        ends.update(configured if isinstance(configured, list) else [configured])
+    return {str(token): -100 for token in ends if token is not None}
+
+
+def test_a_client_that_disconnects_stops_its_generation(server, tokenizer, model_dir):
     def generated() -> float:
-        text = httpx.get(server.url + "/metrics", timeout=10).text
-        return float(re.search(r"^unilora_generated_tokens_total (\S+)", text, re.M).group(1))
+        return metric(server, "unilora_generated_tokens_total")
 
     before = generated()
-    # 240 tokens take the tiny model far longer than noticing a closed connection does
+    # no end-of-sequence token can end it: only cancelling keeps it under its 240 tokens
     body = {"model": "user-0.v1", "prompt": "go on", "max_tokens": 240, "temperature": 0.8, "stream": True,
-            "stop": ["\u0000"]}
+            "logit_bias": never_ending(tokenizer, model_dir)}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break  # the client goes away after its first chunk
     time.sleep(1.0)
-    running = float(re.search(r"^unilora_running_rows (\S+)", httpx.get(server.url + "/metrics").text, re.M).group(1))
-    assert running == 0
+    assert metric(server, "unilora_running_rows") == 0
     assert generated() - before < 240
 
 
@@ -266,6 +326,56 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(model_dir, store, tmp_pat
         process.stop()
 
 
+def test_past_the_drain_timeout_every_request_gets_a_503_and_the_exit_is_0(model_dir, store, tmp_path):
+    """Eight requests whose prompts are read one token per step (about 1,850 steps in all), SIGTERM, a
+    1 s drain: the few that finish in time are whole answers; every other non-stream request gets a 503
+    in OpenAI's shape, every other stream an error event then [DONE]; the log holds no traceback, and
+    the process exits 0."""
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store),
+                            "--drain-timeout", "1", "--max-iteration-tokens", "1")
+    body = {"model": "user-0.v1", "prompt": "x " * 230, "max_tokens": 16, "temperature": 0}
+
+    def plain():
+        return httpx.post(process.url + "/v1/completions", json=body, timeout=60)
+
+    def streamed():
+        with httpx.stream("POST", process.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            return r.status_code, [line for line in r.iter_lines() if line]
+
+    try:
+        process.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(plain) for _ in range(4)] + [pool.submit(streamed) for _ in range(4)]
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert process.signal(signal.SIGTERM) == 0
+            assert time.monotonic() - started < 15
+            results = [a.result() for a in answers]
+        refused = 0
+        for response in results[:4]:
+            if response.status_code == 200:
+                assert response.json()["usage"]["completion_tokens"] == 16
+                continue
+            assert response.status_code == 503, response.text
+            error = response.json()["error"]
+            assert "shut down" in error["message"] and error["type"] and error["code"], error
+            refused += 1
+        cut = 0
+        for status, lines in results[4:]:
+            assert status == 200 and lines[-1] == "data: [DONE]", lines
+            last_event = json.loads(lines[-2].removeprefix("data: "))
+            if "error" in last_event:
+                assert "shut down" in last_event["error"]["message"], lines
+                cut += 1
+            else:
+                assert last_event["choices"][0]["finish_reason"] == "length", lines
+        assert refused >= 2 and cut >= 2, (refused, cut)  # most were still reading their prompts
+        log = process.output()
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    finally:
+        process.stop()
+
+
 def test_sigterm_while_the_model_loads_exits_0(model_dir, store, tmp_path):
     process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store))
     try:
@@ -289,14 +399,16 @@ def test_a_model_that_cannot_load_ends_the_process_with_one_line(store, tmp_path
         process.stop()
 
 
-def test_the_readme_client_snippet_runs_as_written(server, tmp_path):
+def test_the_readme_client_snippet_runs_as_written(server, tmp_path, model_dir, store, tokenizer):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Serve many adapters"):]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace = {}
     exec(compile(snippet.replace("http://127.0.0.1:8000", server.url).replace('api_key="KEY"', f'api_key="{KEY}"')
                  .replace('"user-1"', '"user-1.v1"'), "README.md", "exec"), namespace)
-    assert namespace["answer"].choices[0].message.content is not None
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": "Hello"}], chat=True)
+    expected = tokenizer.decode(isolated_greedy(model_dir, store / "user-1.v1", ids, 32), skip_special_tokens=True)
+    assert expected and namespace["answer"].choices[0].message.content == expected
 
 
 def test_embedded_smollm2_serves_eight_adapters_and_the_base_exactly(tmp_path):
@@ -339,5 +451,16 @@ def test_embedded_smollm2_serves_eight_adapters_and_the_base_exactly(tmp_path):
                 out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, temperature=None, top_p=None,
                                      top_k=None, pad_token_id=tokenizer.pad_token_id)
             assert answer == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), name
+
+        # a non-stream client that gives up: its row is cancelled too (the real model takes about 10 s
+        # for these 200 tokens, and no end-of-sequence token can end them sooner)
+        before = metric(process, "unilora_generated_tokens_total")
+        body = {"model": "s1", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0.8,
+                "logit_bias": {**never_ending(tokenizer), **{str(i): -100 for i in eos_ids(tokenizer, base)}}}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(process.url + "/v1/completions", json=body, timeout=1.0)
+        time.sleep(1.5)
+        assert metric(process, "unilora_running_rows") == 0
+        assert metric(process, "unilora_generated_tokens_total") - before < 200
     finally:
         process.stop()

@@ -389,3 +389,24 @@ def test_an_answer_ended_at_once_is_said_not_printed_blank(llama_dir, tmp_path, 
     assert main(["generate", str(tmp_path), "--prompt", "Hello"]) == 0
     captured = capsys.readouterr()
     assert "note: the model ended its answer at once (0 tokens before its end token)" in captured.err
+
+
+def test_generate_runs_an_adapter_saved_with_save_pretrained_on_its_recorded_base(llama_dir, tmp_path, capsys):
+    """No task record: the base model the adapter records, and the prompt as the tokenizer encodes it
+    (as the server's /v1/completions does)."""
+    import unilora
+
+    base = LlamaForCausalLM.from_pretrained(llama_dir)
+    model = unilora.get_model(base, unilora.AdapterConfig(method="unilora", target_modules=["q_proj", "v_proj"],
+                                                          theta_dim=300, seed=4))
+    with torch.no_grad():
+        model.projection.theta.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "mine")
+    tokenizer = smollm2_tokenizer()
+    ids = tokenizer("Tell me", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=ids, max_new_tokens=5, do_sample=False, temperature=None, top_p=None,
+                                    top_k=None, pad_token_id=tokenizer.pad_token_id)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "mine"), "--prompt", "Tell me", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

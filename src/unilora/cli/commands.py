@@ -254,7 +254,7 @@ def cmd_serve(args) -> int:
         adapters=args.adapters, model=model, task=args.task, served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("UNILORA_API_KEY") or None, max_resident=args.max_resident,
         max_resident_bytes=int(args.max_resident_mb * 2**20), factor_cache_bytes=int(args.factor_cache_mb * 2**20),
-        max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
+        max_batch=args.max_batch, max_iteration_tokens=args.max_iteration_tokens, max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
         max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
         allow_runtime_loading=args.allow_runtime_loading, drain_timeout=args.drain_timeout, device=args.device,
         dtype=args.dtype)

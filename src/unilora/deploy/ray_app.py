@@ -138,7 +138,8 @@ class Router:
         self.replicas = replicas
         self.settings = ServeSettings(**settings)
 
-    @ingress.api_route("/{path:path}", methods=["GET", "POST"])
+    # every method: the replica's app answers those it does not serve (405) in OpenAI's error shape
+    @ingress.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
     async def forward(self, request: Request, path: str):
         try:
             body = await read_body(request, self.settings.max_body_bytes)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -27,7 +26,7 @@ from ..core.errors import UniLoraError
 from . import protocol
 from .classify import classify as classify_texts
 from .completions import generate
-from .http import error_response, read_body
+from .http import error_of, error_response, read_body
 from .protocol import LoadAdapterRequest, RequestError, parse
 from .replies import ClientGone
 from .runtime import Server
@@ -35,9 +34,58 @@ from .settings import ServeSettings
 
 
 def models_list(server: Server) -> dict:
+    """The base model and every adapter a request could use (a store folder named like the base model
+    is never reached: that name means the base)."""
     base = protocol.model_card(server.settings.model_id, server.created, server.settings.model, None)
-    adapters = [protocol.model_card(name, server.created, name, server.settings.model_id) for name in server.store.names()]
+    base_names = {server.settings.model_id, server.settings.model}
+    adapters = [protocol.model_card(name, server.created, name, server.settings.model_id)
+                for name in server.store.names() if name not in base_names]
     return {"object": "list", "data": [base, *adapters]}
+
+
+def endpoint_of(path: str) -> str:
+    """The metrics' endpoint label: the path for the app's own routes, else "other" (bounded labels)."""
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return path if path in KNOWN_PATHS else "other"
+
+
+class Guard:
+    """The API key and the metrics of every request. A plain ASGI middleware: the request's receive
+    channel reaches the handler untouched, so a handler notices its client disconnecting (Starlette's
+    BaseHTTPMiddleware wraps that channel and hides it)."""
+
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+        key = server.settings.api_key
+        self.expected = f"Bearer {key}".encode() if key is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        endpoint = endpoint_of(scope["path"])
+        if self.expected is not None and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.server.metrics.requests.labels(endpoint, "401").inc()
+                response = error_response(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        status = 500  # what the client gets if the app raises before answering (a bug of ours)
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.server.metrics.requests.labels(endpoint, str(status)).inc()
+            self.server.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
 
 
 def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> FastAPI:
@@ -47,29 +95,14 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=server.load, name="unilora-load", daemon=True).start()
+        server.start_loading()
         yield
         await run_in_threadpool(server.stop)
 
     app = FastAPI(title="unilora serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """API key, error shape and metrics for every request."""
-        started = time.perf_counter()
-        endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        key = settings.api_key
-        if key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                response = error_response(401, "missing or wrong API key; send 'Authorization: Bearer <key>'")
-                server.metrics.requests.labels(endpoint, "401").inc()
-                return response
-        response = await call_next(request)
-        server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        server.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(Guard, server=server)
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError):
@@ -77,7 +110,7 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
 
     @app.exception_handler(UniLoraError)
     async def bad_input(request: Request, err: UniLoraError):
-        return error_response(getattr(err, "status", 400), str(err))
+        return error_of(err)
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, err: ClientGone):
@@ -86,8 +119,7 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
     @app.exception_handler(Exception)
     async def bug(request: Request, err: Exception):
         # a bug of ours: the client gets the error shape, the log keeps the traceback (Starlette
-        # re-raises it after this answer is sent)
-        server.metrics.requests.labels("other", "500").inc()
+        # re-raises it after this answer is sent); Guard counts it under its endpoint
         return error_response(500, f"internal error ({type(err).__name__}); see the server log")
 
     @app.exception_handler(HTTPException)
@@ -99,7 +131,7 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
     async def validation_error(request: Request, err: RequestValidationError):
         return error_response(400, f"bad request: {err.errors()[0].get('msg', 'invalid')}")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if server.ready:
             return {"status": "ok"}
@@ -109,6 +141,13 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
     @app.get("/v1/models")
     async def models():
         return models_list(server)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        found = next((card for card in models_list(server)["data"] if card["id"] == model_id), None)
+        if found is None:
+            return error_response(404, f"the model '{model_id}' does not exist", code=protocol.MODEL_NOT_FOUND)
+        return found
 
     @app.post("/v1/completions")
     async def completions(request: Request):

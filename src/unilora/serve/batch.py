@@ -1,10 +1,15 @@
-"""The rows decoding together, and the two forwards that move them: prefill and one decode step.
+"""The rows decoding together, and the forwards that move them: prefill (whole prompts, or one chunk
+of a long prompt) and one decode step.
 
 Iteration-level scheduling needs a batch that rows join and leave between steps. The rows share
 one key/value cache, left-padded to one length: a row that joins is prefilled on its own forward,
 then its cache is padded on the left and stacked under the others'; a row that finishes is cut
 out, and columns that only padding still uses are dropped. Padding is masked in attention and
 positions count real tokens only, so each row computes what it would alone.
+
+A prompt too long for one turn's token budget is prefilled in chunks (`PromptInProgress`): each
+chunk runs on the prompt's own cache, at its true positions, attending to every earlier token, so
+the last chunk ends in the cache and logits a one-shot prefill gives; then the row joins the batch.
 
 This holds for caches made only of plain (full-attention) layers; `check_model` refuses others
 at start-up rather than serving them wrongly.
@@ -13,6 +18,7 @@ at start-up rather than serving them wrongly.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -56,6 +62,21 @@ def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([t.new_zeros((*t.shape[:-2], missing, t.shape[-1])), t], dim=-2)
 
 
+@dataclass(eq=False)
+class PromptInProgress:
+    """An admitted sequence whose prompt is not yet all in a cache: its row (the adapter it runs) and,
+    once its first chunk ran, its own cache of the first `done` prompt tokens."""
+
+    sequence: Sequence
+    row: str
+    cache: DynamicCache | None = None
+    done: int = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.sequence.prompt_ids) - self.done
+
+
 class RunningBatch:
     def __init__(self, pad_id: int, cache_argument: str = "cache", device: torch.device | str = "cpu"):
         self.pad_id = pad_id
@@ -85,6 +106,24 @@ class RunningBatch:
         extra[self.cache_argument] = DynamicCache()
         out = _forward(model, rows, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         self._join(sequences, rows, _cache_of(out), mask)
+        return out.logits[:, -1].float().cpu()
+
+    def prefill_chunk(self, model, prompt: PromptInProgress, n: int, keep_logits: bool) -> torch.Tensor | None:
+        """Run the next `n` tokens of a prompt on its own cache. After its last chunk the row joins the
+        batch and its last-position logits are returned; before, None."""
+        end = prompt.done + n
+        ids = torch.tensor([prompt.sequence.prompt_ids[prompt.done:end]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        positions = torch.arange(prompt.done, end, device=self.device).unsqueeze(0)
+        extra = {"logits_to_keep": 1} if keep_logits else {}
+        extra[self.cache_argument] = prompt.cache if prompt.cache is not None else DynamicCache()
+        out = _forward(model, [prompt.row], input_ids=ids, attention_mask=mask, position_ids=positions,
+                       use_cache=True, **extra)
+        prompt.cache, prompt.done = _cache_of(out), end
+        if prompt.left:
+            return None
+        self._join([prompt.sequence], [prompt.row], prompt.cache, mask)
+        prompt.cache = None
         return out.logits[:, -1].float().cpu()
 
     def step(self, model) -> torch.Tensor:

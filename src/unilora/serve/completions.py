@@ -36,7 +36,7 @@ async def generate(request: Request, server: Server, kind: str):
     if any(not ids for ids in encoded):
         raise RequestError(400, "a prompt is empty after tokenization; send some text")
     sampling = sampling_of(req, server.settings.max_new_tokens_limit, server.context, [len(ids) for ids in encoded],
-                           COMPLETION_DEFAULT_TOKENS if kind == "text" else None)
+                           COMPLETION_DEFAULT_TOKENS if kind == "text" else None, server.vocab_size)
     adapter = await run_in_threadpool(server.prepare, name, len(encoded)) if name is not None else None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -48,7 +48,7 @@ async def generate(request: Request, server: Server, kind: str):
     except Overloaded as err:
         server.release(adapter, len(sequences))
         raise RequestError(503, str(err), retry_after=1) from None
-    reply = Reply(kind, req.model, sequences)
+    reply = Reply(kind, req.model, sequences, with_logprobs=sampling.top_logprobs is not None)
     if req.stream:
         return StreamingResponse(reply.stream(events, req.include_usage), media_type="text/event-stream")
     return await reply.collect(request, events, server.settings.request_timeout)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .protocol import RequestError, error_body
+from ..core.errors import UniLoraError
+from ..store.names import UnknownAdapter
+from .protocol import MODEL_NOT_FOUND, RequestError, error_body
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -22,6 +24,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+def error_response(status: int, message: str, retry_after: int | None = None, code: str | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+
+
+def error_of(err: UniLoraError) -> JSONResponse:
+    """A library error as an answer: its status (400 unless it says), and 'model_not_found' for a name
+    the store does not hold."""
+    code = MODEL_NOT_FOUND if isinstance(err, UnknownAdapter) else None
+    return error_response(getattr(err, "status", 400), str(err), code=code)

@@ -39,17 +39,26 @@ class Server:
         self.classifier: Classifier | None = None
         self.tokenizer = None
         self.context: int | None = None
+        self.vocab_size: int | None = None  # the logits' length: logit_bias names tokens below it
         self.load_error: str | None = None
         self.created = int(time.time())
         self.tokenizer_lock = threading.Lock()
         self._loaded = loaded  # (tokenizer, model) given by a caller instead of loading `settings.model`
         self.on_load_failure = on_load_failure  # called (on the loading thread) when the model cannot load
+        self._loading: threading.Thread | None = None
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     @property
     def ready(self) -> bool:
         return self.worker is not None
 
     # --- start and stop --------------------------------------------------------------------
+    def start_loading(self) -> None:
+        """Load on a background thread: the port opens at once, /health says when the model is ready."""
+        self._loading = threading.Thread(target=self.load, name="unilora-load", daemon=True)
+        self._loading.start()
+
     def load(self) -> None:
         """Load the model and start the worker (on a background thread at start-up)."""
         s = self.settings
@@ -65,9 +74,11 @@ class Server:
                 check_model(model)
                 self.tokenizer = tokenizer
                 self.context = getattr(model.config, "max_position_embeddings", None)
+                self.vocab_size = model.get_output_embeddings().weight.shape[0]
                 self.residency = Residency(model, s.max_resident, s.max_resident_bytes, s.factor_cache_bytes,
                                            self.metrics)
                 scheduler = Scheduler(self.residency, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
+                                      max_iteration_tokens=s.max_iteration_tokens,
                                       metrics=self.metrics, tokenizer_lock=self.tokenizer_lock)
                 worker = Worker(scheduler, max_queue=s.max_queue, metrics=self.metrics)
         except UniLoraError as err:
@@ -79,13 +90,25 @@ class Server:
             if self.on_load_failure is not None:
                 self.on_load_failure()
             return
-        worker.start()
-        self.worker = worker
+        with self._stop_lock:
+            if self._stopped:  # told to stop while loading: never start serving
+                return
+            worker.start()
+            self.worker = worker
         log.info("ready: %s, adapters from %s", s.model_id, self.store.root)
 
     def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop(timeout=self.settings.drain_timeout)
+        """Drain (worker.Worker.stop); called by the first exit signal and again at shutdown, which then
+        waits for the first call to end."""
+        with self._stop_lock:
+            if not self._stopped and self.worker is not None:
+                self.worker.stop(timeout=self.settings.drain_timeout)
+            self._stopped = True
+
+    def busy(self) -> bool:
+        """Whether a thread of ours still runs torch: the model loading, or a forward past the drain."""
+        return ((self._loading is not None and self._loading.is_alive())
+                or (self.worker is not None and self.worker.alive))
 
     # --- what handlers share ---------------------------------------------------------------
     def require_ready(self) -> Worker:

@@ -1,12 +1,17 @@
-"""Generation's scheduler: the sequences waiting for a row, the running batch, and one turn of work.
+"""Generation's scheduler: the sequences waiting for a row, the prompts being prefilled, the running
+batch, and one turn of work under a token budget.
 
-Each turn (1) attaches the adapters the waiting sequences name and prefills them into the running
-batch, as far as `max_batch` allows, then (2) runs one decode step for every row. A request that
-arrives while others decode therefore joins at the next turn (iteration-level scheduling), and rows
-of any adapters, or of the base model, share every forward.
+Each turn spends at most `max_iteration_tokens` tokens of forward work: first one decode step for
+every running row (one token each), then prefill with what is left (at least a quarter of the
+budget). Prompts that fit whole go first, several in one left-padded forward, so a short request is
+never stuck behind a long one; then the oldest prompt that does not fit gets a chunk, and is
+prefilled over several turns on its own cache (batch.PromptInProgress). A long prompt therefore
+never stalls the running streams for more than one turn's budget, and a timeout or a disconnect
+takes effect between chunks.
 
-A bad request fails alone; a timed-out or cancelled (disconnected) sequence leaves the batch at the
-next turn. Only the worker thread calls `turn` (worker.py); `submit` comes from request threads.
+A request that arrives while others decode joins at the next turn (iteration-level scheduling), and
+rows of any adapters, or of the base model, share every forward. A bad request fails alone.
+Only the worker thread calls `turn` (worker.py); `submit` comes from request threads.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections import deque
 
 from ..core.errors import UniLoraError
 from ..engine.routing import BASE
-from .batch import RunningBatch, cache_argument
+from .batch import PromptInProgress, RunningBatch, cache_argument
 from .residency import Residency
 from .sequence import Sequence
 
@@ -27,18 +32,40 @@ class Overloaded(UniLoraError):
     """The waiting queue is full, or the server is stopping (HTTP 503 with Retry-After)."""
 
 
+def plan_prefill(prompts: list[PromptInProgress], budget: int) -> tuple[list[PromptInProgress], PromptInProgress | None, int]:
+    """What one turn prefills with `budget` tokens: the prompts not yet started that fit whole (in
+    arrival order, their padded width counted), and one prompt to advance by a chunk (the one under
+    way, else the oldest left), with the chunk's length. A prompt under way keeps a quarter of the
+    budget, so a stream of short prompts cannot starve it."""
+    under_way = next((p for p in prompts if p.done), None)
+    reserve = min(under_way.left, max(1, budget // 4)) if under_way is not None else 0
+    room, whole, width = budget - reserve, [], 0
+    for prompt in prompts:
+        if prompt.done == 0 and max(width, prompt.left) * (len(whole) + 1) <= room:
+            whole.append(prompt)
+            width = max(width, prompt.left)
+    room = budget - width * len(whole)
+    chunked = under_way or next((p for p in prompts if p not in whole), None)
+    if chunked is None or room <= 0:
+        return whole, None, 0
+    return whole, chunked, min(room, chunked.left)
+
+
 class Scheduler:
-    def __init__(self, residency: Residency, tokenizer, *, max_batch: int, max_queue: int, metrics=None,
+    def __init__(self, residency: Residency, tokenizer, *, max_batch: int, max_queue: int,
+                 max_iteration_tokens: int = 256, metrics=None,
                  tokenizer_lock: threading.Lock | None = None):
         self.residency = residency
         self.tokenizer = tokenizer
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_iteration_tokens = max_iteration_tokens
         self.metrics = metrics
         base = residency.base
         self.eos_ids = eos_ids(tokenizer, base)
         self.batch = RunningBatch(tokenizer.pad_token_id, cache_argument(base), next(base.parameters()).device)
+        self.prompts: list[PromptInProgress] = []  # admitted, attached, not yet all prefilled
         self.keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._pending: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -54,29 +81,39 @@ class Scheduler:
         with self._lock:
             return list(self._pending)
 
+    def unfinished(self) -> list[Sequence]:
+        """Every sequence the server still owes an answer: waiting, being prefilled, or decoding."""
+        return [*self.pending(), *(p.sequence for p in self.prompts), *self.batch.sequences]
+
     @property
     def waiting(self) -> int:
         return len(self._pending)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._pending) or bool(len(self.batch))
+        return bool(self._pending) or bool(self.prompts) or bool(len(self.batch))
 
     # --- on the worker thread ------------------------------------------------------------------
     def turn(self) -> None:
-        self._admit()
+        decoded = 0
         if len(self.batch):
+            decoded = len(self.batch)
             self._advance(self.batch.sequences, self.batch.step(self.residency.served))
             self._drop_finished()
+        self._admit()
+        if self.prompts:
+            self._prefill(max(self.max_iteration_tokens - decoded, max(1, self.max_iteration_tokens // 4)))
 
     def fail_running(self, status: int, message: str) -> None:
-        """Fail every row of the running batch (a forward failed: a bug of ours)."""
-        for seq in self.batch.sequences:
+        """Fail every row of the running batch and every prompt being prefilled (a forward failed: a bug
+        of ours)."""
+        for seq in [*self.batch.sequences, *(p.sequence for p in self.prompts)]:
             seq.fail(status, message)
         self.batch.keep([])
+        self.prompts = []
 
     def fail_all(self, status: int, message: str) -> None:
-        """Fail every waiting and running sequence (the server stops)."""
+        """Fail every waiting, prefilling and running sequence (the server stops)."""
         with self._lock:
             waiting = list(self._pending)
             self._pending.clear()
@@ -90,32 +127,55 @@ class Scheduler:
         if seq.adapter is not None and seq.adapter.file is None:
             self.residency.release(seq.adapter.name)
 
+    def _still_wanted(self, seq: Sequence, now: float, waited: str) -> bool:
+        """False, after ending it, for a sequence whose client left or whose time is up."""
+        if seq.cancelled.is_set():
+            seq.cancel_quietly()
+        elif now > seq.deadline:
+            seq.fail(504, f"the request timed out {waited}; ask for fewer tokens or raise the server's "
+                          "--request-timeout")
+        return not seq.finished
+
     def _admit(self) -> None:
+        """Waiting sequences become prompts in progress while rows are free: their adapters attached."""
+        free = self.max_batch - len(self.batch) - len(self.prompts)
+        if free <= 0:
+            return
         with self._lock:
-            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch - len(self.batch)))]
-        admitted, rows = [], []
+            taken = [self._pending.popleft() for _ in range(min(len(self._pending), free))]
         now = time.monotonic()
         for seq in taken:
             try:
-                if seq.cancelled.is_set():
-                    seq.cancel_quietly()
-                elif now > seq.deadline:
-                    seq.fail(504, "the request timed out waiting for a free slot")
-                else:
-                    rows.append(self._row_of(seq))
-                    admitted.append(seq)
+                if self._still_wanted(seq, now, "waiting for a free slot"):
+                    self.prompts.append(PromptInProgress(seq, self._row_of(seq)))
             except UniLoraError as err:
                 seq.fail(getattr(err, "status", 422), str(err))
             finally:
                 self._release(seq)
-        if not admitted:
-            return
-        self.residency.trim(set(self.batch.rows) | set(rows))
-        logits = self.batch.prefill(self.residency.served, admitted, rows, self.keep_logits)
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in admitted))
-        self._advance(admitted, logits)
+        if taken:
+            self.residency.trim(set(self.batch.rows) | {p.row for p in self.prompts})
+
+    def _prefill(self, budget: int) -> None:
+        now = time.monotonic()
+        self.prompts = [p for p in self.prompts if self._still_wanted(p.sequence, now, "while its prompt was read")]
+        whole, chunked, n = plan_prefill(self.prompts, budget)
+        model = self.residency.served
+        if whole:
+            logits = self.batch.prefill(model, [p.sequence for p in whole], [p.row for p in whole], self.keep_logits)
+            self._count_prompt_tokens(sum(p.left for p in whole))
+            self.prompts = [p for p in self.prompts if p not in whole]
+            self._advance([p.sequence for p in whole], logits)
+        if chunked is not None:
+            logits = self.batch.prefill_chunk(model, chunked, n, self.keep_logits)
+            self._count_prompt_tokens(n)
+            if logits is not None:
+                self.prompts.remove(chunked)
+                self._advance([chunked.sequence], logits)
         self._drop_finished()
+
+    def _count_prompt_tokens(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(n)
 
     def _row_of(self, seq: Sequence) -> str:
         """The internal adapter name a sequence's row runs (attaching what was prepared for it)."""
@@ -128,18 +188,13 @@ class Scheduler:
         produced = 0
         with self.tokenizer_lock:
             for seq, row in zip(sequences, logits):
-                if seq.finished:
+                if seq.finished or not self._still_wanted(seq, now, "while generating"):
                     continue
-                if seq.cancelled.is_set():
-                    seq.cancel_quietly()
-                elif now > seq.deadline:
-                    seq.fail(504, "the request timed out; ask for fewer tokens or raise the server's --request-timeout")
-                else:
-                    first = seq.first_token_at is None
-                    seq.advance(seq.choose(row), self.tokenizer, self.eos_ids)
-                    produced += 1
-                    if first and self.metrics is not None:
-                        self.metrics.time_to_first_token.observe(seq.first_token_at - seq.submitted)
+                first = seq.first_token_at is None
+                seq.advance(seq.choose(row), self.tokenizer, self.eos_ids, row)
+                produced += 1
+                if first and self.metrics is not None:
+                    self.metrics.time_to_first_token.observe(seq.first_token_at - seq.submitted)
         if self.metrics is not None and produced:
             self.metrics.generated_tokens.inc(produced)
 
@@ -148,7 +203,7 @@ class Scheduler:
         if len(kept) < len(self.batch):
             self.batch.keep(kept)
             if self.residency.retired:
-                self.residency.trim(set(self.batch.rows))
+                self.residency.trim(set(self.batch.rows) | {p.row for p in self.prompts})
         if self.metrics is not None:
             self.metrics.running_rows.set(len(self.batch))
 

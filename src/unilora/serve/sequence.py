@@ -5,7 +5,7 @@ The worker thread advances a `Sequence` one token at a time; the HTTP side reads
 `sink`, a callable that hands them across threads. The events:
 
 - `TextEvent`: new text, held back while it may still become a stop string or ends inside a
-  multi-byte character;
+  multi-byte character, with the log-probabilities of the tokens it completes when they were asked for;
 - `DoneEvent`: the generation ended, "stop" (end-of-sequence token or a stop string) or "length";
 - `ErrorEvent`: the request failed (timeout, overload, shutdown, a bug of ours); the others in the
   batch go on.
@@ -25,8 +25,18 @@ from .sampling import Sampling
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log-probability, and its most likely alternatives'."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextEvent:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class Sequence:
     finish_reason: str | None = None
     _sent: int = 0
     _rng: torch.Generator | None = None
+    _unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self):
         self._rng = self.sampling.generator()
@@ -82,14 +93,16 @@ class Sequence:
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's float logits (vocabulary,)."""
-        return self.sampling.choose(logits, self._rng)
+        return self.sampling.choose(logits, self._rng, self.generated)
 
-    def advance(self, token: int, tokenizer, eos_ids: set[int]) -> None:
+    def advance(self, token: int, tokenizer, eos_ids: set[int], logits: torch.Tensor | None = None) -> None:
         """Take one new token: send the text it completes, and finish on end-of-sequence, a stop
-        string or the token budget."""
+        string or the token budget. `logits`: the row's, for the log-probabilities asked for."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.generated.append(token)
+        if self.sampling.top_logprobs is not None and logits is not None and token not in eos_ids:
+            self._unsent_logprobs.append(token_logprob(logits, token, self.sampling.top_logprobs, tokenizer))
         finish = None
         if token in eos_ids:
             finish = "stop"
@@ -104,8 +117,9 @@ class Sequence:
             finish = "length"
         end = len(text) if finish else len(text) - self._held_back(text)
         if end > self._sent:
-            self.sink(TextEvent(text[self._sent:end]))
+            self.sink(TextEvent(text[self._sent:end], tuple(self._unsent_logprobs)))
             self._sent = end
+            self._unsent_logprobs = []
         if finish:
             self.finish_reason = finish
             self.sink(DoneEvent(finish))
@@ -122,3 +136,11 @@ class Sequence:
                     longest = n
                     break
         return longest
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int, tokenizer) -> TokenLogprob:
+    """`token`'s log-probability under the row's logits, and the `top` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = tuple((tokenizer.decode([int(i)]), float(v)) for v, i in zip(*best)) if best is not None else ()
+    return TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives)

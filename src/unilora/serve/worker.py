@@ -106,6 +106,10 @@ class Worker:
             self._fail_events_only()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self.calls) + (self.scheduler.waiting if self.scheduler is not None else 0)
 
@@ -146,7 +150,7 @@ class Worker:
     def _fail_events_only(self) -> None:
         message = "the server shut down before this request finished"
         if self.scheduler is not None:
-            for seq in [*self.scheduler.batch.sequences, *self.scheduler.pending()]:
+            for seq in self.scheduler.unfinished():
                 seq.fail(503, message)
         self.calls.fail_all(Overloaded(message))
 

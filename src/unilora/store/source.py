@@ -118,12 +118,17 @@ class AdapterStore:
         read: a folder rewritten during the read is read again, once)."""
         for _ in range(2):
             before = self.signature(name)
+            folder = self.folder(name)
             try:
-                adapter = read_adapter(self.folder(name))
+                adapter = read_adapter(folder)
             except UniLoraError as err:
                 if isinstance(err, UnknownAdapter):
                     raise
-                raise BadAdapter(f"adapter '{name}' cannot be served: {err}") from None
+                # a client sees the adapter's name, never where the server keeps its files
+                message = str(err)
+                for path in {str(folder.resolve()), str(folder)}:
+                    message = message.replace(path, name)
+                raise BadAdapter(f"adapter '{name}' cannot be served: {message}") from None
             if self.signature(name) == before:
                 return adapter, before
         raise BadAdapter(f"adapter '{name}' is being rewritten; retry when its folder is complete")

@@ -35,9 +35,11 @@ from ..data.lm_tokens import (
 from ..data.tables import read_rows
 from ..engine.generation import generate
 from ..engine.model import AdaptedModel
+from ..models.adapter_base import peft_task_type
 from ..models.backbones import load_causal_lm
+from ..store.io import read_adapter
 from .loop import Task, TrainSettings, distributed, fitted_max_length
-from .records import hf_options, note_changes, read_task_adapter, recorded_data
+from .records import hf_options, note_changes, recorded_data
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -248,12 +250,18 @@ def prompts_from_file(path: str | Path) -> list:
 
 def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge: bool = False,
                           model_name: str | None = None, batch_size: int = 8) -> list[str]:
-    """Generations of a saved causal-LM adapter. A text prompt is sent as a user turn through the chat
-    template when the adapter learned from chat data; a conversation always is."""
-    adapter, task = read_task_adapter(adapter_dir)
-    if task_kind(task) != "causal-lm":
+    """Generations of a saved causal-LM adapter, on the base model it records (or `model_name`). A text
+    prompt is sent as a user turn through the chat template when the adapter learned from chat data; a
+    conversation always is. An adapter saved with save_pretrained records no data: its text prompts
+    are encoded as the tokenizer does by default, as the server's /v1/completions does."""
+    adapter = read_adapter(adapter_dir)
+    task = adapter.task or {}  # none for an adapter saved with save_pretrained: its recorded base model
+    if (task and task_kind(task) != "causal-lm") or (not task and peft_task_type(adapter.meta) not in (None, "CAUSAL_LM")):
         raise UniLoraError(f"'{adapter_dir}' is a classifier; `generate` needs a causal-LM adapter")
-    tokenizer, model = load_lm_adapter(adapter, model_name)
+    name = model_name or task.get("model") or (adapter.meta.get("base_model") or {}).get("name_or_path")
+    if not name:
+        raise UniLoraError(f"'{adapter_dir}' records no base model; pass --model NAME_OR_PATH")
+    tokenizer, model = load_lm_adapter(adapter, name)
     if merge:
         model.merge()
     chat = task.get("kind") == "chat"
