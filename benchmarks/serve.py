@@ -8,9 +8,9 @@
 (e) a store of 10,000 adapters with 1,000 made resident: bytes the server holds for adapters
     (its `unilora_resident_adapter_bytes`) vs the bytes those adapters store, and the process RSS;
 (f) head of line: the latency of 2-token requests sent every 0.5 s on an idle server, and while one
-    request with 4 prompts of about 1,000 tokens runs, with the default --max-iteration-tokens and with a
-    budget no prompt reaches (one-shot prefill, as before chunking); and that long request's time alone
-    under each.
+    request with 4 prompts of about 1,200 tokens runs, with --max-iteration-tokens 128 (the default) and
+    256, and with a budget no prompt reaches (one-shot prefill, as before chunking); and that long
+    request's time alone under each.
 
 Adapters: Uni-LoRA on q_proj, v_proj (rank 4, d = 23,040, one seed, random θ); the store's 10,000
 folders are copies of 32 of them under their own names (each is attached separately).
@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where every server runs its model (cuda on a GPU)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--rows", default="abcdef", help="which rows to run (letters)")
-    parser.add_argument("--iteration-tokens", default="256",
+    parser.add_argument("--iteration-tokens", default="128,256",
                         help="row (f): the --max-iteration-tokens budgets to compare with one-shot prefill")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

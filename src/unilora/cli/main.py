@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor-cache-mb", type=_positive_float, default=256.0,
                    help="MB of rebuilt factors kept for recently used adapters")
     p.add_argument("--max-batch", type=_positive_int, default=32, help="sequences decoding together")
-    p.add_argument("--max-iteration-tokens", type=_positive_int, default=256,
+    p.add_argument("--max-iteration-tokens", type=_positive_int, default=128,
                    help="tokens of forward work per step: every decoding row, then prompts; longer prompts "
                    "are read in chunks over several steps, so they never stall the running streams")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="requests waiting for a slot (503 beyond)")

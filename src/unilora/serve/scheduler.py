@@ -28,6 +28,9 @@ from .residency import Residency
 from .sequence import Sequence
 
 
+ALONE_FACTOR = 4  # a prompt being read while nothing else runs or waits: chunks this many budgets long
+
+
 class Overloaded(UniLoraError):
     """The waiting queue is full, or the server is stopping (HTTP 503 with Retry-After)."""
 
@@ -53,7 +56,7 @@ def plan_prefill(prompts: list[PromptInProgress], budget: int) -> tuple[list[Pro
 
 class Scheduler:
     def __init__(self, residency: Residency, tokenizer, *, max_batch: int, max_queue: int,
-                 max_iteration_tokens: int = 256, metrics=None,
+                 max_iteration_tokens: int = 128, metrics=None,
                  tokenizer_lock: threading.Lock | None = None):
         self.residency = residency
         self.tokenizer = tokenizer
@@ -66,6 +69,7 @@ class Scheduler:
         self.eos_ids = eos_ids(tokenizer, base)
         self.batch = RunningBatch(tokenizer.pad_token_id, cache_argument(base), next(base.parameters()).device)
         self.prompts: list[PromptInProgress] = []  # admitted, attached, not yet all prefilled
+        self._chunk_ran = False  # whether the last step read a chunk of a long prompt
         self.keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._pending: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -102,7 +106,13 @@ class Scheduler:
             self._drop_finished()
         self._admit()
         if self.prompts:
-            self._prefill(max(self.max_iteration_tokens - decoded, max(1, self.max_iteration_tokens // 4)))
+            budget = max(self.max_iteration_tokens - decoded, max(1, self.max_iteration_tokens // 4))
+            if not len(self.batch) and not self._pending:
+                # prompts being read while nothing decodes or waits keep nobody waiting: larger chunks
+                # run closer to a one-shot prefill's speed (small matrix products are slower per token);
+                # whoever arrives waits one chunk
+                budget = ALONE_FACTOR * self.max_iteration_tokens
+            self._prefill(budget)
 
     def fail_running(self, status: int, message: str) -> None:
         """Fail every row of the running batch and every prompt being prefilled (a forward failed: a bug
@@ -165,6 +175,12 @@ class Scheduler:
             self._count_prompt_tokens(sum(p.left for p in whole))
             self.prompts = [p for p in self.prompts if p not in whole]
             self._advance([p.sequence for p in whole], logits)
+        # a step that reads new whole prompts leaves the chunk for the next one, unless the last step
+        # left it too: new requests get their first token and their next step sooner, and the long
+        # prompt still moves at least every other step
+        if chunked is not None and whole and self._chunk_ran:
+            chunked = None
+        self._chunk_ran = chunked is not None
         if chunked is not None:
             logits = self.batch.prefill_chunk(model, chunked, n, self.keep_logits)
             self._count_prompt_tokens(n)

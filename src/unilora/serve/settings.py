@@ -18,7 +18,7 @@ class ServeSettings:
     max_resident_bytes: int = 1 << 30  # bytes their tensors may hold (LRU beyond)
     factor_cache_bytes: int = 256 << 20  # rebuilt factors kept for recently used adapters
     max_batch: int = 32  # sequences decoding together
-    max_iteration_tokens: int = 256  # tokens of forward work per turn: decode rows first, then prompt chunks
+    max_iteration_tokens: int = 128  # tokens of forward work per turn: decode rows first, then prompt chunks
     max_queue: int = 256  # requests waiting for a slot; more get 503 with Retry-After
     max_new_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
     max_body_bytes: int = 1 << 20
