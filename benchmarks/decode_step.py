@@ -44,25 +44,29 @@ def adapted_model(count: int, theta_dim: int):
     return tokenizer, base, model.eval()
 
 
-def step_times(forward, rows: int, prompt: int, steps: int, vocab: int) -> tuple[list[float], object]:
-    """Prefill `rows` prompts of `prompt` tokens, then time `steps` decode steps."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, vocab - 100, (rows, prompt), generator=generator)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        out = forward(input_ids=ids, attention_mask=mask, use_cache=True, past_key_values=DynamicCache(),
-                      logits_to_keep=1)
-        cache, last = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        times = []
-        for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-            positions = mask.sum(-1, keepdim=True) - 1
+class Decoding:
+    """One case's batch: `rows` prompts of `prompt` tokens prefilled, then one decode step per call."""
+
+    def __init__(self, forward, rows: int, prompt: int, vocab: int):
+        self.forward, self.rows = forward, rows
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(100, vocab - 100, (rows, prompt), generator=generator)
+        self.mask = torch.ones_like(ids)
+        with torch.no_grad():
+            out = forward(input_ids=ids, attention_mask=self.mask, use_cache=True, past_key_values=DynamicCache(),
+                          logits_to_keep=1)
+        self.cache, self.last = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(self) -> float:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
+        positions = self.mask.sum(-1, keepdim=True) - 1
+        with torch.no_grad():
             started = time.perf_counter()
-            out = forward(input_ids=last, attention_mask=mask, position_ids=positions, use_cache=True,
-                          past_key_values=cache, logits_to_keep=1)
-            times.append(time.perf_counter() - started)
-            cache, last = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    return times, out
+            out = self.forward(input_ids=self.last, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                               past_key_values=self.cache, logits_to_keep=1)
+            elapsed = time.perf_counter() - started
+        self.cache, self.last = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return elapsed
 
 
 def main() -> None:
@@ -77,11 +81,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer, base, model = adapted_model(args.rows, args.theta_dim)
     vocab = base.config.vocab_size
-    cases = {
-        "plain model (no adapters attached)": lambda **kw: model.base_model(**kw) if False else None,
-    }
-    # the plain model: the same weights with every adapter layer bypassed
-    def plain(**kw):
+    def plain(**kw):  # the same model with every adapter layer bypassed
         with model.disable_adapter():
             return model(**kw)
 
@@ -91,21 +91,25 @@ def main() -> None:
         "every row on one adapter": lambda **kw: model(adapter_names=["a0"] * args.rows, **kw),
         "each row on its own adapter": lambda **kw: model(adapter_names=[f"a{i}" for i in range(args.rows)], **kw),
     }
-    medians = {name: [] for name in cases}
+    # each case decodes its batch alone, as the server's one batch does (a layer keeps the factors of the
+    # last mix it ran); the cases take turns round by round, so that the machine's drift reaches each alike
+    times = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, forward in cases.items():
-            times, _ = step_times(forward, args.rows, args.prompt, args.steps, vocab)
-            medians[name].append(statistics.median(times[2:]))
-    floor = statistics.median(medians["plain (adapters disabled)"])
-    result = {name: {"step_ms": round(1000 * statistics.median(m), 1), "over_plain": round(statistics.median(m) / floor, 3)}
-              for name, m in medians.items()}
+            batch = Decoding(forward, args.rows, args.prompt, vocab)
+            times[name] += [batch.step() for _ in range(args.steps)][2:]  # the first steps warm the caches
+    floor = statistics.median(times["plain (adapters disabled)"])
+    result = {name: {"step_ms": round(1000 * statistics.median(t), 1), "over_plain": round(statistics.median(t) / floor, 3)}
+              for name, t in times.items()}
     print(json.dumps({"rows": args.rows, "cache_tokens": args.prompt + args.steps, "cases": result}, indent=1))
     if args.profile:
         for name, forward in list(cases.items())[1:]:
-            step_times(forward, args.rows, args.prompt, 4, vocab)
+            batch = Decoding(forward, args.rows, args.prompt, vocab)
+            batch.step()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step_times(forward, args.rows, args.prompt, 8, vocab)
-            print(f"\n== {name} (prefill + 8 steps)")
+                for _ in range(8):
+                    batch.step()
+            print(f"\n== {name} (8 decode steps)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 

@@ -200,7 +200,8 @@ def rows_a_to_e(args, work: Path, record: dict) -> None:
     store = work / "store"
     store.mkdir()
     originals = write_adapters(work / "originals", args.clients, args.theta_dim)
-    names = [f"u{i:05d}" for i in range(args.store_size)]
+    # rows (d) and (e) need the large store; (a) and (c) only the clients' own adapters
+    names = [f"u{i:05d}" for i in range(args.store_size if set(args.rows) & set("de") else args.clients)]
     for i, name in enumerate(names):
         shutil.copytree(originals[i % len(originals)], store / name)
     own = names[: args.clients]
@@ -210,56 +211,65 @@ def rows_a_to_e(args, work: Path, record: dict) -> None:
                     "--device", args.device, "--dtype", args.dtype, "--log-level", "warning"], f"http://127.0.0.1:{port}", work / "ours.log").wait()
     try:
         asyncio.run(load(ours.url, own, 1, 4))  # warm-up: every own adapter resident
-        record["a_own_adapters"] = asyncio.run(load(ours.url, own, args.requests_per_client, args.max_tokens))
-        record["a_one_adapter"] = asyncio.run(load(ours.url, [own[0]] * args.clients, args.requests_per_client,
-                                                   args.max_tokens))
-        record["c_ours_base"] = asyncio.run(load(ours.url, [EMBEDDED_LLM] * args.clients,
-                                                 args.requests_per_client, args.max_tokens))
-        cold, warm_ = [], []
-        for j in range(args.cold_samples):  # an idle server: one request at a time
-            name = names[args.clients + j]
-            cold.append(first_token_s(ours.url, name))
-            warm_.append(first_token_s(ours.url, name))
-        record["d_first_token_s"] = {"cold_median": round(statistics.median(cold), 4),
-                                     "resident_median": round(statistics.median(warm_), 4),
-                                     "extra_ms_median": round(1000 * statistics.median(
-                                         c - w for c, w in zip(cold, warm_)), 1)}
-        rss_before = ours.rss_mb()
-        resident_names = names[: args.resident]
-        asyncio.run(warm(ours.url, resident_names, 32))
-        stored = sum((store / n / "adapter_model.safetensors").stat().st_size for n in resident_names)
-        held = metric(ours.url, "unilora_resident_adapter_bytes")
-        count = metric(ours.url, "unilora_resident_adapters")
-        record["e_memory"] = {"resident_adapters": int(count), "held_bytes": int(held),
-                              "stored_bytes_of_those_files": stored,
-                              "held_over_stored": round(held * args.resident / (count * stored), 4),
-                              "factor_cache_bound_bytes": 256 << 20,
-                              "rss_mb_before_after": [round(rss_before), round(ours.rss_mb())]}
+        loads = {"a_own_adapters": own, "a_one_adapter": [own[0]] * args.clients,
+                 "c_ours_base": [EMBEDDED_LLM] * args.clients}
+        runs = {key: [] for key in loads}
+        for _ in range(args.repeats):  # the three loads take turns, so that the machine's drift reaches each alike
+            for key, models in loads.items():
+                runs[key].append(asyncio.run(load(ours.url, models, args.requests_per_client, args.max_tokens)))
+        for key, measured in runs.items():  # the run with the median throughput, and every throughput
+            ordered = sorted(measured, key=lambda r: r["tokens_per_s"])
+            record[key] = {**ordered[len(ordered) // 2], "tokens_per_s_runs": [r["tokens_per_s"] for r in measured]}
+        if set(args.rows) & set("de"):
+            cold, warm_ = [], []
+            for j in range(args.cold_samples):  # an idle server: one request at a time
+                name = names[args.clients + j]
+                cold.append(first_token_s(ours.url, name))
+                warm_.append(first_token_s(ours.url, name))
+            record["d_first_token_s"] = {"cold_median": round(statistics.median(cold), 4),
+                                         "resident_median": round(statistics.median(warm_), 4),
+                                         "extra_ms_median": round(1000 * statistics.median(
+                                             c - w for c, w in zip(cold, warm_)), 1)}
+            rss_before = ours.rss_mb()
+            resident_names = names[: args.resident]
+            asyncio.run(warm(ours.url, resident_names, 32))
+            stored = sum((store / n / "adapter_model.safetensors").stat().st_size for n in resident_names)
+            held = metric(ours.url, "unilora_resident_adapter_bytes")
+            count = metric(ours.url, "unilora_resident_adapters")
+            record["e_memory"] = {"resident_adapters": int(count), "held_bytes": int(held),
+                                  "stored_bytes_of_those_files": stored,
+                                  "held_over_stored": round(held * args.resident / (count * stored), 4),
+                                  "factor_cache_bound_bytes": 256 << 20,
+                                  "rss_mb_before_after": [round(rss_before), round(ours.rss_mb())]}
     finally:
         ours.stop()
-    peft_port = 8311
-    peft = Process([sys.executable, str(HERE / "peft_set_adapter_server.py"), "--adapters", str(args.clients),
-                    "--port", str(peft_port), "--device", args.device, "--dtype", args.dtype], f"http://127.0.0.1:{peft_port}", work / "peft.log").wait()
-    try:
-        record["b_peft_set_adapter"] = asyncio.run(load(peft.url, [f"a{i}" for i in range(args.clients)],
-                                                        args.requests_per_client, args.max_tokens))
-    finally:
-        peft.stop()
-    hf_port = 8312
-    model_dir = str(embedded_llm_folder())
-    hf = Process(["transformers", "serve", model_dir, "--host", "127.0.0.1", "--port", str(hf_port), "--device",
-                  args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
-                  "--continuous-batching"], f"http://127.0.0.1:{hf_port}", work / "hf.log").wait()
-    try:
-        asyncio.run(load(hf.url, [model_dir] * 4, 1, 4))  # warm-up
-        record["c_transformers_serve_base"] = asyncio.run(load(hf.url, [model_dir] * args.clients,
-                                                               args.requests_per_client, args.max_tokens))
-    finally:
-        hf.stop()
-    ratio = lambda a, b: round(record[a]["tokens_per_s"] / record[b]["tokens_per_s"], 3)  # noqa: E731
-    record["ratios"] = {"a_own_over_one": ratio("a_own_adapters", "a_one_adapter"),
-                        "b_ours_over_peft_set_adapter": ratio("a_own_adapters", "b_peft_set_adapter"),
-                        "c_ours_base_over_transformers_serve": ratio("c_ours_base", "c_transformers_serve_base")}
+    if "b" in args.rows:
+        peft_port = 8311
+        peft = Process([sys.executable, str(HERE / "peft_set_adapter_server.py"), "--adapters", str(args.clients),
+                        "--port", str(peft_port), "--device", args.device, "--dtype", args.dtype], f"http://127.0.0.1:{peft_port}", work / "peft.log").wait()
+        try:
+            record["b_peft_set_adapter"] = asyncio.run(load(peft.url, [f"a{i}" for i in range(args.clients)],
+                                                            args.requests_per_client, args.max_tokens))
+        finally:
+            peft.stop()
+    if "c" in args.rows:
+        hf_port = 8312
+        model_dir = str(embedded_llm_folder())
+        hf = Process(["transformers", "serve", model_dir, "--host", "127.0.0.1", "--port", str(hf_port), "--device",
+                      args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
+                      "--continuous-batching"], f"http://127.0.0.1:{hf_port}", work / "hf.log").wait()
+        try:
+            asyncio.run(load(hf.url, [model_dir] * 4, 1, 4))  # warm-up
+            record["c_transformers_serve_base"] = asyncio.run(load(hf.url, [model_dir] * args.clients,
+                                                                   args.requests_per_client, args.max_tokens))
+        finally:
+            hf.stop()
+    ratios = {"a_own_over_one": ("a_own_adapters", "a_one_adapter"), "a_own_over_base": ("a_own_adapters", "c_ours_base"),
+              "a_one_over_base": ("a_one_adapter", "c_ours_base"),
+              "b_ours_over_peft_set_adapter": ("a_own_adapters", "b_peft_set_adapter"),
+              "c_ours_base_over_transformers_serve": ("c_ours_base", "c_transformers_serve_base")}
+    record["ratios"] = {name: round(record[a]["tokens_per_s"] / record[b]["tokens_per_s"], 3)
+                        for name, (a, b) in ratios.items() if a in record and b in record}
 
 
 def main() -> None:
@@ -276,6 +286,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where every server runs its model (cuda on a GPU)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--rows", default="abcdef", help="which rows to run (letters)")
+    parser.add_argument("--repeats", type=int, default=3, help="rows (a) and (c): rounds of the three loads")
     parser.add_argument("--iteration-tokens", default="128,256",
                         help="row (f): the --max-iteration-tokens budgets to compare with one-shot prefill")
     args = parser.parse_args()

@@ -62,7 +62,12 @@ def rows():
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 @pytest.mark.parametrize("method", METHODS)
-def test_mixed_batch_equals_each_row_alone(arch, method, rows):
+@pytest.mark.parametrize("path", ["masked", "gathered"])
+def test_mixed_batch_equals_each_row_alone(arch, method, rows, path, monkeypatch):
+    """Both ways a layer runs a mixed batch: every adapter's columns with the others' zeroed, and (past
+    MASKED_COLUMNS concatenated ranks) each row's own factors gathered."""
+    if path == "gathered":
+        monkeypatch.setattr(unilora.engine.layers, "MASKED_COLUMNS", 0)
     other = METHODS[(METHODS.index(method) + 1) % len(METHODS)]  # a mix of two methods
     model = two_adapter_model(arch, method, other, second_head=(method == "lora"))
     names = ["a", "b", "__base__", "b", "a"]
@@ -73,6 +78,21 @@ def test_mixed_batch_equals_each_row_alone(arch, method, rows):
     # the rows really differ by adapter (the test would pass trivially if adapters did nothing)
     assert not torch.allclose(expected[0], row_alone(model, rows, 0, "b")[0], atol=1e-3)
     assert not torch.allclose(expected[0], row_alone(model, rows, 0, "__base__")[0], atol=1e-3)
+
+
+def test_a_layer_keeps_the_concatenated_factors_while_they_stay_the_same(rows):
+    model = two_adapter_model("llama", "unilora", "vblora")
+    layer = next(m for m in model.modules() if isinstance(m, unilora.engine.layers.AdaptedLayer))
+    with torch.no_grad():
+        first = model(input_ids=rows, adapter_names=["a", "b", "a", "b", "a"]).logits
+        kept = layer._stack_cache[2]
+        again = model(input_ids=rows, adapter_names=["a", "a", "b", "b", "b"]).logits  # same adapters, other rows
+        assert layer._stack_cache[2] is kept
+        model.projections["a"].theta_d.mul_(2.0)  # a changed adapter: its factors are rebuilt, so is the stack
+        changed = model(input_ids=rows, adapter_names=["a", "b", "a", "b", "a"]).logits
+        assert layer._stack_cache[2] is not kept
+    assert torch.equal(first[0], again[0]) and torch.equal(first[3], again[3])
+    assert not torch.allclose(first[0], changed[0], atol=1e-4)
 
 
 def test_mixed_batch_with_gradients_on_and_one_adapter_for_all_rows(rows):

@@ -233,7 +233,7 @@ class FactorBinder:
             factors = projection.layer_factors()
             if not (projection.training and projection.stochastic):
                 snapshot = [p.detach().clone() for p in projection.parameters()]
-                self._cache = (key, snapshot, factors)
+                self._cache = (key, snapshot, factors, self._bytes_beyond_projection(factors))
         return factors
 
     def _snapshot_matches(self, snapshot: list) -> bool:
@@ -243,11 +243,19 @@ class FactorBinder:
         self._cache = None
 
     def cached_bytes(self) -> int:
-        """Bytes the inference cache holds beyond the projection's own tensors (views of one
-        reconstruction counted once)."""
+        """Bytes the inference cache holds beyond the projection's own tensors (counted once, when
+        the cache is built: the router asks on every forward)."""
         cache = self._cache
-        if cache is None:
-            return 0
+        return 0 if cache is None else cache[3]
+
+    def forward_factors(self) -> list | None:
+        """The factors this thread's forward reads (the inference cache's list), or None in a training
+        forward: layers may keep what they derive from this list while they see the same list."""
+        forward = self._forward()
+        return forward.cached if forward is not None and forward.training_pass is None else None
+
+    def _bytes_beyond_projection(self, factors: list) -> int:
+        """Bytes of `factors` beyond the projection's own tensors (views of one reconstruction counted once)."""
         own = {t.untyped_storage().data_ptr() for t in (*self.projection.parameters(), *self.projection.buffers())}
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for f in cache[2] for t in f}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for f in factors for t in f}
         return sum(n for ptr, n in storages.items() if ptr not in own)

@@ -6,6 +6,7 @@ one runs on each row of a mixed batch."""
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from .binder import FactorBinder
 from .routing import AdapterRouter
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
+MASKED_COLUMNS = 512  # a mixed batch's concatenated ranks up to which zeroed columns beat a per-row gather
 
 
 @dataclass
@@ -30,6 +32,19 @@ class LayerAdapter:
     binder: FactorBinder
 
 
+_OWNERS: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def shared_owner(owner: list[int], device: torch.device) -> torch.Tensor:
+    """The column-to-adapter map as one tensor for every layer with the same layout, so that a forward
+    builds each row mask once (RowAdapters.column_mask keys on the tensor)."""
+    key = (tuple(owner), str(device))
+    found = _OWNERS.get(key)
+    if found is None:
+        found = _OWNERS[key] = torch.tensor(owner, device=device)
+    return found
+
+
 class AdaptedLayer(nn.Module):
     # marks a wrapper whose `base_layer` is the model's own layer (targeting looks through it)
     wraps_base_layer = True
@@ -39,6 +54,7 @@ class AdaptedLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters: dict[str, LayerAdapter] = {}
         self.merged_adapter: str | None = None
+        self._stack_cache = None  # (key, factors, concatenation) of the last mixed batch (_stacked)
         # Not a submodule: the router (and the projections it reaches) belongs to the model wrapper.
         object.__setattr__(self, "_router", router)
 
@@ -79,43 +95,88 @@ class AdaptedLayer(nn.Module):
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
         """Row i gets the update of its own adapter; rows of adapters that skip this layer, and
-        "__base__" rows, keep the base output. One gather of each row's factors (zero-padded to
-        the largest rank, the scale folded into Bᵀ) and two batched matmuls, however many
-        adapters the batch mixes. Dropout is off: mixed batches are for inference."""
-        stacked_a, stacked_bt = [], []
-        for name in rows.distinct:
-            entry = self.adapters.get(name)
-            if entry is None:
-                stacked_a.append(None)
-                stacked_bt.append(None)
-                continue
-            factors = entry.binder.factors(entry.slot)
-            a, bt = factors.dense() if isinstance(factors, ScaledFactors) else factors
-            stacked_a.append(a.to(x.dtype))
-            stacked_bt.append(bt.to(x.dtype) * entry.scaling)
-        present = [a for a in stacked_a if a is not None]
-        if not present:
+        "__base__" rows, keep the base output. Dropout is off: mixed batches are for inference.
+
+        The factors of the batch's adapters are concatenated once (`_stacked`, kept while the batch's
+        adapters and their factors stay the same): x times every adapter's Aᵀ in one product, the
+        columns of other rows' adapters zeroed, then one product with every scaled Bᵀ. Two matrix
+        products per layer whatever the mix, no per-row gather; the zeroed columns cost
+        (adapters - 1) x the rank, so a mix past MASKED_COLUMNS columns gathers each row's factors
+        instead (two batched products)."""
+        stacked = self._stacked(rows, x.dtype)
+        if stacked is None:
             return result
-        rank = max(a.shape[0] for a in present)
-        n_in, n_out = x.shape[-1], result.shape[-1]
-
-        def padded(t, width):  # a missing adapter adds zero; a lower rank adds zero rows
-            if t is None:
-                return x.new_zeros(rank, width)
-            return t if t.shape[0] == rank else torch.cat([t, t.new_zeros(rank - t.shape[0], width)])
-
+        a_all, bt_all, owner = stacked
         positions = rows.positions(x.shape[0], x.device)
-        a_rows = torch.stack([padded(a, n_in) for a in stacked_a])[positions]  # (batch, r, in)
-        bt_rows = torch.stack([padded(bt, n_out) for bt in stacked_bt])[positions]  # (batch, r, out)
+        if a_all.shape[0] > MASKED_COLUMNS:
+            return self._gathered_forward(x, result, a_all, bt_all, owner, positions)
+        hidden = F.linear(x, a_all)
+        if len(rows.distinct) > 1:  # one adapter on every row: nothing to zero
+            mask = rows.column_mask(positions, owner, x.dtype)  # (batch, columns), once per forward and layout
+            hidden = hidden * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+        if hidden.dtype == result.dtype and result.is_contiguous():
+            flat = result.view(-1, result.shape[-1])
+            flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), bt_all)
+            return result
+        return result + torch.matmul(hidden, bt_all).to(result.dtype)
+
+    def _gathered_forward(self, x, result, a_all, bt_all, owner, positions) -> torch.Tensor:
+        """Each row's own factors gathered (zero-padded to the largest rank), two batched products."""
+        n_in, n_out = x.shape[-1], result.shape[-1]
+        ranks = torch.bincount(owner, minlength=int(positions.max()) + 1)
+        rank = int(ranks.max())
+        starts = torch.cumsum(ranks, 0) - ranks
+        a_rows = x.new_zeros(x.shape[0], rank, n_in)
+        bt_rows = x.new_zeros(x.shape[0], rank, n_out)
+        for row, adapter in enumerate(positions.tolist()):
+            r = int(ranks[adapter])
+            if r:
+                a_rows[row, :r] = a_all[starts[adapter] : starts[adapter] + r]
+                bt_rows[row, :r] = bt_all[starts[adapter] : starts[adapter] + r]
         update = torch.bmm(torch.bmm(x.reshape(x.shape[0], -1, n_in), a_rows.transpose(1, 2)), bt_rows)
         return result + update.view(result.shape).to(result.dtype)
+
+    def _stacked(self, rows, dtype: torch.dtype):
+        """(every present adapter's A, its scaled Bᵀ, the adapter of each of their rows: its position in
+        `rows.distinct`), concatenated; None when no adapter of the batch adapts this layer. Kept while
+        the batch's adapters read the same factor lists (a binder rebuilds factors as a new list)."""
+        names = rows.distinct
+        lists = rows.factor_lists
+        kept = self._stack_cache
+        if (lists is not None and kept is not None and kept[0] == (tuple(names), dtype)
+                and len(kept[1]) == len(lists) and all(a is b for a, b in zip(kept[1], lists))):
+            return kept[2]
+        parts_a, parts_bt, owner = [], [], []
+        for index, name in enumerate(names):
+            entry = self.adapters.get(name)
+            if entry is None:
+                continue
+            found = entry.binder.factors(entry.slot)
+            a, bt = found.dense() if isinstance(found, ScaledFactors) else found
+            parts_a.append(a.to(dtype))
+            parts_bt.append(bt.to(dtype) * entry.scaling)
+            owner += [index] * a.shape[0]
+        stacked = None
+        if parts_a:
+            stacked = (torch.cat(parts_a), torch.cat(parts_bt), shared_owner(owner, parts_a[0].device))
+        if lists is not None and all(found is not None for name, found in zip(names, lists) if name in self.adapters):
+            self._stack_cache = ((tuple(names), dtype), lists, stacked)
+        return stacked
+
+    # copies and pickles carry the adapters, never the concatenation of one batch's factors
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_stack_cache"] = None
+        return state
 
     # --- adapters -------------------------------------------------------------------
     def add(self, name: str, entry: LayerAdapter) -> None:
         self.adapters[name] = entry
+        self._stack_cache = None
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
+        self._stack_cache = None
 
     # --- merging --------------------------------------------------------------------
     def delta_weight(self, factors, name: str) -> torch.Tensor:

@@ -34,8 +34,12 @@ class RowAdapters:
 
     def __init__(self, names: list[str]):
         self.names = list(names)
-        self.distinct = list(dict.fromkeys(self.names))
+        self.distinct = sorted(set(self.names))  # sorted: the same adapters give the same order (layers key on it)
+        # each distinct adapter's factor list in this forward (None: the base, or a training forward),
+        # set when the forward opens them: layers key what they derive on these lists' identity
+        self.factor_lists: tuple | None = None
         self._cache: dict[tuple, object] = {}
+        self._keep: list[torch.Tensor] = []
 
     def _repeat(self, batch: int) -> int:
         count = len(self.names)
@@ -57,6 +61,17 @@ class RowAdapters:
             for row, name in enumerate(self.names):
                 rows.setdefault(name, []).extend(range(row * repeat, (row + 1) * repeat))
             found = self._cache[key] = {name: torch.tensor(indices, device=device) for name, indices in rows.items()}
+        return found
+
+    def column_mask(self, positions: torch.Tensor, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """1 where a column of the concatenated factors (`owner`: the position in `distinct` of its
+        adapter) belongs to the row's adapter (`positions`, from `positions()`), else 0: (batch,
+        columns). Built once per forward and column layout."""
+        key = ("mask", id(positions), id(owner), dtype)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = (positions.unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
+            self._keep.append(owner)  # the ids stay these tensors' while the mask is cached
         return found
 
     def positions(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -154,6 +169,10 @@ class AdapterRouter:
         opened.append(names)
         for name in names:
             self.binders[name].begin_forward(module, args)
+        rows = self.rows()
+        if rows is not None and names and rows.factor_lists is None:
+            rows.factor_lists = tuple(self.binders[n].forward_factors() if n in self.binders else None
+                                      for n in rows.distinct)
         if names and not any(opened[:-1]) and not torch.is_grad_enabled():  # once per outermost forward
             self._bound_caches(names)
 
