@@ -111,6 +111,57 @@ def test_killing_a_replica_mid_load_loses_no_request_silently(cluster, tokenizer
         pytest.fail("the cluster did not recover after a replica was killed")
 
 
+def listening_addresses(root_pid: int) -> dict[str, set[str]]:
+    """{process name: the addresses its TCP sockets listen on} for `root_pid` and every process under it
+    (read from /proc: each process's socket inodes, matched with /proc/net/tcp and tcp6)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    family, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid and child not in family]
+        family.update(children)
+        frontier += children
+    listening = {}  # inode -> address
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    address, port = fields[1].split(":")
+                    listening[fields[9]] = f"{address}:{int(port, 16)}"
+    found = {}
+    for pid in family:
+        try:
+            name = open(f"/proc/{pid}/comm").read().strip()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in listening:
+                    found.setdefault(name, set()).add(listening[target[8:-1]])
+        except OSError:
+            continue
+    return found
+
+
+LOOPBACK = ("0100007F:", "00000000000000000000000001000000:")  # 127.0.0.1 and ::1 as /proc/net writes them
+
+
+def test_the_http_port_listens_where_host_says(cluster):
+    """--host 127.0.0.1 (the default): the port that answers requests listens on the loopback only.
+    (Ray 2.60's own GCS, raylet and worker gRPC servers listen on every interface whatever the node
+    address; docs/scaling.md says so and what to do about it.)"""
+    found = listening_addresses(cluster.process.pid)
+    on_port = {address for addresses in found.values() for address in addresses
+               if address.endswith(f":{cluster.port}")}
+    assert on_port and all(address.startswith(LOOPBACK) for address in on_port), found
+
+
 def test_sigterm_shuts_the_cluster_down(cluster):
     assert cluster.signal(signal.SIGTERM) == 0
     with pytest.raises(httpx.HTTPError):
