@@ -114,8 +114,8 @@ class AdaptedLayer(nn.Module):
         if len(rows.distinct) > 1:  # one adapter on every row: nothing to zero
             mask = rows.column_mask(positions, owner, x.dtype)  # (batch, columns), once per forward and layout
             hidden = hidden * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-        if hidden.dtype == result.dtype and result.is_contiguous():
-            flat = result.view(-1, result.shape[-1])
+        if not torch.is_grad_enabled() and hidden.dtype == result.dtype and result.is_contiguous():
+            flat = result.view(-1, result.shape[-1])  # added into the fresh base output, as the single path does
             flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), bt_all)
             return result
         return result + torch.matmul(hidden, bt_all).to(result.dtype)
