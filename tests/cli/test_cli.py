@@ -86,3 +86,42 @@ def test_inspect_select_all_vblora(tmp_path, capsys):
 def test_inspect_of_a_missing_adapter_fails_cleanly(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_method_is_listed_with_what_it_trains_and_stores(capsys):
+    from unilora import METHODS
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(METHODS) and all(len(line.split()) > 4 for line in lines)
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    assert all(line in shown for line in lines), shown[-600:]  # the same lines close `unilora --help`
+
+
+def test_peft_spelling_is_accepted_and_a_typo_names_the_closest_option(capsys):
+    from unilora.cli.main import build_parser
+
+    args = build_parser().parse_args(["finetune", "--target-modules", "q_proj,v_proj"])
+    assert args.targets == "q_proj,v_proj"
+    assert main(["finetune", "--targt-modules", "all-linear"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: unrecognized arguments: --targt-modules all-linear "
+                                               "(--targt-modules: did you mean --target-modules?) "
+                                               "(see 'unilora finetune --help')")
+
+
+def test_a_typo_in_a_local_path_is_never_sent_to_the_hub(tmp_path, capsys, monkeypatch):
+    (tmp_path / "data" / "cls-saved").mkdir(parents=True)
+    (tmp_path / "data" / "train.csv").write_text("text,label\na,x\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--data", "data/cls-savd", "--out", "run"]) == 2
+    assert capsys.readouterr().err.strip() == "error: no such file or folder 'data/cls-savd' (did you mean 'data/cls-saved'?)"
+    assert main(["finetune", "--data", "data/trian.csv", "--out", "run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data file 'data/trian.csv' does not exist (did you mean 'data/train.csv'?)"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_prompt_says_so(capsys, tmp_path):
+    assert main(["generate", str(tmp_path), "--prompt", "  "]) == 2
+    assert capsys.readouterr().err.strip() == "error: the prompt is empty; give some text with --prompt TEXT"

@@ -409,4 +409,8 @@ def test_generate_runs_an_adapter_saved_with_save_pretrained_on_its_recorded_bas
                                     top_k=None, pad_token_id=tokenizer.pad_token_id)
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "mine"), "--prompt", "Tell me", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.strip() == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    printed = capsys.readouterr()
+    assert printed.out.strip() == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    # all 5 tokens came without an end token, so the answer was cut there, and the user is told
+    assert tokenizer.eos_token_id not in out[0, ids.shape[1]:].tolist() and out.shape[1] - ids.shape[1] == 5
+    assert "note: the answer was cut at --max-new-tokens 5; raise it for the whole answer" in printed.err

@@ -68,6 +68,7 @@ def test_a_short_run_set_by_the_user_is_warned_about():
     given = TrainSettings(epochs=3, batch_size=32)  # the finding: 150 examples, 3 epochs = 15 steps
     plan_run(given, "seq-cls", 150)
     assert "15 optimizer steps" in short_run_warning(given, "seq-cls", 150)
+    assert "a lora_xs adapter may barely train" in short_run_warning(given, "seq-cls", 150, method="lora_xs")
     chosen = TrainSettings()
     plan_run(chosen, "seq-cls", 150)
     assert short_run_warning(chosen, "seq-cls", 150) is None

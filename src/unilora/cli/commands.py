@@ -92,15 +92,19 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.prompt is not None and not args.prompt.strip():
+        raise UniLoraError("the prompt is empty; give some text with --prompt TEXT")
     if bool(args.prompt) == bool(args.prompts):
         raise UniLoraError("give either --prompt TEXT or --prompts FILE.jsonl")
     prompts = [args.prompt] if args.prompt else prompts_from_file(args.prompts)
     outputs = generate_from_adapter(args.adapter, prompts, args.max_new_tokens, merge=args.merge, model_name=args.model)
     for number, output in enumerate(outputs, 1):
+        which = "" if args.prompt else f" for prompt {number}"
         if not output:
-            which = "" if args.prompt else f" for prompt {number}"
             note(f"the model ended its answer at once{which} (0 tokens before its end token)" if not output.new_tokens
                  else f"the answer{which} holds only special tokens or spaces ({output.new_tokens} tokens)")
+        elif output.new_tokens >= args.max_new_tokens:
+            note(f"the answer{which} was cut at --max-new-tokens {args.max_new_tokens}; raise it for the whole answer")
     if args.prompt:
         print(outputs[0])
     else:

@@ -6,6 +6,7 @@ which calls the library and prints."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 
@@ -13,7 +14,7 @@ from .._version import __version__
 from ..core.config import Choice, command_line_options
 from ..core.errors import UniLoraError
 from ..core.notes import render
-from ..core.registry import method_names
+from ..core.registry import method_names, method_summaries
 from ..core.tasks import METRICS, TASK_KINDS
 from ..training.recipes import DEFAULT_HIDDEN_LAYERS, HIDDEN_LAYERS
 from .commands import (
@@ -116,7 +117,8 @@ def _method_option_type(check):
 
 def _add_adapter_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("adapter (defaults per method: see unilora.training.recipes)")
-    g.add_argument("--method", choices=method_names(), default="unilora")
+    g.add_argument("--method", choices=method_names(), default="unilora",
+                   help="what trains and what is stored for each: `unilora methods`")
     g.add_argument("--rank", type=_positive_int)
     # each method's own options, as its file declares them (core/config.option with a help)
     for name, (check, help_text, methods) in command_line_options().items():
@@ -169,10 +171,18 @@ def _add_group_by_length(p, default: bool | None, why: str) -> None:
                    f"(default: {why})")
 
 
+def methods_epilog() -> str:
+    width = max(map(len, method_names()))
+    return "methods (--method):\n" + "\n".join(f"  {name:<{width}}  {summary}"
+                                                for name, summary in method_summaries().items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="unilora", description=DESCRIPTION)
+    parser = _Parser(prog="unilora", description=DESCRIPTION, epilog=methods_epilog(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"unilora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # the subcommands' parsers, for the hint on an unknown option
 
     p = sub.add_parser("finetune", help="train an adapter: text classification or causal LM")
     p.add_argument("--task", choices=TASK_KINDS, help="seq-cls (an encoder and a head) or causal-lm; default: "
@@ -184,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="causal LM, plain text: pack documents into full --max-length blocks")
     _add_adapter_options(p)
-    p.add_argument("--targets", default="all-linear", help="comma-separated name suffixes, a regex, or all-linear")
+    p.add_argument("--targets", "--target-modules", dest="targets", default="all-linear",
+                   help="the layers to adapt (PEFT's target_modules): comma-separated name suffixes, a regex, or "
+                   "all-linear")
     p.add_argument("--epochs", type=_positive_int, help="default: seq-cls, enough for about 120 optimizer steps "
                    "(1 to 40 epochs); causal-lm, 2")
     p.add_argument("--batch-size", type=_positive_int, help="default: seq-cls, 32 from 1,000 training examples, 16 "
@@ -219,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--prompt", help="one prompt (sent as a user turn when the adapter learned from chat data)")
     p.add_argument("--prompts", help="JSONL file: one {\"prompt\": ...} or {\"messages\": [...]} per line")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="the longest answer, in tokens "
+                   "(default: 64; an answer cut there gets a note)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (no adapter overhead)")
     p.add_argument("--model", help="override the base model recorded in the adapter")
     p.set_defaults(func=cmd_generate)
@@ -339,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("methods", help="every method: what trains and what is stored")
+    p.set_defaults(func=cmd_methods)
+
     p = sub.add_parser("demo", help="train and evaluate a small adapter in a few CPU minutes (Rotten Tomatoes "
                        "classification, or BBC News headlines with --task causal-lm)")
     p.add_argument("--task", choices=TASK_KINDS, default="seq-cls")
@@ -350,11 +366,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_methods(args) -> int:
+    print(methods_epilog().split("\n", 1)[1])
+    return 0
+
+
+def unknown_options(parser: argparse.ArgumentParser, command: str | None, extras: list[str]) -> str:
+    """The one line for arguments no option takes: the closest option of the command, and its --help."""
+    chosen = parser.commands.get(command) if command else None
+    options = [o for action in (chosen or parser)._actions for o in action.option_strings]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            near = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
+            if near:
+                hints.append(f"{extra.split('=', 1)[0]}: did you mean {near[0]}?")
+    where = f"unilora {command} --help" if chosen else "unilora --help"
+    return (f"error: unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
+            + f" (see '{where}')")
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
     except SystemExit as exit_:  # --help, or an argument error already printed in one line
         return int(exit_.code or 0)
+    if extras:
+        print(unknown_options(parser, getattr(args, "command", None), extras), file=sys.stderr)
+        return 2
     try:
         with render():  # the library's notes as `note: ...` lines
             return args.func(args)

@@ -31,6 +31,11 @@ def method_names() -> tuple[str, ...]:
     return tuple(PROJECTIONS)
 
 
+def method_summaries() -> dict[str, str]:
+    """method name -> its one line: what trains and what is stored."""
+    return {name: getattr(cls, "summary", "") for name, cls in PROJECTIONS.items()}
+
+
 def registered_options() -> dict[str, type]:
     """method name -> its options class (the `MethodOptions` dataclass its Projection names)."""
     return {name: cls.options for name, cls in PROJECTIONS.items()}

@@ -12,6 +12,7 @@ because the user named it; with HF_HUB_OFFLINE set, `datasets` reads its local c
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -99,6 +100,27 @@ def recorded_path(spec: str | None) -> str | None:
     return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
 
 
+def looks_local(data: str) -> bool:
+    """A name that can only mean a path here (it starts with '.', '/' or '~', or its folder exists here),
+    never a hub id."""
+    path = Path(data)
+    return data.startswith((".", "/", "~")) or (str(path.parent) not in ("", ".") and path.parent.is_dir())
+
+
+def nearby(data: str) -> str:
+    """" (did you mean ...?)" with the names in the path's folder nearest to it, or "" when none is near."""
+    path = Path(data).expanduser()
+    if not path.parent.is_dir():
+        return ""
+    names = [entry.name for entry in path.parent.iterdir()]
+    near = [str(Path(data).parent / name) for name in difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)]
+    return f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+
+
+def missing_path(data: str) -> str:
+    return f"no such file or folder '{data}'{nearby(data)}"
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -131,6 +153,8 @@ def _load(datasets, source: HFSource):
             if not path.is_file():
                 raise UniLoraError(f"data file '{path}' does not exist")
             return datasets.load_dataset(kind, data_files={"train": str(path)}, streaming=source.streaming)
+        if looks_local(data):
+            raise UniLoraError(missing_path(data))
         return datasets.load_dataset(data, name=source.config, streaming=source.streaming)
     except UniLoraError:
         raise

@@ -24,6 +24,7 @@ from .hf import (
     columns_of,
     given_test_split,
     is_hf_data,
+    nearby,
     open_splits,
     recorded_path,
     require_columns,
@@ -67,7 +68,9 @@ class StreamedRows:
 
     def epoch(self, epoch: int, rank: int = 0, world: int = 1) -> Iterator[dict]:
         """This epoch's examples for one rank (each rank reads its own share of the stream)."""
-        from datasets.distributed import split_dataset_by_node  # the stream exists, so `datasets` does
+        from datasets.distributed import (
+            split_dataset_by_node,  # the stream exists, so `datasets` does
+        )
 
         stream = self.stream.shuffle(seed=self.seed * 7919 + epoch, buffer_size=SHUFFLE_BUFFER).take(self.count)
         if world > 1:
@@ -161,7 +164,7 @@ def example_of(where: str, row: dict, kind: str, text_column: str) -> dict:
 
 def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
     if not path.is_file():
-        raise UniLoraError(f"data file '{path}' does not exist; pass a .txt/JSONL/CSV file or one of "
+        raise UniLoraError(f"data file '{path}' does not exist{nearby(str(path))}; pass a .txt/JSONL/CSV file or one of "
                            f"{', '.join(BUILTIN_LM_TASKS)}")
     if path.suffix == ".txt":
         documents = [d.strip() for d in read_utf8(path).split("\n\n") if d.strip()]

@@ -18,6 +18,7 @@ from .hf import (
     given_test_split,
     is_hf_data,
     label_names_of,
+    nearby,
     open_splits,
     recorded_path,
     require_columns,
@@ -104,7 +105,8 @@ def table_dataset(path: str | Path, text_column: str, label_column: str, test_pa
     ids in sorted order. Every row must have both fields; test labels must occur in training."""
     path = Path(path)
     if not path.is_file():
-        raise UniLoraError(f"data file '{path}' does not exist; pass a CSV/JSONL file or one of {', '.join(BUILTIN_DATASETS)}")
+        raise UniLoraError(f"data file '{path}' does not exist{nearby(str(path))}; pass a CSV/JSONL file or one of "
+                           f"{', '.join(BUILTIN_DATASETS)}")
     rows = read_rows(path)
     if not rows:
         raise UniLoraError(f"data file '{path}' has no rows")

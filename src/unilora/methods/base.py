@@ -106,6 +106,7 @@ class Projection(nn.Module):
     """
 
     method: str = ""
+    summary: str = ""  # one line: what trains and what is stored (`unilora methods`, --help)
     options: type[MethodOptions] = MethodOptions  # the method's own settings (fields of AdapterConfig)
     vector: TrainedVector | None = None  # where the method trains one vector
     peft_type: str | None = None  # PEFT's adapter type of the same method, where PEFT has one

@@ -41,6 +41,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 @register_method
 class FastfoodProjection(Projection):
     method = "fastfood"
+    summary = "one vector θ_d mapped by a seeded Fastfood transform (signs, Hadamard, permutation, Gaussian); θ_d and the seed are stored"
     options = FastfoodOptions
     vector = TrainedVector("theta_d", "fastfood.theta_d", "theta")
     # rate not tuned

@@ -14,6 +14,7 @@ from .base import Projection, Recipe, TrainedVector
 @register_method
 class LoRAProjection(Projection):
     method = "lora"
+    summary = "every layer's A and B train and are stored (P = identity)"
     vector = TrainedVector("weights", "lora.weights", "lora")
     # rate: the best of the sweep (scripts/tune_rates.sh); the next one up, 1e-2, diverged
     recipe = Recipe(defaults=dict(rank=8), group_lrs={"lora": 3e-3}, paper=dict(rank=8))

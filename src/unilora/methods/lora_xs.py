@@ -19,6 +19,7 @@ from .svd import SVDProjection
 @register_method
 class LoRAXSProjection(SVDProjection):
     method = "lora_xs"
+    summary = "frozen factors from each layer's truncated SVD; one trained r x r matrix per layer is stored"
     vector = TrainedVector("weights", "lora_xs.cores", "cores")
     # rank 8 (64 numbers a layer). Rate: the best of scripts/svd_results.py --tune (seed 0, Rotten Tomatoes 2,000 x 2
     # epochs): 1e-3 74.49, 3e-3 75.43, 1e-2 76.19, 3e-2 74.83.

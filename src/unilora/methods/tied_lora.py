@@ -19,6 +19,7 @@ from .base import Projection, Recipe, copy_into
 @register_method
 class TiedLoRAProjection(Projection):
     method = "tied_lora"
+    summary = "one A, B per layer shape, shared by the layers of that shape, plus per-layer scaling vectors; all train and are stored"
     # rates not tuned
     recipe = Recipe(defaults=dict(rank=8), group_lrs={"shared": 1e-3, "scales": 1e-2}, paper=dict(rank=8))
 

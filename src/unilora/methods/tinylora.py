@@ -55,6 +55,7 @@ def draw_projections(layers: int, u: int, r: int, seed: int) -> torch.Tensor:
 @register_method
 class TinyLoRAProjection(SVDProjection):
     method = "tinylora"
+    summary = "LoRA-XS with each layer's r x r core built from a tiny trained vector (u numbers, shared by tied layers)"
     options = TinyLoRAOptions
     vector = TrainedVector("v", "tinylora.v", "v")
     peft_type = "TINYLORA"

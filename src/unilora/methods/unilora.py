@@ -65,6 +65,7 @@ def balanced_assignment(D: int, d: int, seed: int, b_mask: np.ndarray | None = N
 @register_method
 class UniLoRAProjection(Projection):
     method = "unilora"
+    summary = "one vector θ_d of length d trains; each entry of θ_D reads one seeded slot of it; θ_d and the seed are stored"
     options = UniLoRAOptions
     vector = TrainedVector("theta_d", "unilora.theta_d", "theta")
     peft_type = "UNILORA"

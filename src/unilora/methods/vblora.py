@@ -89,6 +89,7 @@ def index_dtype(num_vectors: int) -> torch.dtype:
 @register_method
 class VBLoRAProjection(Projection):
     method = "vblora"
+    summary = "a shared bank of h vectors; every sub-vector of A and B mixes k of them; the bank and the top-k choices are stored"
     options = VBLoRAOptions
     peft_type = "VBLORA"
     # rates: the best of the sweep (scripts/tune_rates.sh); the next bank rate up, 4e-2, diverged. The

@@ -41,6 +41,7 @@ def _seeded_uniform(seed: int, name: str, shape: tuple[int, int], bound: float) 
 @register_method
 class VeRAProjection(Projection):
     method = "vera"
+    summary = "frozen seeded random A, B shared by all layers; per-layer scaling vectors train and are stored"
     options = VeRAOptions
     vector = TrainedVector("scales", "vera.scales", "scales")
     peft_type = "VERA"

@@ -110,15 +110,16 @@ def plan_run(settings, kind: str, n_train: int, world: int = 1, lengths: list[in
     return chosen
 
 
-def short_run_warning(settings, kind: str, n_train: int, world: int = 1) -> str | None:
+def short_run_warning(settings, kind: str, n_train: int, world: int = 1, method: str | None = None) -> str | None:
     """A warning when the user's own epochs / batch size leave a classifier far fewer steps than
     the rates were tuned for: the small adapters are the first to under-fit."""
     steps = settings.epochs * math.ceil(math.ceil(n_train / world) / settings.batch_size)
     if kind == "causal-lm" or steps * 2 > TARGET_STEPS:
         return None
+    which = f"a {method} adapter" if method else "a small adapter"
     return (f"{steps} optimizer step{'s' * (steps != 1)}: the default rates were tuned for about {TARGET_STEPS}, "
-            "and small adapters (Uni-LoRA, VB-LoRA) may barely train; leave --epochs and --batch-size unset to "
-            "have them chosen, or raise them")
+            f"and {which} may barely train in so few; leave --epochs and --batch-size unset to have them chosen, "
+            "or raise them")
 
 
 @dataclass

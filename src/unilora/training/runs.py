@@ -72,7 +72,7 @@ def finetune(model_name: str, data, adapter: AdapterConfig, settings: TrainSetti
     rates_note = fit_rates_to(model, settings)
     if rank == 0:
         note(describe_plan(data_counts(data, task), settings, plan, world, rates_note))
-    short = short_run_warning(settings, task.kind, n_train, world)
+    short = short_run_warning(settings, task.kind, n_train, world, model.adapter_config.method)
     if short and rank == 0:
         print(f"warning: {short}", file=sys.stderr)
 
