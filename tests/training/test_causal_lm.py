@@ -414,3 +414,15 @@ def test_generate_runs_an_adapter_saved_with_save_pretrained_on_its_recorded_bas
     # all 5 tokens came without an end token, so the answer was cut there, and the user is told
     assert tokenizer.eos_token_id not in out[0, ids.shape[1]:].tolist() and out.shape[1] - ids.shape[1] == 5
     assert "note: the answer was cut at --max-new-tokens 5; raise it for the whole answer" in printed.err
+
+
+def test_the_plan_says_when_no_test_answers_are_scored(llama_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    for metric, said in ((None, True), ("exact_match", False)):
+        argv = ["finetune", "--model", str(llama_dir), "--data", str(data), "--method", "lora", "--epochs", "1",
+                "--no-progress", "--out", str(tmp_path / f"run-{metric}")] + (["--metric", metric] if metric else [])
+        capsys.readouterr()
+        assert main(argv) == 0
+        plan = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: plan: "))
+        assert ("eval loss and perplexity only (no metric: --metric rougeL|accuracy|exact_match also generates the "
+                "test answers and scores them)" in plan) is said, plan

@@ -132,6 +132,7 @@ class DataCounts:
     unit: str = "examples"  # what a row is ("documents" for plain text)
     split_from: str | None = None  # the file the test rows were held out of (no --test-data given)
     block_tokens: int | None = None  # the block length, when rows are packed into blocks
+    unscored: bool = False  # causal-LM answers with no metric: the test answers are not generated and scored
 
 
 def describe_plan(data: DataCounts, settings, chosen: dict[str, str], world: int = 1,
@@ -151,6 +152,9 @@ def describe_plan(data: DataCounts, settings, chosen: dict[str, str], world: int
                  + f", {settings.epochs} epoch{'s' * (settings.epochs != 1)} = {steps:,} optimizer step{'s' * (steps != 1)}")
     rates = ", ".join(f"{name} {rate:.3g}" for name, rate in sorted((settings.group_lrs or {}).items()))
     parts.append(f"learning rate {settings.lr:.3g}" + (f" ({rates})" if rates else ""))
+    if data.unscored:
+        parts.append("eval loss and perplexity only (no metric: --metric rougeL|accuracy|exact_match also generates "
+                     "the test answers and scores them)")
     why = [reason for reason in chosen.values()] + ([rates_note] if rates_note else [])
     text = "plan: " + "; ".join(parts)
     if why:

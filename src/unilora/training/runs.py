@@ -121,7 +121,9 @@ def data_counts(data, task: Task) -> DataCounts:
     split_from = (Path(source["data"]).name if source.get("data") else data.name) if held_out else None
     if isinstance(data, LMDataset):
         unit = "documents" if data.kind == "text" else "examples"
-        return DataCounts(len(data.train), len(data.test), task.train_size(), unit, split_from, task.max_length)
+        unscored = data.kind != "text" and not data.metric
+        return DataCounts(len(data.train), len(data.test), task.train_size(), unit, split_from, task.max_length,
+                          unscored)
     return DataCounts(len(data.train_texts), len(data.test_texts), task.train_size(), "texts", split_from)
 
 
