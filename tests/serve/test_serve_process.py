@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from serving import METHODS, ServerProcess, isolated_greedy, model_dir, tokenizer, write_adapter, write_store  # noqa: F401,E501 (fixtures)
+from serving import METHODS, ServerProcess, isolated_greedy, model_dir, tokenizer, write_adapter, write_store, write_tiny_llama  # noqa: F401,E501 (fixtures)
 
 import unilora
 from unilora.models.backbones import load_causal_lm
@@ -326,14 +326,16 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(model_dir, store, tmp_pat
         process.stop()
 
 
-def test_past_the_drain_timeout_every_request_gets_a_503_and_the_exit_is_0(model_dir, store, tmp_path):
-    """Eight requests whose prompts are read one token per step (about 1,850 steps in all), SIGTERM, a
-    1 s drain: the few that finish in time are whole answers; every other non-stream request gets a 503
-    in OpenAI's shape, every other stream an error event then [DONE]; the log holds no traceback, and
-    the process exits 0."""
-    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store),
-                            "--drain-timeout", "1", "--max-iteration-tokens", "1")
-    body = {"model": "user-0.v1", "prompt": "x " * 230, "max_tokens": 16, "temperature": 0}
+def test_past_the_drain_timeout_every_request_gets_a_503_and_the_exit_is_0(tokenizer, tmp_path):
+    """Eight requests whose 2,000-token prompts are read one token per step (4 while nothing else runs:
+    thousands of steps in all, whatever the machine's speed), SIGTERM, a 1 s drain: the few that finish
+    in time are whole answers; every other non-stream request gets a 503 in OpenAI's shape, every other
+    stream an error event then [DONE]; the log holds no traceback, and the process exits 0."""
+    model_dir = write_tiny_llama(tmp_path / "long-context", tokenizer, max_positions=4096)
+    write_adapter(model_dir, tmp_path / "store" / "user-0.v1", "lora", seed=0)
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(tmp_path / "store"),
+                            "--drain-timeout", "1", "--max-iteration-tokens", "1", "--max-body-kb", "64")
+    body = {"model": "user-0.v1", "prompt": "x " * 2000, "max_tokens": 16, "temperature": 0}
 
     def plain():
         return httpx.post(process.url + "/v1/completions", json=body, timeout=60)
