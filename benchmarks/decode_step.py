@@ -4,10 +4,12 @@ q_proj and v_proj, rank 4, d = 23,040), with the same model object, cache length
 adapted model is the one `unilora serve` runs (`adapter_names` per row); the plain model without
 adapters is the floor.
 
-Prints the median step time of each case over `--steps` steps (after warm-up) and the ratio to the
-plain model, and with `--profile` the operators that take the time (torch.profiler, self CPU time).
+Prints the median step time of each case over `--rounds` x `--steps` steps (after warm-up) and the
+ratio to the plain model, and with `--profile` the operators that take the time (torch.profiler,
+self CPU time). To compare with another version of the code, run it again with PYTHONPATH pointing
+at that checkout's src/.
 
-    python benchmarks/decode_step.py                 # about 2 minutes on 2 cores
+    python benchmarks/decode_step.py                 # about 1.5 minutes on 2 cores
     python benchmarks/decode_step.py --profile
 """
 
@@ -79,8 +81,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    tokenizer, base, model = adapted_model(args.rows, args.theta_dim)
+    _, base, model = adapted_model(args.rows, args.theta_dim)
     vocab = base.config.vocab_size
+
     def plain(**kw):  # the same model with every adapter layer bypassed
         with model.disable_adapter():
             return model(**kw)
