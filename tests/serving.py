@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -83,10 +84,22 @@ def isolated_greedy(model_dir: Path, adapter_dir: Path | None, ids: list[int], m
     return out[0, len(ids):].tolist()
 
 
+# Ports the kernel never hands out on its own (below Linux's ephemeral range, 32768 and up) and above
+# Ray's worker ports (10002 to 19999): a server started with --ray launches many processes that take
+# ephemeral ports, and one of them may take the port a test chose before Ray's HTTP proxy binds it.
+QUIET_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, outside the ranges the kernel and Ray pick from."""
+    for port in random.Random().sample(QUIET_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {QUIET_PORTS}")
 
 
 class ServerProcess:
