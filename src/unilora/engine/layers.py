@@ -109,7 +109,7 @@ class AdaptedLayer(nn.Module):
         a_all, bt_all, owner = stacked
         positions = rows.positions(x.shape[0], x.device)
         if a_all.shape[0] > MASKED_COLUMNS:
-            return self._gathered_forward(x, result, a_all, bt_all, owner, positions)
+            return self._gathered_forward(x, result, a_all, bt_all, owner, positions, len(rows.distinct))
         hidden = F.linear(x, a_all)
         if len(rows.distinct) > 1:  # one adapter on every row: nothing to zero
             mask = rows.column_mask(positions, owner, x.dtype)  # (batch, columns), once per forward and layout
@@ -120,20 +120,19 @@ class AdaptedLayer(nn.Module):
             return result
         return result + torch.matmul(hidden, bt_all).to(result.dtype)
 
-    def _gathered_forward(self, x, result, a_all, bt_all, owner, positions) -> torch.Tensor:
+    def _gathered_forward(self, x, result, a_all, bt_all, owner, positions, adapters: int) -> torch.Tensor:
         """Each row's own factors gathered (zero-padded to the largest rank), two batched products."""
         n_in, n_out = x.shape[-1], result.shape[-1]
-        ranks = torch.bincount(owner, minlength=int(positions.max()) + 1)
-        rank = int(ranks.max())
-        starts = torch.cumsum(ranks, 0) - ranks
-        a_rows = x.new_zeros(x.shape[0], rank, n_in)
-        bt_rows = x.new_zeros(x.shape[0], rank, n_out)
-        for row, adapter in enumerate(positions.tolist()):
-            r = int(ranks[adapter])
-            if r:
-                a_rows[row, :r] = a_all[starts[adapter] : starts[adapter] + r]
-                bt_rows[row, :r] = bt_all[starts[adapter] : starts[adapter] + r]
-        update = torch.bmm(torch.bmm(x.reshape(x.shape[0], -1, n_in), a_rows.transpose(1, 2)), bt_rows)
+        ranks = torch.bincount(owner, minlength=adapters).tolist()
+        rank, start = max(ranks), 0
+        a_padded = x.new_zeros(adapters, rank, n_in)  # an adapter absent from this layer adds zero
+        bt_padded = x.new_zeros(adapters, rank, n_out)
+        for index, r in enumerate(ranks):  # owner lists each adapter's rows together, in order
+            a_padded[index, :r] = a_all[start : start + r]
+            bt_padded[index, :r] = bt_all[start : start + r]
+            start += r
+        update = torch.bmm(torch.bmm(x.reshape(x.shape[0], -1, n_in), a_padded[positions].transpose(1, 2)),
+                           bt_padded[positions])
         return result + update.view(result.shape).to(result.dtype)
 
     def _stacked(self, rows, dtype: torch.dtype):
