@@ -215,14 +215,10 @@ def test_runtime_loading_stays_under_its_root(server, store, model_dir, tokenize
         client(server).completions.create(model="five", prompt="x", max_tokens=2)
 
 
-def never_ending(tokenizer, model_dir=None) -> dict:
-    """A logit_bias that bans every end-of-sequence token: a generation then runs to its max_tokens
-    unless it is cancelled."""
-    ends = {tokenizer.eos_token_id}
-    if model_dir is not None:
-        configured = LlamaConfig.from_pretrained(model_dir).eos_token_id
-        ends.update(configured if isinstance(configured, list) else [configured])
-    return {str(token): -100 for token in ends if token is not None}
+def never_ending(tokenizer, model) -> dict:
+    """A logit_bias that bans every token that ends a generation (the server's own list, scheduler.eos_ids):
+    a generation then runs to its max_tokens unless it is cancelled."""
+    return {str(token): -100 for token in eos_ids(tokenizer, model)}
 
 
 def test_a_client_that_disconnects_stops_its_generation(server, tokenizer, model_dir):
@@ -232,7 +228,7 @@ def test_a_client_that_disconnects_stops_its_generation(server, tokenizer, model
     before = generated()
     # no end-of-sequence token can end it: only cancelling keeps it under its 240 tokens
     body = {"model": "user-0.v1", "prompt": "go on", "max_tokens": 240, "temperature": 0.8, "stream": True,
-            "logit_bias": never_ending(tokenizer, model_dir)}
+            "logit_bias": never_ending(tokenizer, LlamaForCausalLM.from_pretrained(model_dir))}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as response:
         for line in response.iter_lines():
@@ -458,7 +454,7 @@ def test_embedded_smollm2_serves_eight_adapters_and_the_base_exactly(tmp_path):
         # for these 200 tokens, and no end-of-sequence token can end them sooner)
         before = metric(process, "unilora_generated_tokens_total")
         body = {"model": "s1", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0.8,
-                "logit_bias": {**never_ending(tokenizer), **{str(i): -100 for i in eos_ids(tokenizer, base)}}}
+                "logit_bias": never_ending(tokenizer, base)}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(process.url + "/v1/completions", json=body, timeout=1.0)
         time.sleep(1.5)
