@@ -82,5 +82,6 @@ def test_the_wheel_alone_runs_every_command_but_serve(tmp_path):
                             env=env, timeout=300)
     assert served.returncode == 2
     assert served.stderr.strip().splitlines() == [
-        "error: `unilora serve` needs the 'serve' extra (fastapi, uvicorn, prometheus_client not installed): "
+        "error: `unilora serve` needs the 'serve' extra (fastapi, uvicorn, prometheus_client, python_multipart not "
+        "installed): "
         'pip install "unilora[serve]"']

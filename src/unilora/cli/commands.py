@@ -256,7 +256,10 @@ def cmd_serve(args) -> int:
     model = args.model or (EMBEDDED_LLM if args.task == "causal-lm" else EMBEDDED_MODEL)
     settings = ServeSettings(
         adapters=args.adapters, model=model, task=args.task, served_model_name=args.served_model_name,
-        api_key=args.api_key or os.environ.get("UNILORA_API_KEY") or None, max_resident=args.max_resident,
+        api_key=args.api_key or (None if args.api_keys else os.environ.get("UNILORA_API_KEY") or None),
+        api_keys=args.api_keys, jobs_dir=args.jobs_dir, max_file_mb=args.max_file_mb,
+        max_training_jobs=args.max_training_jobs, training_share=args.training_share,
+        tenant_max_jobs=args.tenant_max_jobs, tenant_max_file_mb=args.tenant_max_file_mb, max_resident=args.max_resident,
         max_resident_bytes=int(args.max_resident_mb * 2**20), factor_cache_bytes=int(args.factor_cache_mb * 2**20),
         max_batch=args.max_batch, max_iteration_tokens=args.max_iteration_tokens, max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
         max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,

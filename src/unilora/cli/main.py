@@ -349,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve application on a local Ray cluster "
                    "(requests for one adapter go to the replicas holding it; the `ray` extra)")
     p.add_argument("--replicas", type=_positive_int, default=1, help="with --ray: replicas of the model")
+    p.add_argument("--api-keys", metavar="FILE", help="keys of several tenants: one 'TENANT KEY' pair per line (KEY "
+                   "may be sha256:<hex>); each tenant sees only its own files, jobs and fine-tuned models")
+    p.add_argument("--jobs-dir", metavar="DIR", help="where the fine-tuning API keeps its files, jobs (SQLite) and "
+                   "resume states (default: STORE/.unilora-jobs)")
+    p.add_argument("--max-file-mb", type=_positive_int, default=64, help="largest training file an upload may hold")
+    p.add_argument("--max-training-jobs", type=_positive_int, default=2,
+                   help="fine-tuning jobs training at once inside the server; the others queue")
+    p.add_argument("--training-share", type=_unit_interval, default=0.1,
+                   help="the share of each step's --max-iteration-tokens that fine-tuning jobs get while requests "
+                   "run or wait (an idle server gives them all of its steps)")
+    p.add_argument("--tenant-max-jobs", type=_positive_int, default=4, help="fine-tuning jobs per tenant not yet ended")
+    p.add_argument("--tenant-max-file-mb", type=_positive_int, default=1024, help="MB of uploaded files per tenant")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.set_defaults(func=cmd_serve)
 

@@ -10,7 +10,7 @@ from .errors import UniLoraError
 
 # the modules each extra brings that our code imports (pyproject lists the distributions)
 EXTRAS = {
-    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client", "python_multipart"),
     "ray": ("ray",),
     "datasets": ("datasets",),
     "plots": ("matplotlib",),

@@ -162,7 +162,7 @@ def example_of(where: str, row: dict, kind: str, text_column: str) -> dict:
     return {"text": row_field(where, row, text_column)}
 
 
-def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
+def read_lm_file(path: Path, text_column: str) -> tuple[str, list[dict]]:
     if not path.is_file():
         raise UniLoraError(f"data file '{path}' does not exist{nearby(str(path))}; pass a .txt/JSONL/CSV file or one of "
                            f"{', '.join(BUILTIN_LM_TASKS)}")
@@ -187,7 +187,7 @@ def _read_examples(path: Path, text_column: str) -> tuple[str, list[dict]]:
 def _test_examples(test_path: str, text_column: str) -> tuple[str, list[dict]]:
     """(kind, examples) of --test-data: a file, or a `datasets` source (its test split if it has one)."""
     if not is_hf_data(test_path):
-        return _read_examples(Path(test_path), text_column)
+        return read_lm_file(Path(test_path), text_column)
     source, split, name = given_test_split(test_path)
     kind = _hf_kind(source, split, text_column)
     return kind, [example_of(where(source, name, i), row, kind, text_column) for i, row in enumerate(split)]
@@ -267,7 +267,7 @@ def load_lm_dataset(spec, text_column: str = "text", test_path: str | None = Non
                                 test_fraction, stream_test_rows)
     else:
         path = Path(spec)
-        kind, train = _read_examples(path, text_column)
+        kind, train = read_lm_file(path, text_column)
         if test_path is not None:
             test_kind, test = _test_examples(test_path, text_column)
             if test_kind != kind:

@@ -99,7 +99,8 @@ class AdapterReplica:
     def __init__(self, settings: dict, threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
-        self.app = create_app(ServeSettings(**settings))
+        # each replica would train the queued jobs of one shared job store: the API stays with one process
+        self.app = create_app(ServeSettings(**{**settings, "fine_tuning": False}))
         self.server = self.app.state.server
         self.server.load()  # here, not on a thread: Ray marks the replica ready when __init__ returns
         if self.server.load_error is not None:

@@ -13,7 +13,6 @@ is ready, and SIGTERM during the load ends the process cleanly.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import time
 
 from fastapi import FastAPI, Request
@@ -23,30 +22,37 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..core.errors import UniLoraError
-from . import protocol
+from . import finetuning, protocol
 from .classify import classify as classify_texts
 from .completions import generate
 from .http import error_of, error_response, read_body
 from .protocol import LoadAdapterRequest, RequestError, parse
 from .replies import ClientGone
-from .runtime import Server
+from .runtime import JOB_PREFIX, Server
 from .settings import ServeSettings
+from .tenants import DEFAULT_TENANT, tenant_of
 
 
-def models_list(server: Server) -> dict:
-    """The base model and every adapter a request could use (a store folder named like the base model
-    is never reached: that name means the base)."""
+def models_list(server: Server, tenant: str) -> dict:
+    """The base model, every adapter of the store a request could use (a store folder named like the
+    base model is never reached: that name means the base) and the tenant's fine-tuned models."""
     base = protocol.model_card(server.settings.model_id, server.created, server.settings.model, None)
     base_names = {server.settings.model_id, server.settings.model}
     adapters = [protocol.model_card(name, server.created, name, server.settings.model_id)
-                for name in server.store.names() if name not in base_names]
-    return {"object": "list", "data": [base, *adapters]}
+                for name in server.store.names() if name not in base_names and not name.startswith(JOB_PREFIX)]
+    tuned = [protocol.model_card(name, server.created, name, server.settings.model_id)
+             for name in sorted(server.fine_tuned_models(tenant)) if ":ckpt-step-" not in name]
+    return {"object": "list", "data": [base, *adapters, *tuned]}
 
 
 def endpoint_of(path: str) -> str:
     """The metrics' endpoint label: the path for the app's own routes, else "other" (bounded labels)."""
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path.startswith("/v1/files/"):
+        return "/v1/files/{id}"
+    if path.startswith("/v1/fine_tuning/jobs/"):
+        return "/v1/fine_tuning/jobs/{id}"
     return path if path in KNOWN_PATHS else "other"
 
 
@@ -58,21 +64,22 @@ class Guard:
     def __init__(self, app, server: Server):
         self.app = app
         self.server = server
-        key = server.settings.api_key
-        self.expected = f"Bearer {key}".encode() if key is not None else None
+        self.keys = server.keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         endpoint = endpoint_of(scope["path"])
-        if self.expected is not None and scope["path"].startswith("/v1/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+        scope["unilora.tenant"] = DEFAULT_TENANT
+        if self.keys is not None and scope["path"].startswith("/v1/"):
+            tenant = self.keys.tenant(dict(scope["headers"]).get(b"authorization", b""))
+            if tenant is None:
                 self.server.metrics.requests.labels(endpoint, "401").inc()
                 response = error_response(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
                                           code="invalid_api_key")
                 return await response(scope, receive, send)
+            scope["unilora.tenant"] = tenant
         status = 500  # what the client gets if the app raises before answering (a bug of ours)
 
         async def sending(message):
@@ -139,12 +146,13 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
                               else "the model is still loading", retry_after=5)
 
     @app.get("/v1/models")
-    async def models():
-        return models_list(server)
+    async def models(request: Request):
+        return models_list(server, tenant_of(request))
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        found = next((card for card in models_list(server)["data"] if card["id"] == model_id), None)
+    async def model(request: Request, model_id: str):
+        cards = models_list(server, tenant_of(request))["data"]
+        found = next((card for card in cards if card["id"] == model_id), None)
         if found is None:
             return error_response(404, f"the model '{model_id}' does not exist", code=protocol.MODEL_NOT_FOUND)
         return found
@@ -160,7 +168,7 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
     @app.post("/v1/classify")
     async def classify(request: Request):
         server.require_ready()
-        return await classify_texts(await read_body(request, settings.max_body_bytes), server)
+        return await classify_texts(await read_body(request, settings.max_body_bytes), server, tenant_of(request))
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
@@ -179,6 +187,8 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
         server.store.unregister(req.lora_name)
         return {"status": "ok", "lora_name": req.lora_name}
 
+    finetuning_routes(app, server)
+
     @app.get("/metrics")
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -186,5 +196,53 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
     return app
 
 
+def finetuning_routes(app: FastAPI, server: Server) -> None:
+    """/v1/files and /v1/fine_tuning/jobs (finetuning.py)."""
+
+    @app.post("/v1/files")
+    async def upload_file(request: Request):
+        return await finetuning.upload_file(request, server)
+
+    @app.get("/v1/files")
+    async def list_files(request: Request):
+        return await finetuning.list_files(request, server)
+
+    @app.get("/v1/files/{file_id}")
+    async def retrieve_file(request: Request, file_id: str):
+        return await finetuning.retrieve_file(request, server, file_id)
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(request: Request, file_id: str):
+        return await finetuning.delete_file(request, server, file_id)
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(request: Request, file_id: str):
+        return await finetuning.file_content(request, server, file_id)
+
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(request: Request):
+        return await finetuning.create_job(request, server)
+
+    @app.get("/v1/fine_tuning/jobs")
+    async def list_jobs(request: Request):
+        return await finetuning.list_jobs(request, server)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    async def retrieve_job(request: Request, job_id: str):
+        return await finetuning.retrieve_job(request, server, job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_job(request: Request, job_id: str):
+        return await finetuning.cancel_job(request, server, job_id)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def job_events(request: Request, job_id: str):
+        return await finetuning.job_events(request, server, job_id)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(request: Request, job_id: str):
+        return await finetuning.job_checkpoints(request, server, job_id)
+
+
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify",
-               "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+               "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/files", "/v1/fine_tuning/jobs"}

@@ -13,12 +13,12 @@ from .runtime import Server
 from .scheduler import Overloaded
 
 
-async def classify(raw: bytes, server: Server) -> JSONResponse:
+async def classify(raw: bytes, server: Server, tenant: str) -> JSONResponse:
     worker = server.require_ready()
     if server.classifier is None:
         raise RequestError(404, "this server serves causal LMs; /v1/classify needs `unilora serve --task seq-cls`")
     req = parse(ClassifyRequest, raw)
-    name = server.adapter_of(req.model)
+    name = server.adapter_of(req.model, tenant)
     if name is None:
         raise RequestError(400, "the base model has no trained classifier head; name a classifier adapter")
     adapter = await run_in_threadpool(server.prepare, name, 1)

@@ -19,6 +19,7 @@ from .runtime import Server
 from .sampling import COMPLETION_DEFAULT_TOKENS, sampling_of
 from .scheduler import Overloaded
 from .sequence import Sequence
+from .tenants import tenant_of
 
 
 async def generate(request: Request, server: Server, kind: str):
@@ -27,7 +28,7 @@ async def generate(request: Request, server: Server, kind: str):
         raise RequestError(404, "this server serves classifiers; use POST /v1/classify")
     raw = await read_body(request, server.settings.max_body_bytes)
     req = parse(CompletionRequest if kind == "text" else ChatRequest, raw)
-    name = server.adapter_of(req.model)
+    name = server.adapter_of(req.model, tenant_of(request))
     try:
         prompts = req.prompt if kind == "text" else [req.conversation()]
     except ValueError as err:

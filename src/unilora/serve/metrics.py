@@ -32,6 +32,13 @@ class Metrics:
         self.adapter_load_seconds = Histogram("unilora_adapter_load_seconds", "Time to attach one adapter",
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_evictions = Counter("unilora_adapter_evictions", "Adapters detached by the LRU", registry=r)
+        self.worker_turns = Counter("unilora_worker_turns", "Turns of the worker loop that did work", registry=r)
+        self.turn_tokens = Counter("unilora_turn_tokens", "Token budget spent by the worker's turns, by use "
+                                   "(decode, prefill, training; a trained token counts 3)", ["use"], registry=r)
+        self.training_tokens = Counter("unilora_training_tokens",
+                                       "Token credit spent training fine-tuning jobs (a trained token counts 3)",
+                                       registry=r)
+        self.jobs = Gauge("unilora_fine_tuning_jobs", "Fine-tuning jobs by status", ["status"], registry=r)
         self.adapter_errors = Counter("unilora_adapter_errors", "Requests refused for an unusable adapter",
                                       registry=r)
 

@@ -7,25 +7,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from ..core.errors import UniLoraError
 from ..data.lm_tokens import prompt_ids
 from ..models.backbones import load_causal_lm
-from ..store.names import check_name
+from ..store.names import UnknownAdapter, check_name
 from ..store.source import AdapterStore
 from .adapters import PreparedAdapter, prepare_adapter
 from .batch import check_model
 from .classifier import Classifier
+from .cotraining import CoTrainer
+from .job_store import JobStore
 from .metrics import Metrics
 from .protocol import RequestError
 from .residency import Residency
 from .scheduler import Scheduler
 from .settings import ServeSettings
+from .tenants import Keys
 from .worker import Worker
 
 log = logging.getLogger("unilora.serve")
+JOBS_FOLDER = ".unilora-jobs"  # inside the store by default: the job store, uploaded files, resume states
+JOB_PREFIX = "ftjob-"  # store folders that jobs write: reached by their `ft:` names only
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,6 +54,30 @@ class Server:
         self._loading: threading.Thread | None = None
         self._stop_lock = threading.Lock()
         self._stopped = False
+        self.keys = Keys.of(settings.api_key, settings.api_keys)  # None: no key asked for
+        self.jobs: JobStore | None = None  # the fine-tuning API's files and jobs
+        self.cotrainer: CoTrainer | None = None
+        self.jobs_off: str | None = None  # why the fine-tuning API is off, when it is
+        self._open_jobs()
+
+    def _open_jobs(self) -> None:
+        """The fine-tuning API: on a causal LM whose store is a local folder (jobs write into it)."""
+        s = self.settings
+        if not s.fine_tuning:
+            self.jobs_off = "fine-tuning runs on a server without --ray (one process trains each job)"
+            return
+        if s.task != "causal-lm":
+            self.jobs_off = "fine-tuning trains causal-LM adapters; this server serves classifiers"
+            return
+        if self.store.url is not None:
+            self.jobs_off = "fine-tuning writes adapters into the store; serve a local --adapters folder to use it"
+            return
+        self.cotrain_state = Path(s.jobs_dir).resolve() if s.jobs_dir else self.store.root / JOBS_FOLDER
+        self.jobs = JobStore(self.cotrain_state / "jobs.sqlite3")
+        self.cotrainer = CoTrainer(self.jobs, model_name=s.model, store_root=self.store.root,
+                                   state_dir=self.cotrain_state, budget=s.max_iteration_tokens,
+                                   training_share=s.training_share, max_jobs=s.max_training_jobs, metrics=self.metrics)
+        self.cotrainer.recover()
 
     @property
     def ready(self) -> bool:
@@ -80,7 +110,7 @@ class Server:
                 scheduler = Scheduler(self.residency, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
                                       max_iteration_tokens=s.max_iteration_tokens,
                                       metrics=self.metrics, tokenizer_lock=self.tokenizer_lock)
-                worker = Worker(scheduler, max_queue=s.max_queue, metrics=self.metrics)
+                worker = Worker(scheduler, max_queue=s.max_queue, metrics=self.metrics, trainer=self.cotrainer)
         except UniLoraError as err:
             self.load_error = str(err)
         except Exception as err:  # not the user's input: keep the traceback in the log
@@ -95,6 +125,8 @@ class Server:
                 return
             worker.start()
             self.worker = worker
+        if self.cotrainer is not None and self.residency is not None:
+            self.cotrainer.bind(self.residency, self.tokenizer, self.tokenizer_lock)
         log.info("ready: %s, adapters from %s", s.model_id, self.store.root)
 
     def stop(self) -> None:
@@ -117,12 +149,28 @@ class Server:
             raise RequestError(503, message, retry_after=5)
         return self.worker
 
-    def adapter_of(self, model: str) -> str | None:
-        """The store name a request's `model` names; None for the base model."""
+    def adapter_of(self, model: str, tenant: str) -> str | None:
+        """The store name a request's `model` names; None for the base model. A fine-tuned model
+        (`ft:...`) is found only by the tenant whose job made it; the folders jobs write are reached
+        only by those names."""
         if model in (self.settings.model_id, self.settings.model):
             return None
+        missing = UnknownAdapter(f"the model '{model[:200]}' does not exist")
+        if model.startswith("ft:"):
+            found = self.fine_tuned_models(tenant).get(model)
+            if found is None:
+                raise missing
+            return found
         check_name(model)
+        if model.startswith(JOB_PREFIX):
+            raise missing
         return model
+
+    def fine_tuned_models(self, tenant: str) -> dict[str, str]:
+        """The tenant's fine-tuned models and checkpoints: `ft:` name -> store folder."""
+        if self.jobs is None:
+            return {}
+        return {name: folder for folder, (name, owner) in self.jobs.store_names().items() if owner == tenant}
 
     def prepare(self, name: str, holds: int) -> PreparedAdapter:
         """Adapter `name`, checked and held for `holds` sequences (on a thread-pool thread)."""

@@ -98,7 +98,9 @@ class Scheduler:
         return bool(self._pending) or bool(self.prompts) or bool(len(self.batch))
 
     # --- on the worker thread ------------------------------------------------------------------
-    def turn(self) -> None:
+    def turn(self) -> int:
+        """One turn of generation; returns the tokens of forward work it spent (decode rows and prompt
+        tokens read), what the budget has left goes to training (cotraining.py)."""
         decoded = 0
         if len(self.batch):
             decoded = len(self.batch)
@@ -112,7 +114,17 @@ class Scheduler:
                 # run closer to a one-shot prefill's speed (small matrix products are slower per token);
                 # whoever arrives waits one chunk
                 budget = ALONE_FACTOR * self.max_iteration_tokens
-            self._prefill(budget)
+            read = self._prefill(budget)
+            self._count_turn(decoded, read)
+            return decoded + read
+        self._count_turn(decoded, 0)
+        return decoded
+
+    def _count_turn(self, decoded: int, read: int) -> None:
+        if self.metrics is not None:
+            self.metrics.worker_turns.inc()
+            self.metrics.turn_tokens.labels("decode").inc(decoded)
+            self.metrics.turn_tokens.labels("prefill").inc(read)
 
     def fail_running(self, status: int, message: str) -> None:
         """Fail every row of the running batch and every prompt being prefilled (a forward failed: a bug
@@ -165,13 +177,15 @@ class Scheduler:
         if taken:
             self.residency.trim(set(self.batch.rows) | {p.row for p in self.prompts})
 
-    def _prefill(self, budget: int) -> None:
+    def _prefill(self, budget: int) -> int:
         now = time.monotonic()
         self.prompts = [p for p in self.prompts if self._still_wanted(p.sequence, now, "while its prompt was read")]
         whole, chunked, n = plan_prefill(self.prompts, budget)
         model = self.residency.served
+        read = 0
         if whole:
             logits = self.batch.prefill(model, [p.sequence for p in whole], [p.row for p in whole], self.keep_logits)
+            read += sum(p.left for p in whole)
             self._count_prompt_tokens(sum(p.left for p in whole))
             self.prompts = [p for p in self.prompts if p not in whole]
             self._advance([p.sequence for p in whole], logits)
@@ -183,11 +197,13 @@ class Scheduler:
         self._chunk_ran = chunked is not None
         if chunked is not None:
             logits = self.batch.prefill_chunk(model, chunked, n, self.keep_logits)
+            read += n
             self._count_prompt_tokens(n)
             if logits is not None:
                 self.prompts.remove(chunked)
                 self._advance([chunked.sequence], logits)
         self._drop_finished()
+        return read
 
     def _count_prompt_tokens(self, n: int) -> None:
         if self.metrics is not None:

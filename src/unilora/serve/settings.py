@@ -27,6 +27,14 @@ class ServeSettings:
     drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
     device: str = "cpu"  # where the model runs ("cuda", "cuda:1", ...)
     dtype: str = "fp32"  # fp32, bf16 or fp16
+    fine_tuning: bool = True  # the fine-tuning API (/v1/files, /v1/fine_tuning/jobs) on a local store
+    api_keys: str | None = None  # a file of `TENANT KEY` lines (KEY may be sha256:<hex>); --api-key is one tenant
+    jobs_dir: str | None = None  # the fine-tuning API's state (default: a hidden folder in the store)
+    max_file_mb: int = 64  # the largest training file an upload may hold
+    max_training_jobs: int = 2  # jobs training at once inside the server (the others queue)
+    training_share: float = 0.1  # the share of each turn's token budget training gets while requests run
+    tenant_max_jobs: int = 4  # jobs per tenant that have not ended
+    tenant_max_file_mb: int = 1024  # bytes of files per tenant
 
     @property
     def model_id(self) -> str:

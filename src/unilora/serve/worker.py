@@ -60,15 +60,19 @@ class CallQueue:
 
 
 class Worker:
-    def __init__(self, scheduler: Scheduler | None, *, max_queue: int, metrics=None):
-        """`scheduler`: generation on a causal LM; None for a server that only runs calls (classifiers)."""
+    def __init__(self, scheduler: Scheduler | None, *, max_queue: int, metrics=None, trainer=None):
+        """`scheduler`: generation on a causal LM; None for a server that only runs calls (classifiers).
+        `trainer`: the fine-tuning jobs trained between generation's turns (cotraining.CoTrainer)."""
         self.scheduler = scheduler
+        self.trainer = trainer
         self.calls = CallQueue(max_queue)
         self.metrics = metrics
         self._wake = threading.Event()
         self._stopping = False
         self._abort = threading.Event()  # stop now: the loop fails what is left at its next turn
         self._thread = threading.Thread(target=self._run, name="unilora-worker", daemon=True)
+        if trainer is not None:
+            trainer.wake = self._wake.set
 
     # --- from other threads ----------------------------------------------------------------
     def start(self) -> None:
@@ -115,15 +119,19 @@ class Worker:
 
     # --- the loop ---------------------------------------------------------------------------
     def _idle(self) -> bool:
-        return not len(self.calls) and (self.scheduler is None or not self.scheduler.has_work)
+        """Nothing to do; jobs in training keep the loop busy, except once the server stops."""
+        serving = len(self.calls) or (self.scheduler is not None and self.scheduler.has_work)
+        return not serving and (self.trainer is None or self._stopping or not self.trainer.has_work)
 
     def _run(self) -> None:
         while True:
             if self._abort.is_set():
                 self._finish_left()
+                self._suspend_training()
                 return
             idle = self._idle()
             if idle and self._stopping:
+                self._suspend_training()
                 return
             if idle:
                 self._wake.wait(0.05)
@@ -132,13 +140,19 @@ class Worker:
             try:
                 with torch.no_grad():  # not inference_mode: adapters attached here must stay ordinary tensors
                     self.calls.run_all()
-                    if self.scheduler is not None:
-                        self.scheduler.turn()
+                    spent = self.scheduler.turn() if self.scheduler is not None else 0
+                if self.trainer is not None and not self._stopping:
+                    serving = bool(len(self.calls)) or (self.scheduler is not None and self.scheduler.has_work)
+                    self.trainer.turn(serving or spent > 0)
             except Exception as err:  # a bug of ours: fail this batch, keep serving the next ones
                 log.exception("generation step failed")
                 self.scheduler.fail_running(500, f"internal error while generating ({type(err).__name__}); see the "
                                                  "server log")
             self._publish_queue_depth()
+
+    def _suspend_training(self) -> None:
+        if self.trainer is not None:
+            self.trainer.suspend()
 
     def _finish_left(self) -> None:
         message = "the server shut down before this request finished"

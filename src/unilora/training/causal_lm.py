@@ -171,6 +171,10 @@ class CausalLMTask(Task):
     def loss(self, model, batch: dict) -> torch.Tensor:
         return token_loss(model, batch, keep_logits=self.keep_logits)
 
+    def loss_terms(self, indices: list[int]) -> int:
+        """Target tokens (the loss is their mean): labels after the first position not ignored."""
+        return sum(sum(label != IGNORE for label in self.train_examples[i].labels[1:]) for i in indices)
+
     def eval_batch_size(self) -> int:
         """Batch size of the passes without gradients: the training one unless set (`no_grad_batch_size`)."""
         return self.no_grad_batch_size or self.settings.batch_size

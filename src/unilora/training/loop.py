@@ -99,6 +99,11 @@ class Task:
         """The training loss of a batch (`model` may be the DDP wrapper)."""
         return model(**batch).loss
 
+    def loss_terms(self, indices: list[int]) -> int:
+        """How many terms these examples add to a batch's mean loss (a batch taken in parts weighs
+        each part by its terms): one per example, unless the task's loss is a mean over tokens."""
+        return len(indices)
+
     def train_mode(self, model: torch.nn.Module) -> None:
         """Put the model in the mode its training forwards run in (before every epoch)."""
         model.train()
@@ -153,60 +158,148 @@ def fit_rates_to(model: AdaptedModel, settings: TrainSettings) -> str | None:
     return said
 
 
+class TrainingRun:
+    """The loop's state, advanced a piece at a time: an epoch's order, one optimizer step's batch
+    (taken whole or in parts whose gradients accumulate), the step, the epoch's evaluation.
+    `train` drives it to the end at once; the server's co-training (serve/cotraining.py) advances
+    it a part at a time between decoding turns. Both take the same steps in the same order, so a
+    run is the same whichever drives it."""
+
+    def __init__(self, model: torch.nn.Module, task: Task, settings: TrainSettings, param_groups: list[dict],
+                 trainer: torch.nn.Module | None = None, rank: int = 0, world: int = 1):
+        self.model, self.task, self.settings = model, task, settings
+        self.trainer = trainer or model  # what the loss runs through (the DDP wrapper under torchrun)
+        self.rank, self.world = rank, world
+        self.n_train = task.train_size()
+        plan_run(settings, task.kind, self.n_train, world)  # callers other than finetune may leave fields open
+        self.optimizer = torch.optim.AdamW(param_groups, lr=settings.lr)
+        self.parameters = [p for group in param_groups for p in group["params"]]
+        self.per_rank = math.ceil(self.n_train / world)
+        self.steps_per_epoch = math.ceil(self.per_rank / settings.batch_size)
+        self.total_steps = self.steps_per_epoch * settings.epochs
+        warmup = max(1, int(self.total_steps * settings.warmup_ratio))
+        total = self.total_steps
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+        )
+        self.history: list[dict] = []
+        self.stepping = 0.0  # seconds in optimizer steps, evaluation excluded: the cost of the adapter itself
+        self.epoch, self.step = 1, 0  # the next step to take
+        self.order: list[int] | None = None  # this epoch's order of the training examples
+        self.running, self.norms = 0.0, []
+        self.step_loss = 0.0  # the loss of the step in progress, summed over its parts
+        self.report = lambda line: print(line, flush=True)  # where the epochs' lines go
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch > self.settings.epochs
+
+    @property
+    def steps_done(self) -> int:
+        return (self.epoch - 1) * self.steps_per_epoch + self.step
+
+    def start_epoch(self) -> None:
+        self.task.train_mode(self.model)
+        self.task.start_epoch(self.epoch)
+        order = list(range(self.n_train))
+        random.Random(self.settings.seed * 7919 + self.epoch).shuffle(order)
+        order = order[self.rank :: self.world][: self.per_rank]
+        if self.settings.group_by_length:
+            order = length_grouped(order, self.task.train_length, self.settings.batch_size,
+                                   random.Random(self.settings.seed + self.epoch))
+        self.order = order
+        self.running, self.norms = 0.0, []
+
+    def step_indices(self) -> list[int]:
+        """The training examples of the step in progress (empty once the epoch's order ran out)."""
+        size = self.settings.batch_size
+        return self.order[self.step * size : (self.step + 1) * size]
+
+    @property
+    def epoch_over(self) -> bool:
+        return self.step >= self.steps_per_epoch or not self.step_indices()
+
+    def accumulate(self, indices: list[int], share: float = 1.0) -> None:
+        """Forward and backward on part of the step's batch; `share` is the part's weight in the
+        batch's loss (its share of the loss terms), so the parts' gradients add up to the batch's."""
+        started = time.time()
+        loss = self.task.loss(self.trainer, self.task.batch(indices))
+        (loss if share == 1.0 else loss * share).backward()
+        self.step_loss += loss.item() * share
+        self.stepping += time.time() - started
+
+    def finish_step(self) -> float:
+        """The optimizer step on the accumulated gradients; returns the step's loss."""
+        started = time.time()
+        # the norm before clipping is recorded, so a run that did not learn shows why
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm or math.inf).item()
+        self.norms.append(norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, self.step_loss = self.step_loss, 0.0
+        self.running = 0.9 * self.running + 0.1 * loss if self.step else loss
+        self.step += 1
+        self.stepping += time.time() - started
+        return loss
+
+    def drop_partial_step(self) -> None:
+        """Forget the gradients of a step left half-done (it is taken again from its start)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_loss = 0.0
+
+    def end_epoch(self, evaluate: bool = True) -> dict | None:
+        """After an epoch's last step: its evaluation when due (rank 0), then the next epoch. Returns
+        the history entry, if one was made."""
+        settings, epoch = self.settings, self.epoch
+        last = epoch == settings.epochs
+        entry = None
+        if evaluate and self.rank == 0 and (last or epoch % settings.eval_every == 0):
+            result = self.task.evaluate(self.model, final=last)
+            entry = {"epoch": epoch, **result, "train_loss": self.running,
+                     "grad_norm_median": statistics.median(self.norms) if self.norms else 0.0,
+                     "grad_norm_max": max(self.norms, default=0.0), "train_seconds": round(self.stepping, 1)}
+            self.history.append(entry)
+            self.report(f"epoch {epoch}: {self.task.summary(result)}, train loss {self.running:.4f}")
+        elif self.rank == 0:
+            self.report(f"epoch {epoch}: train loss {self.running:.4f}")
+        self.epoch, self.step, self.order = epoch + 1, 0, None
+        return entry
+
+    # --- resuming: the state between two steps ------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "epoch": self.epoch, "step": self.step, "running": self.running, "norms": list(self.norms),
+                "stepping": self.stepping}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.stepping = float(state["stepping"])
+        if not self.finished:
+            self.start_epoch()  # the order is the epoch's seeded one; the running loss is the saved one
+        self.running, self.norms = float(state["running"]), [float(n) for n in state["norms"]]
+
+
 def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_groups: list[dict]) -> list[dict]:
     """The loop: AdamW over `param_groups`, linear warm-up then linear decay, DDP when launched by
     torchrun, evaluation after every epoch (on rank 0). Returns the history of evaluations.
     Any model that returns `.logits` / `.loss` trains here (the results scripts train PEFT's too)."""
     rank, world = distributed()
     trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    n_train = task.train_size()
-    plan_run(settings, task.kind, n_train, world)  # callers other than finetune may leave fields open
-    optimizer = torch.optim.AdamW(param_groups, lr=settings.lr)
-    parameters = [p for group in param_groups for p in group["params"]]
-    per_rank = math.ceil(n_train / world)
-    steps_per_epoch = math.ceil(per_rank / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    warmup = max(1, int(total * settings.warmup_ratio))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
-    history = []
-    stepping = 0.0  # seconds in optimizer steps, evaluation excluded: the cost of the adapter itself
-    for epoch in range(1, settings.epochs + 1):
-        epoch_started = time.time()
-        task.train_mode(model)
-        task.start_epoch(epoch)
-        order = list(range(n_train))
-        random.Random(settings.seed * 7919 + epoch).shuffle(order)
-        order = order[rank::world][:per_rank]
-        if settings.group_by_length:
-            order = length_grouped(order, task.train_length, settings.batch_size, random.Random(settings.seed + epoch))
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{settings.epochs}", disable=not settings.progress or rank)
-        running, norms = 0.0, []
-        for step in bar:
-            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            if not idx:
+    run = TrainingRun(model, task, settings, param_groups, trainer, rank, world)
+    while not run.finished:
+        run.start_epoch()
+        bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {run.epoch}/{settings.epochs}",
+                   disable=not settings.progress or rank)
+        for _ in bar:
+            if run.epoch_over:
                 break
-            loss = task.loss(trainer, task.batch(idx))
-            loss.backward()
-            # the norm before clipping is recorded, so a run that did not learn shows why
-            norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf).item()
-            norms.append(norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
-            bar.set_postfix(loss=f"{running:.4f}")
-        stepping += time.time() - epoch_started
-        last = epoch == settings.epochs
-        if rank == 0 and (last or epoch % settings.eval_every == 0):
-            result = task.evaluate(model, final=last)
-            history.append({"epoch": epoch, **result, "train_loss": running,
-                            "grad_norm_median": statistics.median(norms) if norms else 0.0,
-                            "grad_norm_max": max(norms, default=0.0), "train_seconds": round(stepping, 1)})
-            print(f"epoch {epoch}: {task.summary(result)}, train loss {running:.4f}", flush=True)
-        elif rank == 0:
-            print(f"epoch {epoch}: train loss {running:.4f}", flush=True)
+            run.accumulate(run.step_indices())
+            run.finish_step()
+            bar.set_postfix(loss=f"{run.running:.4f}")
+        run.end_epoch()
         if world > 1:
             dist.barrier()
-    return history
+    return run.history

@@ -1,0 +1,301 @@
+"""One fine-tuning job trained inside the server, on the served model's frozen base weights.
+
+The job's adapter is added to the served model under an internal name that no request can name
+(`job-…`), so serving rows never run a half-trained adapter. It trains through the training core
+(`training.loop.TrainingRun`) with the data, recipe, rates and schedule `unilora finetune` would
+choose for the same file, method, seed and hyperparameters, and takes the same optimizer steps:
+each step's batch is taken whole when the turn's token credit allows, else in parts of whole rows
+whose gradients add up to the batch's (each part weighed by its share of the batch's target
+tokens). Between parts the model is back in eval mode with its serving adapters untouched.
+
+A job is advanced only by the worker thread (cotraining.py), a piece (`run_piece`) at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.config import AdapterConfig
+from ..core.errors import UniLoraError
+from ..data.lm import LMDataset, read_lm_file
+from ..data.lm_tokens import collate
+from ..engine.model import AdaptedModel
+from ..methods import recipe_config
+from ..models.backbones import is_embedded
+from ..training.causal_lm import CausalLMTask, token_loss
+from ..training.loop import TrainingRun, TrainSettings, fit_rates_to
+
+MAX_LENGTH = 256  # tokens per example, as `unilora finetune --task causal-lm`
+TRAINING_COST = 3  # a token trained costs about three read (forward, then backward through it)
+RESUME_FILE = "resume.pt"
+
+
+@dataclass
+class JobRequest:
+    """What a job was created with (a row of the job store, parsed)."""
+
+    id: str
+    seed: int
+    epochs: int | None
+    batch_size: int | None
+    lr_multiplier: float | None
+    adapter: dict  # AdapterConfig fields; "method" among them
+    training_path: Path
+    validation_path: Path | None
+
+    def config(self, model_name: str) -> AdapterConfig:
+        fields = dict(self.adapter)
+        method = fields.pop("method", "unilora")
+        targets = fields.pop("target_modules", "all-linear")
+        return recipe_config(method, targets, modules_to_save=[], run_seed=self.seed,
+                             tuned_model=is_embedded(model_name), **fields)
+
+
+def stored_file(files_dir: Path, file_id: str) -> Path:
+    """The one file kept in an uploaded file's folder (named as the client named it)."""
+    return next((files_dir / file_id).iterdir())
+
+
+def read_uploaded(path: Path) -> tuple[str, list[dict]]:
+    """An uploaded file's rows; errors name the file as the client named it, never where it is kept."""
+    try:
+        return read_lm_file(path, "text")
+    except UniLoraError as err:
+        raise UniLoraError(str(err).replace(str(path), path.name)) from None
+
+
+def read_dataset(request: JobRequest) -> LMDataset:
+    """The job's rows: the whole training file (nothing held out) and the validation file's, if any."""
+    kind, train = read_uploaded(request.training_path)
+    test = []
+    if request.validation_path is not None:
+        test_kind, test = read_uploaded(request.validation_path)
+        if test_kind != kind:
+            raise UniLoraError(f"the validation file holds {test_kind} data and the training file {kind} data")
+    source = {"data": str(request.training_path), "text_column": "text",
+              "test_data": str(request.validation_path) if request.validation_path else None}
+    return LMDataset(request.training_path.stem, kind, train, test, None, source)
+
+
+class ServedTask(CausalLMTask):
+    """The causal-LM task on the server's tokenizer and model; a job without a validation file
+    evaluates nothing."""
+
+    def prepare(self, tokenizer, lm, settings: TrainSettings) -> None:
+        validated = bool(self.dataset.test)
+        if not validated:
+            self.dataset.test = self.dataset.train[:1]  # encoded, never scored
+        super().prepare(tokenizer, lm, settings)
+        self.validated = validated
+
+
+class JobRun:
+    """A job's training state on the served model."""
+
+    def __init__(self, request: JobRequest, task: ServedTask, settings: TrainSettings, model_name: str,
+                 folder: Path):
+        self.request = request
+        self.task = task
+        self.settings = settings
+        self.model_name = model_name
+        self.folder = folder  # the job's own folder in the server's state (its resume file)
+        self.internal = f"job-{request.id}"
+        self.model: AdaptedModel | None = None
+        self.run: TrainingRun | None = None
+        self.done_rows = 0  # rows of the step in progress already taken
+        self.eval_rows: list[int] | None = None  # the evaluation's rows left, when evaluating
+        self.eval_sum, self.eval_count = 0.0, 0
+        self.trained_tokens = 0
+        self.rng = torch.Generator().manual_seed(request.seed).get_state()  # dropout's stream, the job's own
+        self.step_rng = self.rng
+        self.notes: list[str] = []
+        self.epoch_ended: dict | None = None  # the history entry of an epoch just ended (the coordinator checkpoints it)
+
+    # --- attaching (worker thread) ------------------------------------------------------------------
+    def attach(self, model: AdaptedModel) -> None:
+        """Add the job's adapter to `model` and build the optimizer and schedule (fresh, or resumed)."""
+        config = self.request.config(self.model_name)
+        if self.internal not in model.adapters:
+            model.add_adapter(self.internal, config)
+        self.model = model
+        with self.training():
+            settings = self.settings
+            rates_note = fit_rates_to(model, settings)
+            if rates_note:
+                self.notes.append(rates_note)
+            if self.request.lr_multiplier is not None:
+                settings.lr *= self.request.lr_multiplier
+                settings.group_lrs = {k: v * self.request.lr_multiplier for k, v in settings.group_lrs.items()}
+            groups = model.parameter_groups(settings.lr, settings.group_lrs, settings.weight_decay)
+            self.run = TrainingRun(model, self.task, settings, groups)
+            self.run.report = lambda line: None  # the job's events say it
+            resume = self.folder / RESUME_FILE
+            if resume.exists():
+                self._resume(resume)
+            else:
+                self.run.start_epoch()
+
+    def detach(self) -> None:
+        """Take the job's adapter off the served model (the model's last adapter stays, unused)."""
+        model = self.model
+        if model is not None and self.internal in model.adapters and len(model.adapters) > 1:
+            model.delete_adapter(self.internal)
+        self.model = None
+
+    @contextlib.contextmanager
+    def training(self):
+        """The model as the job trains it (its adapter active, train mode, gradients on, the job's own
+        random stream); as the server runs it again afterwards."""
+        model = self.model
+        previous = model.active_adapter
+        model.set_adapter(self.internal)
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                torch.set_rng_state(self.rng)
+                try:
+                    yield
+                finally:
+                    self.rng = torch.get_rng_state()
+        finally:
+            model.eval()
+            if previous in model.adapters:
+                model.set_adapter(previous)
+
+    # --- one piece of work (worker thread) -------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.run.finished
+
+    def next_cost(self) -> int:
+        """Token credit the smallest next piece needs (one row)."""
+        rows = self._rows_left()
+        return self._cost(rows[:1]) if rows else 1
+
+    def run_piece(self, credit: int) -> tuple[int, list[tuple[str, dict | None]]]:
+        """Advance by the rows `credit` pays for (one row at least): part of a step, or of the epoch's
+        evaluation. Returns (credit spent, events: (message, data))."""
+        rows = self._rows_left()
+        take = 1
+        while take < len(rows) and self._cost(rows[: take + 1]) <= credit:
+            take += 1
+        part = rows[:take]
+        events: list[tuple[str, dict | None]] = []
+        with self.training():
+            if self.eval_rows is not None:
+                self._evaluate(part, events)
+            else:
+                self._train(part, events)
+        return self._cost(part), events
+
+    def _rows_left(self) -> list[int]:
+        if self.eval_rows is not None:
+            return self.eval_rows
+        return self.run.step_indices()[self.done_rows:]
+
+    def _width(self, i: int) -> int:
+        examples = self.task.test_examples if self.eval_rows is not None else self.task.train_examples
+        return len(examples[i].input_ids)
+
+    def _cost(self, rows: list[int]) -> int:
+        width = max((self._width(i) for i in rows), default=0)
+        return width * len(rows) * (1 if self.eval_rows is not None else TRAINING_COST)
+
+    def _train(self, part: list[int], events: list) -> None:
+        run = self.run
+        step_rows = run.step_indices()
+        if self.done_rows == 0:
+            self.step_rng = self.rng
+        share = 1.0 if len(part) == len(step_rows) else self.task.loss_terms(part) / self.task.loss_terms(step_rows)
+        run.accumulate(part, share)
+        self.trained_tokens += sum(len(self.task.train_examples[i].input_ids) for i in part)
+        self.done_rows += len(part)
+        if self.done_rows < len(step_rows):
+            return
+        loss = run.finish_step()
+        self.done_rows = 0
+        step = run.steps_done
+        events.append((f"Step {step}/{run.total_steps}: training loss={loss:.4f}",
+                       {"step": step, "train_loss": loss, "total_steps": run.total_steps}))
+        if run.epoch_over:
+            if self.task.validated:
+                self.eval_rows = sorted(range(len(self.task.test_examples)), key=self._width)
+                self.eval_sum, self.eval_count = 0.0, 0
+            else:
+                self._end_epoch(None, events)
+
+    def _evaluate(self, part: list[int], events: list) -> None:
+        self.model.eval()
+        batch = collate([self.task.test_examples[i] for i in part], self.task.tokenizer.pad_token_id)
+        with torch.no_grad():
+            self.eval_sum += token_loss(self.model, batch, "sum", self.task.keep_logits).item()
+        self.eval_count += int((batch["labels"][:, 1:] != -100).sum())
+        self.eval_rows = self.eval_rows[len(part):]
+        if not self.eval_rows:
+            self.eval_rows = None
+            self._end_epoch(self.eval_sum / max(1, self.eval_count), events)
+
+    def _end_epoch(self, valid_loss: float | None, events: list) -> None:
+        run = self.run
+        entry = {"epoch": run.epoch, "train_loss": run.running, "train_seconds": round(run.stepping, 1)}
+        if valid_loss is not None:
+            entry.update(eval_loss=valid_loss, perplexity=math.exp(min(valid_loss, 50.0)))
+        run.history.append(entry)
+        message = f"Epoch {run.epoch}/{self.settings.epochs}: training loss={run.running:.4f}"
+        if valid_loss is not None:
+            message += f", validation loss={valid_loss:.4f}"
+        events.append((message, {"step": run.steps_done, "epoch": run.epoch, "train_loss": run.running,
+                                 **({"valid_loss": valid_loss} if valid_loss is not None else {})}))
+        run.end_epoch(evaluate=False)
+        if not run.finished:
+            run.start_epoch()
+        self.epoch_ended = entry
+
+    # --- saving --------------------------------------------------------------------------------------
+    def save_adapter(self, directory: Path) -> None:
+        """The adapter as `unilora finetune` writes it (with its task record), atomically."""
+        record = {"task": "causal-lm", "model": self.model_name, "dataset": self.task.data_name, **self.task.record()}
+        self.model.save_pretrained(directory, task=record, adapter_name=self.internal)
+
+    def save_resume(self) -> None:
+        """The state between two steps (a step in progress is taken again from its start), written
+        atomically into the job's folder."""
+        run = self.run
+        evaluating = self.eval_rows is not None  # an evaluation in progress is run again whole
+        theta = {k: v.detach().clone() for k, v in self.model.projections[self.internal].state_dict().items()}
+        state = {"theta": theta, "run": run.state_dict(), "history": run.history,
+                 "rng": self.step_rng if self.done_rows and not evaluating else self.rng,
+                 "trained_tokens": self.trained_tokens, "evaluating": evaluating}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = self.folder / f".{RESUME_FILE}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        torch.save(state, staging)
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, self.folder / RESUME_FILE)
+
+    def _resume(self, path: Path) -> None:
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            projection = self.model.projections[self.internal]
+            expected = projection.state_dict()
+            theta = state["theta"]
+            if set(theta) != set(expected) or any(theta[k].shape != expected[k].shape for k in expected):
+                raise ValueError("its tensors do not match the job's adapter")
+            if not all(torch.isfinite(t).all() for t in theta.values() if t.is_floating_point()):
+                raise ValueError("it holds values that are not finite")
+            projection.load_state_dict(theta)
+            self.run.load_state_dict(state["run"])
+            self.run.history = list(state["history"])
+            self.rng = state["rng"]
+            self.trained_tokens = int(state["trained_tokens"])
+            if state.get("evaluating"):  # stopped during the evaluation: the epoch's steps are done
+                self.eval_rows = sorted(range(len(self.task.test_examples)), key=self._width)
+        except (KeyError, ValueError, TypeError, RuntimeError, OSError) as err:
+            raise UniLoraError(f"the job's checkpoint {path.name} cannot be read ({err}); create the job again") from None
