@@ -154,8 +154,7 @@ class CoTrainer:
         try:
             request = job_request(row, self.files_dir)
             dataset = read_dataset(request)
-            classify = False
-            rates, fit = finetune_group_lrs(request.adapter.get("method", "unilora"), classify, None, None, None)
+            rates, fit = finetune_group_lrs(request.adapter.get("method", "unilora"), False, None, None, None)
             settings = TrainSettings(max_length=MAX_LENGTH, lr=1e-3, group_lrs=rates, seed=request.seed,
                                      fit_rates=fit, epochs=request.epochs, batch_size=request.batch_size,
                                      progress=False)

@@ -1,6 +1,7 @@
 """The one thread that runs the model. Each turn of its loop runs the queued calls (work that must not
 race with a forward: a classifier's request, attaching its adapter), then one turn of the generation
-scheduler, if the server generates.
+scheduler, if the server generates, then the fine-tuning jobs' part of the turn (cotraining.py).
+Jobs in training keep the loop turning; a stopping server suspends them and stops.
 
 Nothing a request does can stop the loop. An exception inside a forward is a bug of ours: it fails
 the rows of that batch with 500, is logged with its traceback, and the loop goes on.
