@@ -20,7 +20,7 @@ from conftest import build
 
 # every package an extra brings that our code may import (pyproject's optional-dependencies)
 OPTIONAL = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic", "ray", "datasets", "pyarrow",
-            "matplotlib", "gguf", "rouge_score", "peft", "trl")
+            "matplotlib", "gguf", "rouge_score", "peft", "trl", "torchao", "bitsandbytes")
 
 
 def hide(monkeypatch, *modules):

@@ -175,7 +175,7 @@ def train_run(tmp_path, labels=("democrat", "republican")):
 def test_evaluate_matches_labels_by_name_and_uses_the_recorded_data(tmp_path, capsys):
     adapter, rows = train_run(tmp_path)
     capsys.readouterr()
-    assert main(["evaluate", str(adapter)]) == 0  # no --data: the data recorded in the adapter
+    assert main(["evaluate", "--json", str(adapter)]) == 0  # no --data: the data recorded in the adapter
     recorded = json.loads(capsys.readouterr().out)
     assert recorded["dataset"] == "train"
     renamed = write_rows(tmp_path / "renamed.jsonl",

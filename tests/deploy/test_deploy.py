@@ -18,7 +18,7 @@ from transformers import LlamaForCausalLM
 
 import unilora
 from unilora.core.errors import UniLoraError
-from unilora.deploy.vllm_resolver import UniloraResolution, same_base
+from unilora.deploy.vllm_resolver import UniloraResolution, other_weights_warning, same_base
 from unilora.store.source import AdapterStore
 from unilora.store.remote import local_copy
 
@@ -120,6 +120,13 @@ def test_which_base_names_are_the_same_model():
     assert same_base("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")  # the embedded model
     assert same_base(None, "anything")
     assert not same_base("/models/tiny-base", "org/other-base")
+    # vLLM serving the dequantized copy an embedded-SmolLM2 adapter was trained on (what `export` names)
+    copy = "/root/.cache/unilora/SmolLM2-135M-Instruct-dequantized"
+    assert same_base("SmolLM2-135M-Instruct", copy)
+    assert other_weights_warning("a", "SmolLM2-135M-Instruct", copy) is None
+    said = other_weights_warning("a", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert said.startswith("unilora adapter 'a' was trained on the embedded SmolLM2-135M-Instruct dequantized")
+    assert other_weights_warning("a", "/models/tiny-base", "/models/tiny-base") is None
 
 
 def memory_store(store: Path, names) -> str:

@@ -142,7 +142,7 @@ def test_finetune_generate_evaluate_export(llama_dir, tmp_path, capsys):
     assert "exact_match" in metrics and "exact_match" not in metrics["history"][0]  # generation: last epoch only
 
     capsys.readouterr()
-    assert main(["evaluate", str(out / "adapter")]) == 0  # the recorded data, split and metric
+    assert main(["evaluate", "--json", str(out / "adapter")]) == 0  # the recorded data, split and metric
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     assert evaluated["exact_match"] == metrics["exact_match"]
@@ -350,7 +350,7 @@ def test_a_new_users_text_run_says_what_it_did(llama_dir, tmp_path, capsys):
     plan = [line for line in errors if line.startswith("note: plan: ")]
     assert len(plan) == 1, errors
     assert "training documents" in plan[0] and "held out of 'train.txt' for testing (a seeded 20% split" in plan[0]
-    assert "1 epoch = 1 optimizer step;" in plan[0] and "learning rate 0.001 (bank 0.02, logits 0.02)" in plan[0]
+    assert "1 epoch = 1 optimizer step of about " in plan[0] and "learning rate 0.001 (bank 0.02, logits 0.02)" in plan[0]
     assert any(line.startswith("note: VB-LoRA: vector_length not given") for line in errors), errors
 
     folder = out / "adapter"
@@ -368,7 +368,7 @@ def test_a_new_users_text_run_says_what_it_did(llama_dir, tmp_path, capsys):
 
     held = tmp_path / "held.txt"
     held.write_text("\n\n".join(f"Speaker {i} answers point {i} at once." for i in range(12)) + "\n")
-    assert main(["evaluate", str(folder), "--test-data", str(held)]) == 0
+    assert main(["evaluate", "--json", str(folder), "--test-data", str(held)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["dataset"] == "held" and evaluated["test_examples"] >= 1 and evaluated["eval_loss"] > 0
 

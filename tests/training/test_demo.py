@@ -33,7 +33,7 @@ def test_finetune_then_evaluate_on_real_weights(method, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"test accuracy: {metrics['test_accuracy']:.4f}" in printed
     # the saved adapter, loaded onto a fresh copy of the model, reproduces the same accuracy
-    assert main(["evaluate", str(out / "adapter"), "--test-limit", "64"]) == 0
+    assert main(["evaluate", "--json", str(out / "adapter"), "--test-limit", "64"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test_accuracy"] == metrics["test_accuracy"]
 

@@ -90,7 +90,7 @@ def test_distillation_reduces_disagreement_and_carries_the_head(teacher_run, tmp
     assert 0 <= recorded["teacher_pass_seconds"] <= recorded["distilled"]["train_seconds"]  # inside the training time
     # used like any adapter: evaluate finds its model, data and labels in what it recorded
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--test-limit", "64"]) == 0
+    assert main(["evaluate", "--json", str(out), "--test-limit", "64"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     accuracy = float(printed.split("student ")[1].split(" ")[0])
     assert evaluated["test_accuracy"] == pytest.approx(accuracy)
@@ -446,7 +446,7 @@ def test_a_causal_lm_adapter_is_distilled_on_its_own_data(lm_teacher, tmp_path, 
                                                                           - teacher_loss)
     # evaluate finds the teacher's data and split in the record and scores what distillation scored
     capsys.readouterr()
-    assert main(["evaluate", str(out)]) == 0
+    assert main(["evaluate", "--json", str(out)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["eval_loss"] == pytest.approx(recorded["distilled"]["eval_loss"], rel=1e-4)
 

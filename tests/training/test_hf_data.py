@@ -136,7 +136,7 @@ def test_finetune_on_a_saved_dataset_records_it_and_evaluate_finds_it(llama_dir,
     assert recorded["split"] == "train" and recorded["test_split"] == "validation"
     assert recorded["fingerprint"]["train"] == datasets.load_from_disk(str(tmp_path / "chat"))["train"]._fingerprint
     capsys.readouterr()
-    assert main(["evaluate", str(out / "adapter")]) == 0  # found again from the record
+    assert main(["evaluate", "--json", str(out / "adapter")]) == 0  # found again from the record
     assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
 
 

@@ -50,7 +50,7 @@ def test_finetune_from_python_gives_the_commands_adapter_and_metrics(tmp_path, c
     assert f"test accuracy: {run.metrics['test_accuracy']:.4f}" in printed
     # and the saved adapter is scored the same way by both
     capsys.readouterr()
-    assert main(["evaluate", str(run.out / "adapter"), "--test-limit", "16", "--model", str(model)]) == 0
+    assert main(["evaluate", "--json", str(run.out / "adapter"), "--test-limit", "16", "--model", str(model)]) == 0
     assert json.loads(capsys.readouterr().out) == {
         k: v for k, v in run_evaluate(run.out / "adapter", DataSpec(test_limit=16), str(model)).items() if k != "notes"}
 

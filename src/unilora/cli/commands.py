@@ -3,6 +3,7 @@ which options go together live here; everything a Python caller would need lives
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -53,15 +54,25 @@ def data_spec(args) -> DataSpec:
 
 
 def cmd_finetune(args) -> int:
-    run = run_finetune(data_spec(args), task=args.task, model=args.model, method=args.method,
-                       targets=targets(args.targets), adapter=adapter_fields(args), seed=args.seed, lr=args.lr,
-                       head_lr=args.head_lr, group_lrs=dict(args.group_lr or []), max_length=args.max_length,
-                       out=args.out, overwrite=args.overwrite, epochs=args.epochs, batch_size=args.batch_size,
-                       warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-                       packing=args.packing, max_new_tokens=args.max_new_tokens,
-                       group_by_length=args.group_by_length, progress=not args.no_progress)
-    print_finetune(run)
+    # with --json, stdout holds the JSON alone: the epochs' lines go to stderr beside the notes
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        run = _finetune(args)
+    if args.json:
+        if run.metrics:  # rank 0 only under torchrun
+            print(json.dumps(run.metrics, indent=2))
+    else:
+        print_finetune(run)
     return 0
+
+
+def _finetune(args) -> FinetuneRun:
+    return run_finetune(data_spec(args), task=args.task, model=args.model, method=args.method,
+                        targets=targets(args.targets), adapter=adapter_fields(args), seed=args.seed, lr=args.lr,
+                        head_lr=args.head_lr, group_lrs=dict(args.group_lr or []), max_length=args.max_length,
+                        out=args.out, overwrite=args.overwrite, epochs=args.epochs, batch_size=args.batch_size,
+                        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+                        packing=args.packing, max_new_tokens=args.max_new_tokens,
+                        group_by_length=args.group_by_length, progress=not args.no_progress, quantize=args.quantize)
 
 
 def print_finetune(run: FinetuneRun) -> None:
@@ -75,19 +86,29 @@ def print_finetune(run: FinetuneRun) -> None:
         counts += f"; {trained:,} trained" + (f": {metrics['stored_note']}" if metrics.get("stored_note") else "")
     weights, config = ((folder / name).stat().st_size for name in ("adapter_model.safetensors", "adapter_config.json"))
     print(f"adapter: {folder}  (on disk: weights {weights:,} bytes + config {config:,}; {counts})")
-    if classify:
-        print(f"test accuracy: {metrics['test_accuracy']:.4f}")
-    else:
-        metric = run.dataset.metric
-        print(f"eval loss: {metrics['eval_loss']:.4f} (perplexity {metrics['perplexity']:.2f})"
-              + (f", {metric}: {metrics[metric]:.4f}" if metric else ""))
+    print(score_line(metrics, run.dataset.metric if not classify else None))
+
+
+def score_line(scores: dict, metric: str | None) -> str:
+    """The one line `finetune` and `evaluate` both end with: a classifier's accuracy, or a causal LM's
+    eval loss, perplexity and the data's metric."""
+    if "test_accuracy" in scores:
+        return f"test accuracy: {scores['test_accuracy']:.4f}"
+    return (f"eval loss: {scores['eval_loss']:.4f} (perplexity {scores['perplexity']:.2f})"
+            + (f", {metric}: {scores[metric]:.4f}" if metric and metric in scores else ""))
 
 
 def cmd_evaluate(args) -> int:
-    result = run_evaluate(args.adapter, data_spec(args), args.model, args.max_new_tokens)
+    result = run_evaluate(args.adapter, data_spec(args), args.model, args.max_new_tokens, quantize=args.quantize)
     for said in result.pop("notes"):
         note(said)
-    print(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    metric = next((m for m in ("rougeL", "accuracy", "exact_match") if m in result), None)
+    examples = result.get("test_examples")
+    print(score_line(result, metric) + (f"  ({examples:,} test examples of {result['dataset']})"
+                                         if examples and result.get("dataset") else ""))
     return 0
 
 
@@ -97,7 +118,8 @@ def cmd_generate(args) -> int:
     if bool(args.prompt) == bool(args.prompts):
         raise UniLoraError("give either --prompt TEXT or --prompts FILE.jsonl")
     prompts = [args.prompt] if args.prompt else prompts_from_file(args.prompts)
-    outputs = generate_from_adapter(args.adapter, prompts, args.max_new_tokens, merge=args.merge, model_name=args.model)
+    outputs = generate_from_adapter(args.adapter, prompts, args.max_new_tokens, merge=args.merge, model_name=args.model,
+                                    quantize=args.quantize)
     for number, output in enumerate(outputs, 1):
         which = "" if args.prompt else f" for prompt {number}"
         if not output:
@@ -132,7 +154,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    for line in export_peft_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, model=args.model):
+    for line in export_peft_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, model=args.model,
+                                 base_model=args.base_name):
         print(line)
     return 0
 
@@ -141,10 +164,12 @@ def cmd_convert(args) -> int:
     if is_peft_dir(args.source):
         if not args.save_projection:
             raise UniLoraError("--no-save-projection goes with writing PEFT TINYLORA; this source is already PEFT's")
+        if args.base_name:
+            raise UniLoraError("--base-name goes with writing PEFT's format; this source is already PEFT's")
         report = from_peft(args.source, args.out, overwrite=args.overwrite, model=args.model)
     else:
         report = to_peft(args.source, args.out, overwrite=args.overwrite, model=args.model,
-                         save_projection=args.save_projection)
+                         save_projection=args.save_projection, base_name=args.base_name)
     for line in report:
         print(line)
     return 0
@@ -264,7 +289,7 @@ def cmd_serve(args) -> int:
         max_batch=args.max_batch, max_iteration_tokens=args.max_iteration_tokens, max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit,
         max_body_bytes=args.max_body_kb * 1024, request_timeout=args.request_timeout,
         allow_runtime_loading=args.allow_runtime_loading, drain_timeout=args.drain_timeout, device=args.device,
-        dtype=args.dtype)
+        dtype=args.dtype, quantize=None if args.quantize in (None, "none") else args.quantize)
     if args.ray:
         from ..deploy.ray_app import serve_with_ray  # ray is the `ray` extra
 

@@ -155,6 +155,17 @@ def _add_lm_options(parser: argparse.ArgumentParser) -> None:
                    "exact_match (default: the built-in task's metric; none for files)")
     g.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per test answer (default: the "
                    "longest reference answer + 4)")
+    _add_quantize(g)
+
+
+QUANTIZE_HELP = ("the base's linear layers in 8 or 4 bits, the adapter beside them in full precision (QLoRA's "
+                 "setup): int8, int4 (torchao), nf4, fp4 (bitsandbytes); the `quant` extra")
+
+
+def _add_quantize(parser, recorded: bool = False) -> None:
+    parser.add_argument("--quantize", choices=("int8", "int4", "nf4", "fp4", "none"),
+                        help=QUANTIZE_HELP + ("; default: as the adapter was trained ('none': not quantized)"
+                                              if recorded else ""))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,12 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/METHOD-DATA-seedN); must be new or empty")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (only files unilora wrote)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the run's metrics as one JSON object (for scripts) "
+                   "instead of the summary lines")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="a saved adapter on a test split: accuracy (seq-cls); loss, perplexity "
                        "and the data's metric (causal-lm)")
     p.add_argument("adapter")
     p.add_argument("--model", help="override the base model recorded in the adapter")
+    p.add_argument("--json", action="store_true", help="print every score as one JSON object (for scripts) instead of "
+                   "the summary line")
     _add_data_options(p, data_help=DATA_HELP + " (default: the data recorded in the adapter)")
     _add_lm_options(p)
     p.set_defaults(func=cmd_evaluate)
@@ -235,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 64; an answer cut there gets a note)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (no adapter overhead)")
     p.add_argument("--model", help="override the base model recorded in the adapter")
+    _add_quantize(p, recorded=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="method, counts and bytes of an adapter; VB-LoRA selection plots")
@@ -251,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "vLLM serves any rank up to its --max-lora-rank)")
     p.add_argument("--model", help="LoRA-XS and TinyLoRA: the base model (name or path) whose weights' SVD they are "
                    "built on (default: the one the adapter records)")
+    p.add_argument("--base-name", metavar="NAME", help="the base_model_name_or_path the export records (default: the "
+                   "weights the adapter was trained on; for the embedded SmolLM2, its dequantized local copy)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_export)
 
@@ -263,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights our TinyLoRA adapter is built on (default: the one it records)")
     p.add_argument("--no-save-projection", dest="save_projection", action="store_false",
                    help="to PEFT TINYLORA: leave P out of the file (PEFT redraws it from projection_seed)")
+    p.add_argument("--base-name", metavar="NAME", help="ours to PEFT: the base_model_name_or_path PEFT's config records "
+                   "(default: the weights the adapter was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT (only files unilora wrote)")
     p.set_defaults(func=cmd_convert)
 
@@ -346,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-runtime-loading", metavar="ROOT", help="enable /v1/load_lora_adapter for folders under ROOT")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the model's weights")
+    _add_quantize(p)
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve application on a local Ray cluster "
                    "(requests for one adapter go to the replicas holding it; the `ray` extra)")
     p.add_argument("--replicas", type=_positive_int, default=1, help="with --ray: replicas of the model")

@@ -15,6 +15,7 @@ EXTRAS = {
     "datasets": ("datasets",),
     "plots": ("matplotlib",),
     "llm": ("gguf", "rouge_score"),
+    "quant": ("torchao", "bitsandbytes"),
 }
 
 

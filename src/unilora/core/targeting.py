@@ -70,9 +70,42 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def is_torchao(weight: torch.Tensor) -> bool:
+    return type(weight).__module__.startswith("torchao.")
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether a weight is stored quantized: a torchao tensor subclass, or a bitsandbytes parameter."""
+    return is_torchao(weight) or getattr(weight, "quant_state", None) is not None \
+        or getattr(weight, "SCB", None) is not None
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A torchao quantized weight dequantized (its own `dequantize`); any other weight as it is."""
+    return weight.dequantize() if is_torchao(weight) else weight
+
+
+def _weight_through_layer(module: nn.Module) -> torch.Tensor:
+    """W (out × in) of a layer read through its own forward on the identity: bitsandbytes repacks its
+    4-bit weights for its CPU kernels in place, so only the layer itself knows how to read them."""
+    dtype = getattr(module, "compute_dtype", None) or torch.float32
+    with torch.no_grad():
+        eye = torch.eye(module.in_features, dtype=dtype, device=module.weight.device)
+        out = module(eye)
+        if module.bias is not None:
+            out = out - module.bias.to(out.dtype)
+    return out.t().contiguous()
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """A linear layer's weight as out × in (a GPT-2 Conv1D keeps its own as in × out)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
+    """A linear layer's weight as out × in (a GPT-2 Conv1D keeps its own as in × out), dequantized
+    when the base is quantized: what a method built from the base weights reads once at attach, and
+    what merging adds to."""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None or getattr(weight, "SCB", None) is not None:
+        return _weight_through_layer(module)
+    weight = dense_weight(weight)
+    return weight.t() if is_conv1d(module) else weight
 
 
 def base_weights(model: nn.Module, names: list[str]) -> list[torch.Tensor]:

@@ -127,15 +127,19 @@ def _first_line(err: Exception) -> str:
 
 
 def _open(source: HFSource):
-    """The source opened by `datasets`, its progress bars off while it reads (they would bury our one line)."""
+    """The source opened by `datasets`, its progress bars off while it reads (they would bury our one
+    line), and its own error log too: a damaged file's reason is in our one line already."""
     datasets = _datasets()
     if not isinstance(source.data, str):
         return source.data
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return _load(datasets, source)
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
 

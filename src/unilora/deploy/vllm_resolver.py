@@ -37,7 +37,7 @@ from pathlib import Path
 from ..core.errors import UniLoraError
 from ..core.resources import cache_root
 from ..models.adapter_base import base_model_name, base_model_of
-from ..models.embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
+from ..models.embedded_llm import DEQUANTIZED_FOLDER, EMBEDDED_LLM, EMBEDDED_LLM_HUB_NAME, is_embedded_llm
 from ..store.io import WEIGHTS_NAME
 from ..store.source import AdapterStore
 from ..tools.export import export_peft_lora
@@ -55,10 +55,25 @@ def same_base(recorded: str | None, served: str) -> bool:
         return True
 
     def key(name: str) -> str:
-        name = EMBEDDED_LLM_HUB_NAME if is_embedded_llm(name) else name
+        name = EMBEDDED_LLM_HUB_NAME if is_embedded_llm(name) or is_dequantized_copy(name) else name
         return name.rstrip("/").rsplit("/", 1)[-1].lower()
 
     return recorded == served or key(recorded) == key(served)
+
+
+def is_dequantized_copy(name: str) -> bool:
+    """Whether `name` is the folder the embedded SmolLM2 is dequantized into (cache_root()/...)."""
+    return name.rstrip("/").rsplit("/", 1)[-1] == DEQUANTIZED_FOLDER
+
+
+def other_weights_warning(name: str, recorded: str | None, served: str) -> str | None:
+    """A warning for an adapter trained on the embedded SmolLM2's dequantized copy but served by vLLM on
+    other weights of that model (the hub's bf16 release): it runs, with other logits than it was trained on."""
+    if recorded and is_embedded_llm(recorded) and not is_dequantized_copy(served):
+        return (f"unilora adapter '{name}' was trained on the embedded {EMBEDDED_LLM} dequantized from GGUF Q4_1; "
+                f"vLLM serves '{served}', whose weights differ: serve the dequantized copy (unilora export names "
+                "it) for the adapter's own logits")
+    return None
 
 
 class UniloraResolution:
@@ -71,6 +86,7 @@ class UniloraResolution:
         self.max_cached = max_cached
         self._lock = threading.Lock()
         self._base = None  # (name, model): the base SVD-family adapters rebuild their factors from
+        self._warned: set[str] = set()  # adapters whose other-weights warning was logged
 
     def base_for(self, meta: dict, served: str):
         """The base model whose weights an SVD-family adapter (LoRA-XS, TinyLoRA) is rebuilt from, loaded
@@ -104,6 +120,10 @@ class UniloraResolution:
             if not same_base(recorded, served):
                 log.warning("unilora adapter '%s' was trained on '%s', not on '%s'", name, recorded, served)
                 return None
+            warning = other_weights_warning(name, recorded, served)
+            if warning and name not in self._warned:
+                self._warned.add(name)
+                log.warning(warning)
             version = hashlib.sha256((meta.get("config_sha256", "") + meta.get("weights_sha256", "")
                                       + served).encode()).hexdigest()[:16]
             out = self.cache / f"{name}-{version}"

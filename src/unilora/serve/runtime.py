@@ -14,6 +14,7 @@ import torch
 from ..core.errors import UniLoraError
 from ..data.lm_tokens import prompt_ids
 from ..models.backbones import load_causal_lm
+from ..models.quantization import quantize_model
 from ..store.names import UnknownAdapter, check_name
 from ..store.source import AdapterStore
 from .adapters import PreparedAdapter, prepare_adapter
@@ -76,7 +77,8 @@ class Server:
         self.jobs = JobStore(self.cotrain_state / "jobs.sqlite3")
         self.cotrainer = CoTrainer(self.jobs, model_name=s.model, store_root=self.store.root,
                                    state_dir=self.cotrain_state, budget=s.max_iteration_tokens,
-                                   training_share=s.training_share, max_jobs=s.max_training_jobs, metrics=self.metrics)
+                                   training_share=s.training_share, max_jobs=s.max_training_jobs, quantize=s.quantize,
+                                   metrics=self.metrics)
         self.cotrainer.recover()
 
     @property
@@ -101,6 +103,8 @@ class Server:
             else:
                 tokenizer, model = self._loaded or load_causal_lm(s.model)
                 model = model.to(device=s.device, dtype=DTYPES[s.dtype]).eval().requires_grad_(False)
+                if s.quantize:
+                    quantize_model(model, s.quantize).eval()
                 check_model(model)
                 self.tokenizer = tokenizer
                 self.context = getattr(model.config, "max_position_embeddings", None)

@@ -27,6 +27,7 @@ class ServeSettings:
     drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
     device: str = "cpu"  # where the model runs ("cuda", "cuda:1", ...)
     dtype: str = "fp32"  # fp32, bf16 or fp16
+    quantize: str | None = None  # int8, int4, nf4 or fp4: the base's linear layers quantized (models/quantization.py)
     fine_tuning: bool = True  # the fine-tuning API (/v1/files, /v1/fine_tuning/jobs) on a local store
     api_keys: str | None = None  # a file of `TENANT KEY` lines (KEY may be sha256:<hex>); --api-key is one tenant
     jobs_dir: str | None = None  # the fine-tuning API's state (default: a hidden folder in the store)

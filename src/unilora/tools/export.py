@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..core.finite import check_finite
 from ..core.layout import Layout
 from ..core.targeting import base_weights
 from ..engine.injection import check_targets_exist
-from ..models.adapter_base import base_model_name, base_model_of, is_finetuned_classifier, peft_task_type
+from ..models.adapter_base import base_model_of, exported_base, is_finetuned_classifier, peft_task_type
 from ..store.io import save_tensors, written_by_us
 from ..store.writing import write_output_dir
 from .inspection import rebuild_projection
@@ -121,17 +122,20 @@ def write_peft_dir(out_dir, tensors: dict, config: dict, head: dict, overwrite: 
 def export_peft_lora(adapter_dir, out_dir, rank: int | None = None, overwrite: bool = False,
                      base_model: str | None = None, model=None) -> list[str]:
     """Write `adapter_dir` as a plain PEFT LoRA folder, exact; `base_model` names the base in its
-    config (default: the name the adapter records). The SVD methods (LoRA-XS, TinyLoRA) rebuild their
+    config (default: the weights the adapter was trained on, models.adapter_base.exported_base). The SVD methods (LoRA-XS, TinyLoRA) rebuild their
     factors from the base model's weights: `model` (as `base_model_of` takes it), else the recorded one."""
     refuse_overlap(Path(adapter_dir), Path(out_dir))
     meta, tensors, projection = rebuild_projection(adapter_dir, lambda meta, layout: base_weights_of(meta, layout, model))
     lora, r_out, names = peft_lora_tensors(projection, rank, layer_prefix(meta))
     task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
     lora.update(in_file)
+    base_name, said = exported_base(meta, base_model)
+    if said:
+        note(said)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model or base_model_name(meta),
+        "base_model_name_or_path": base_name,
         "r": r_out,
         # PEFT scales by lora_alpha / r: keep the adapter's own scaling at the padded rank
         "lora_alpha": projection.config.scaling * r_out,

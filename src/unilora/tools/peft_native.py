@@ -18,12 +18,13 @@ from safetensors import safe_open
 
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
+from ..core.notes import note
 from ..core.finite import check_finite
 from ..core.layout import Layout
 from ..core.registry import PROJECTIONS
 from ..methods import build_projection
 from ..methods.peft_format import PEFT_PREFIX, PeftSource
-from ..models.adapter_base import PEFT_TASK_CLASSES, base_model_name, model_skeleton
+from ..models.adapter_base import PEFT_TASK_CLASSES, exported_base, model_skeleton
 from ..models.backbones import load_weights
 from ..store.adapter_file import adapter_metadata
 from ..store.io import write_adapter_dir
@@ -36,10 +37,12 @@ def peft_methods() -> dict[str, type]:
     return {cls.peft_type: cls for cls in PROJECTIONS.values() if cls.peft_type}
 
 
-def to_peft(adapter_dir, out_dir, overwrite: bool = False, model=None, save_projection: bool = True) -> list[str]:
+def to_peft(adapter_dir, out_dir, overwrite: bool = False, model=None, save_projection: bool = True,
+            base_name: str | None = None) -> list[str]:
     """Write our adapter as PEFT's own directory of the same method. A method built from the base
     weights (TinyLoRA) gets them from `model` (a module, or a name or path; default the recorded one);
-    `save_projection=False` leaves out what PEFT can redraw from the seed (TinyLoRA's P)."""
+    `save_projection=False` leaves out what PEFT can redraw from the seed (TinyLoRA's P); `base_name`
+    is the recorded `base_model_name_or_path` (default: the weights it was trained on)."""
     refuse_overlap(Path(adapter_dir), Path(out_dir))
     meta, tensors, projection = rebuild_projection(adapter_dir, lambda meta, layout: base_weights_of(meta, layout, model))
     method, cls = projection.config.method, type(projection)
@@ -58,10 +61,13 @@ def to_peft(adapter_dir, out_dir, overwrite: bool = False, model=None, save_proj
         state = projection.peft_state(names, save_projection)
     task_type, in_file, modules_to_save, head = peft_heads(meta, tensors)
     state.update(in_file)
+    recorded, said = exported_base(meta, base_name)
+    if said:
+        note(said)
     config = {
         "peft_type": cls.peft_type,
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name(meta),
+        "base_model_name_or_path": recorded,
         "r": projection.config.rank,
         "target_modules": peft_target_modules(projection.config, names),
         "fan_in_fan_out": bool(meta.get("fan_in_fan_out", False)),

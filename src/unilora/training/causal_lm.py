@@ -36,7 +36,9 @@ from ..data.tables import read_rows
 from ..engine.generation import generate
 from ..engine.model import AdaptedModel
 from ..models.adapter_base import peft_task_type
+from ..core.notes import note
 from ..models.backbones import load_causal_lm
+from ..models.quantization import check_quantization, quantization_note, quantize_model
 from ..store.io import read_adapter
 from .loop import Task, TrainSettings, distributed, fitted_max_length
 from .records import hf_options, note_changes, recorded_data
@@ -129,6 +131,8 @@ class CausalLMTask(Task):
 
     def build(self, model_name: str, settings: TrainSettings) -> torch.nn.Module:
         tokenizer, lm = load_causal_lm(model_name)
+        if settings.quantize:
+            quantize_model(lm, settings.quantize)
         self.prepare(tokenizer, lm, settings)
         return lm
 
@@ -194,8 +198,11 @@ class CausalLMTask(Task):
         return text + (f", {metric} {result[metric]:.4f}" if metric in result else "")
 
     def record(self) -> dict:
-        return {"max_length": self.max_length, "data": self.dataset.source, "kind": self.dataset.kind,
-                "metric": self.dataset.metric}
+        record = {"max_length": self.max_length, "data": self.dataset.source, "kind": self.dataset.kind,
+                  "metric": self.dataset.metric}
+        if self.settings.quantize:
+            record["quantize"] = self.settings.quantize
+        return record
 
 
 def lm_dataset_of(task: dict, adapter_dir) -> LMDataset:
@@ -207,21 +214,31 @@ def lm_dataset_of(task: dict, adapter_dir) -> LMDataset:
     return dataset
 
 
-def load_lm_adapter(adapter, model_name: str | None = None):
-    """(tokenizer, adapted model) of a read causal-LM adapter on its recorded base model."""
-    tokenizer, lm = load_causal_lm(model_name or adapter.task["model"])
+def load_lm_adapter(adapter, model_name: str | None = None, quantize: str | None = None):
+    """(tokenizer, adapted model) of a read causal-LM adapter on its recorded base model, quantized as
+    it was trained unless `quantize` says otherwise ("none": not quantized); a difference is noted."""
+    task = adapter.task or {}
+    tokenizer, lm = load_causal_lm(model_name or task.get("model") or adapter.meta["base_model"]["name_or_path"])
+    recorded = task.get("quantize")
+    used = recorded if quantize is None else check_quantization(quantize)
+    if used:
+        quantize_model(lm, used)
+    said = quantization_note(recorded, used)
+    if said:
+        note(said)
     return tokenizer, AdaptedModel.from_pretrained(lm, adapter)
 
 
 def evaluate_lm_adapter(adapter, dataset: LMDataset | None, model_name: str | None, batch_size: int,
-                        limits: tuple[int | None, int | None], max_new_tokens: int | None) -> dict:
+                        limits: tuple[int | None, int | None], max_new_tokens: int | None,
+                        quantize: str | None = None) -> dict:
     task = adapter.task
     if dataset is None:
         dataset = lm_dataset_of(task, adapter.path).limited(*limits, seed=0)
     if not isinstance(dataset, LMDataset):
         raise UniLoraError(f"'{adapter.path}' is a causal-LM adapter; evaluate it on text, prompt/completion "
                            "or chat data")
-    tokenizer, model = load_lm_adapter(adapter, model_name)
+    tokenizer, model = load_lm_adapter(adapter, model_name, quantize)
     max_length = fitted_max_length(task["max_length"], tokenizer, model)
     examples = encode_examples(tokenizer, dataset.kind, dataset.test, max_length, packing=True)
     if not examples:
@@ -253,7 +270,7 @@ def prompts_from_file(path: str | Path) -> list:
 
 
 def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge: bool = False,
-                          model_name: str | None = None, batch_size: int = 8) -> list[str]:
+                          model_name: str | None = None, batch_size: int = 8, quantize: str | None = None) -> list[str]:
     """Generations of a saved causal-LM adapter, on the base model it records (or `model_name`). A text
     prompt is sent as a user turn through the chat template when the adapter learned from chat data; a
     conversation always is. An adapter saved with save_pretrained records no data: its text prompts
@@ -265,7 +282,7 @@ def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge
     name = model_name or task.get("model") or (adapter.meta.get("base_model") or {}).get("name_or_path")
     if not name:
         raise UniLoraError(f"'{adapter_dir}' records no base model; pass --model NAME_OR_PATH")
-    tokenizer, model = load_lm_adapter(adapter, name)
+    tokenizer, model = load_lm_adapter(adapter, name, quantize)
     if merge:
         model.merge()
     chat = task.get("kind") == "chat"

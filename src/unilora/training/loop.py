@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import resource
+import sys
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ class TrainSettings:
     packing: bool = True  # causal LM, plain text: concatenate documents into full-length blocks
     max_new_tokens: int | None = None  # causal LM metric: tokens generated per answer (None: from the answers)
     group_by_length: bool | None = False  # batches of texts of similar length (batching.py); None: plan.plan_run
+    quantize: str | None = None  # causal LM: the base's linear layers quantized (models/quantization.py)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "eval_every"):
@@ -156,6 +159,42 @@ def fit_rates_to(model: AdaptedModel, settings: TrainSettings) -> str | None:
     settings.group_lrs, said = fitted_group_lrs(config.method, settings.group_lrs, model.projection.layout.D,
                                                 getattr(config, "theta_dim", None))
     return said
+
+
+SAY_TIME_FROM_S = 60.0  # a run expected to take longer says so after its first step
+LONG_RUN_S = 15 * 60.0  # ... and, past this, what shortens it
+
+
+def peak_memory_bytes() -> int:
+    """The process's peak resident memory (and the GPU's peak allocation, when one is used)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak += torch.cuda.max_memory_allocated()
+    return peak
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def time_expectation(first_step_s: float, total_steps: int, peak_bytes: int | None) -> str | None:
+    """After the first optimizer step: the run's expected training time and the memory it holds, when
+    the run is long enough to be worth saying; past LONG_RUN_S, what shortens it."""
+    expected = first_step_s * total_steps
+    if expected < SAY_TIME_FROM_S:
+        return None
+    text = (f"the first step took {first_step_s:.1f} s: about {_duration(expected)} for all {total_steps:,} steps "
+            "(evaluations not counted)")
+    if peak_bytes:
+        text += f"; peak memory so far {peak_bytes / 2**30:.1f} GiB"
+    if expected >= LONG_RUN_S:
+        text += (". To shorten it: --max-length (fewer tokens per example), --train-limit N (fewer examples) or "
+                 "fewer --epochs (in Python, gradient checkpointing lowers the memory, at some cost in time)")
+    return text
 
 
 class TrainingRun:
@@ -296,9 +335,14 @@ def train(model: torch.nn.Module, task: Task, settings: TrainSettings, param_gro
         for _ in bar:
             if run.epoch_over:
                 break
+            started = time.perf_counter()
             run.accumulate(run.step_indices())
             run.finish_step()
             bar.set_postfix(loss=f"{run.running:.4f}")
+            if run.steps_done == 1 and rank == 0:
+                said = time_expectation(time.perf_counter() - started, run.total_steps, peak_memory_bytes())
+                if said:
+                    note(said)
         run.end_epoch()
         if world > 1:
             dist.barrier()

@@ -133,6 +133,7 @@ class DataCounts:
     split_from: str | None = None  # the file the test rows were held out of (no --test-data given)
     block_tokens: int | None = None  # the block length, when rows are packed into blocks
     unscored: bool = False  # causal-LM answers with no metric: the test answers are not generated and scored
+    mean_tokens: float | None = None  # tokens of an average training example, once encoded
 
 
 def describe_plan(data: DataCounts, settings, chosen: dict[str, str], world: int = 1,
@@ -149,7 +150,8 @@ def describe_plan(data: DataCounts, settings, chosen: dict[str, str], world: int
         parts.append(f"{data.test_rows:,} test {data.unit}")
     steps = settings.epochs * math.ceil(math.ceil(data.train_examples / world) / settings.batch_size)
     parts.append(f"batch size {settings.batch_size}" + (f" per process x {world}" if world > 1 else "")
-                 + f", {settings.epochs} epoch{'s' * (settings.epochs != 1)} = {steps:,} optimizer step{'s' * (steps != 1)}")
+                 + f", {settings.epochs} epoch{'s' * (settings.epochs != 1)} = {steps:,} optimizer step{'s' * (steps != 1)}"
+                 + (f" of about {settings.batch_size * data.mean_tokens:,.0f} tokens each" if data.mean_tokens else ""))
     rates = ", ".join(f"{name} {rate:.3g}" for name, rate in sorted((settings.group_lrs or {}).items()))
     parts.append(f"learning rate {settings.lr:.3g}" + (f" ({rates})" if rates else ""))
     if data.unscored:

@@ -29,6 +29,7 @@ from ..engine.model import AdaptedModel, get_model
 from ..methods import recipe_config
 from ..models.backbones import EMBEDDED_MODEL, is_causal_lm, is_embedded
 from ..models.embedded_llm import EMBEDDED_LLM
+from ..models.quantization import check_quantization
 from ..store.io import AdapterFile, is_adapter_dir
 from ..store.validation import read_json_object
 from ..store.writing import check_writable, write_json_atomic, write_output_dir
@@ -119,12 +120,20 @@ def data_counts(data, task: Task) -> DataCounts:
     source = data.source or {}
     held_out = not source.get("test_data") and not source.get("test_split")  # no test file, no test split of its own
     split_from = (Path(source["data"]).name if source.get("data") else data.name) if held_out else None
+    n = task.train_size()
+    sample = range(0, n, max(1, n // 1000))  # a streamed set is counted, not read: its lengths are max_length
+    mean_tokens = sum(task.train_length(i) for i in sample) / max(1, len(sample)) if n and task_lengths_known(task) \
+        else None
     if isinstance(data, LMDataset):
         unit = "documents" if data.kind == "text" else "examples"
         unscored = data.kind != "text" and not data.metric
-        return DataCounts(len(data.train), len(data.test), task.train_size(), unit, split_from, task.max_length,
-                          unscored)
-    return DataCounts(len(data.train_texts), len(data.test_texts), task.train_size(), "texts", split_from)
+        return DataCounts(len(data.train), len(data.test), n, unit, split_from, task.max_length, unscored, mean_tokens)
+    return DataCounts(len(data.train_texts), len(data.test_texts), n, "texts", split_from, mean_tokens=mean_tokens)
+
+
+def task_lengths_known(task: Task) -> bool:
+    """Whether the task's training examples are encoded up front (a streamed set's are not)."""
+    return getattr(task, "stream", None) is None
 
 
 def task_for(data) -> Task:
@@ -134,12 +143,14 @@ def task_for(data) -> Task:
 
 def evaluate_adapter(adapter: str | Path | AdapterFile, data=None, model_name: str | None = None,
                      batch_size: int = 128, limits: tuple[int | None, int | None] = (None, None),
-                     max_new_tokens: int | None = None) -> dict:
+                     max_new_tokens: int | None = None, quantize: str | None = None) -> dict:
     """Scores of a saved adapter on `data`'s test split; without data, on the data it was trained on
     (cut to `limits` = (train, test) sizes)."""
     adapter, task = read_task_adapter(adapter)
     if task_kind(task) == "causal-lm":
-        return evaluate_lm_adapter(adapter, data, model_name, batch_size, limits, max_new_tokens)
+        return evaluate_lm_adapter(adapter, data, model_name, batch_size, limits, max_new_tokens, quantize)
+    if quantize not in (None, "none"):
+        raise UniLoraError("--quantize is for causal-LM adapters; this one is a classifier's")
     return evaluate_classifier(adapter, data, model_name, batch_size, limits)
 
 
@@ -196,12 +207,16 @@ def run_finetune(data: DataSpec | None = None, *, task: str | None = None, model
     sets every adapter group's rate, `head_lr` the classifier head's, `group_lrs` single groups (the
     rest are the recipe's, Uni-LoRA's θ rate fitted to the model unless set); `schedule`:
     TrainSettings fields (epochs, batch_size, warmup_ratio, max_grad_norm, eval_every, packing,
-    max_new_tokens, group_by_length, progress), those left out chosen from the run (plan.py)."""
+    max_new_tokens, group_by_length, progress, quantize), those left out chosen from the run (plan.py)."""
     data = data or DataSpec()
     out = Path(out or f"runs/{method}-{data.name}-seed{seed}")
     check_writable(out, RUN_FILES, overwrite, "run")  # before any data is read or model loaded
     task, spec, model = resolve_task(task, data.data, model, data.text_column, data)
     classify = task == "seq-cls"
+    if classify and schedule.get("quantize"):
+        raise UniLoraError("--quantize is for causal LMs (QLoRA's setup); a classifier's encoder trains on its "
+                           "weights as they are")
+    schedule["quantize"] = check_quantization(schedule.get("quantize"))
     rates, fit_rates = finetune_group_lrs(method, classify, lr, head_lr, group_lrs)
     config = recipe_config(method, targets, modules_to_save=["classifier"] if classify else [], run_seed=seed,
                            tuned_model=is_embedded(model), **(adapter or {}))
@@ -217,7 +232,7 @@ def run_finetune(data: DataSpec | None = None, *, task: str | None = None, model
 
 
 def run_evaluate(adapter: str | Path | AdapterFile, data: DataSpec | None = None, model: str | None = None,
-                 max_new_tokens: int | None = None) -> dict:
+                 max_new_tokens: int | None = None, quantize: str | None = None) -> dict:
     """`unilora evaluate`: a saved adapter's scores on `data` (by default the data it records, cut to
     the spec's limits); notes about the run (labels matched by name) under "notes"."""
     data = data or DataSpec()
@@ -229,4 +244,4 @@ def run_evaluate(adapter: str | Path | AdapterFile, data: DataSpec | None = None
     if dataset is None and data.metric:
         raise UniLoraError("--metric goes with --data; without --data the recorded data's metric is used")
     return evaluate_adapter(adapter, dataset, model, limits=(data.train_limit, data.test_limit),
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, quantize=quantize)

@@ -1,0 +1,145 @@
+"""Every method on a quantized base (QLoRA's setup): torchao int8 and int4 weight-only, bitsandbytes
+nf4 where it is installed. The adapter trains beside the quantized matmul, merges into a dense copy
+of each layer, unmerges to the quantized weights bit for bit, saves and loads to the same outputs,
+mixes rows of several adapters, and exports to a PEFT LoRA that PEFT runs on the same base."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import unilora
+from unilora.cli import main
+from unilora.core.targeting import is_quantized
+from unilora.models.quantization import quantization_of, quantize_model
+
+METHODS = ["lora", "unilora", "vblora", "vera", "tied_lora", "fastfood", "lora_xs", "tinylora"]
+OPTIONS = dict(theta_dim=300, num_vectors=12, vector_length=16, topk=2)
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+KINDS = ["int8", "int4"] + (["nf4"] if importlib.util.find_spec("bitsandbytes") else [])
+
+pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
+
+
+def tiny_base(kind: str | None) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = LlamaForCausalLM(config).eval()
+    return quantize_model(base, kind) if kind else base
+
+
+def randomized(model, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def test_bitsandbytes_is_tested_where_it_is_installed():
+    if "nf4" not in KINDS:
+        pytest.skip("bitsandbytes is not installed here (125 MB installed, so the CI install leaves it out; "
+                    "pip install \"unilora[quant]\" adds it)")
+    assert quantization_of(tiny_base("nf4")) == "nf4"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_merges_and_reloads_on_a_quantized_base(kind, method, tmp_path):
+    base = tiny_base(kind)
+    assert quantization_of(base) == kind
+    model = randomized(unilora.get_model(base, unilora.AdapterConfig(method=method, target_modules=TARGETS, rank=4,
+                                                                     **OPTIONS)), 0)
+    layer = base.model.layers[0].self_attn.q_proj
+    assert is_quantized(layer.base_layer.weight)  # the quantized matmul stays; the adapter is beside it
+
+    model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    model.zero_grad()
+    model.eval()
+
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+        quantized = layer.base_layer.weight
+        model.merge()
+        assert not is_quantized(layer.base_layer.weight)  # a dense copy holds W + ΔW
+        merged = model(input_ids=IDS).logits
+        model.unmerge()
+        assert layer.base_layer.weight is quantized  # the very quantized tensor is back
+        again = model(input_ids=IDS).logits
+    # bitsandbytes' CPU kernel repacks its weights on the first forward in eval mode (its own rounding)
+    assert (merged - unmerged).abs().max() < (5e-3 if kind == "nf4" else 1e-4)
+    assert torch.equal(again, unmerged)
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = unilora.from_pretrained(tiny_base(kind), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, unmerged)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_mixed_rows_on_a_quantized_base_equal_each_adapter_alone(kind):
+    base = tiny_base(kind)
+    model = unilora.get_model(base, unilora.AdapterConfig(method="unilora", target_modules=TARGETS, rank=4,
+                                                          **OPTIONS), adapter_name="a")
+    model.add_adapter("b", unilora.AdapterConfig(method="vblora", target_modules=TARGETS, rank=4, **OPTIONS))
+    model.add_adapter("c", unilora.AdapterConfig(method="lora_xs", target_modules=TARGETS, rank=4))
+    for name in ("a", "b", "c"):
+        model.set_adapter(name)
+        randomized(model, ord(name))
+    model.eval()
+    with torch.no_grad():
+        rows = model(input_ids=IDS.repeat(2, 1)[:3], adapter_names=["a", "b", "c"]).logits
+        for i, name in enumerate(("a", "b", "c")):
+            model.set_adapter(name)
+            alone = model(input_ids=IDS.repeat(2, 1)[i : i + 1]).logits
+            assert (rows[i] - alone[0]).abs().max() < 1e-5, name
+
+
+def test_export_runs_in_peft_on_the_same_torchao_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = randomized(unilora.get_model(tiny_base("int8"), unilora.AdapterConfig(
+        method="unilora", target_modules=TARGETS, rank=4, theta_dim=300)), 3).eval()
+    with torch.no_grad():
+        ours = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "lora")]) == 0
+    theirs_model = peft.PeftModel.from_pretrained(tiny_base("int8"), tmp_path / "lora").eval()
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=IDS).logits
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_the_command_line_trains_on_a_quantized_base_and_says_when_it_runs_on_another(tmp_path, capsys):
+    from serving import smollm2_tokenizer, write_tiny_llama
+
+    llama = write_tiny_llama(tmp_path / "llama", smollm2_tokenizer())
+    rows = [{"messages": [{"role": "user", "content": f"Is {i} even?"}, {"role": "assistant", "content": "yes"}]}
+            for i in range(20)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(llama), "--data", str(data), "--method", "unilora", "--theta-dim", "300",
+                 "--epochs", "1", "--no-progress", "--quantize", "int8", "--out", str(out)]) == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task"]["quantize"] == "int8"
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "adapter")]) == 0  # on int8 again, as recorded: no note
+    assert "note:" not in capsys.readouterr().err
+    assert main(["evaluate", str(out / "adapter"), "--quantize", "none"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "note: the adapter was trained on a base quantized as int8; it runs here on one not quantized (the same "
+        "adapter numbers, other base weights: expect slightly different outputs)")
+    assert main(["finetune", "--data", str(tmp_path / "x.csv"), "--task", "seq-cls", "--quantize", "int8",
+                 "--out", str(tmp_path / "cls")]) == 2
