@@ -162,6 +162,34 @@ def test_the_http_port_listens_where_host_says(cluster):
     assert on_port and all(address.startswith(LOOPBACK) for address in on_port), found
 
 
+def test_a_job_trained_through_the_router_is_served_by_every_replica(cluster, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": f"Is {i} even?"}, {"role": "assistant", "content": "yes"}]}
+            for i in range(12)]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    upload = httpx.post(cluster.url + "/v1/files", headers=HEADERS, timeout=60, data={"purpose": "fine-tune"},
+                        files={"file": ("train.jsonl", body)})
+    assert upload.status_code == 200, upload.text
+    created = httpx.post(cluster.url + "/v1/fine_tuning/jobs", headers=HEADERS, timeout=60, json={
+        "model": str(cluster.model_dir), "training_file": upload.json()["id"], "seed": 0,
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4}, "adapter": {"theta_dim": 300}})
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + 180
+    while (job := httpx.get(f"{cluster.url}/v1/fine_tuning/jobs/{job_id}", headers=HEADERS,
+                            timeout=30).json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, job["status"]
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job["error"]
+    ids = tokenizer("Hello there")["input_ids"]
+    expected = tokenizer.decode(isolated_greedy(cluster.model_dir, cluster.store / job_id, ids, 6),
+                                skip_special_tokens=True)
+    for _ in range(4):  # whichever serving replica answers, it reads the job store for the ft: name
+        response = complete(cluster, job["fine_tuned_model"])
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected
+    assert complete(cluster, job_id).status_code == 404  # the store folder's own name is not a model
+
+
 def test_sigterm_shuts_the_cluster_down(cluster):
     assert cluster.signal(signal.SIGTERM) == 0
     with pytest.raises(httpx.HTTPError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import pytest
 import torch
@@ -143,3 +144,71 @@ def test_the_command_line_trains_on_a_quantized_base_and_says_when_it_runs_on_an
         "adapter numbers, other base weights: expect slightly different outputs)")
     assert main(["finetune", "--data", str(tmp_path / "x.csv"), "--task", "seq-cls", "--quantize", "int8",
                  "--out", str(tmp_path / "cls")]) == 2
+
+
+@pytest.mark.parametrize("method", ["unilora", "lora_xs"])
+def test_gradient_checkpointing_both_modes_on_an_int8_base_equals_none(method):
+    def grads(reentrant):
+        model = randomized(unilora.get_model(tiny_base("int8"), unilora.AdapterConfig(
+            method=method, target_modules=TARGETS, rank=4, **OPTIONS)), 5)
+        if reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference = grads(None)
+    for reentrant in (True, False):
+        found = grads(reentrant)
+        assert found.keys() == reference.keys()
+        for name in reference:
+            assert torch.allclose(found[name], reference[name], rtol=1e-5, atol=1e-6), (reentrant, name)
+
+
+def test_trainer_with_default_arguments_on_an_int8_base(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from transformers import TrainingArguments
+
+    model = unilora.get_model(tiny_base("int8"), unilora.AdapterConfig(method="unilora", target_modules=TARGETS,
+                                                                       rank=4, theta_dim=300))
+    start = model.projection.theta_d.detach().clone()
+    rows = [{"input_ids": IDS[i % 2].tolist(), "labels": IDS[i % 2].tolist()} for i in range(8)]
+    trainer = unilora.Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2,
+                                                                  per_device_train_batch_size=4, report_to=[]),
+                              train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    assert not torch.equal(model.projection.theta_d, start)
+    trainer.save_model(str(tmp_path / "final"))
+    model.eval()
+    loaded = unilora.from_pretrained(tiny_base("int8"), tmp_path / "final")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_serve_on_an_int8_base_answers_as_the_adapter_alone_on_it(tmp_path):
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    from serving import smollm2_tokenizer, write_adapter, write_tiny_llama
+    from unilora.serve.app import create_app
+    from unilora.serve.settings import ServeSettings
+
+    tokenizer = smollm2_tokenizer()
+    llama = write_tiny_llama(tmp_path / "llama", tokenizer)
+    store = tmp_path / "store"
+    store.mkdir()
+    write_adapter(llama, store / "a", "unilora", seed=1)
+    with TestClient(create_app(ServeSettings(adapters=str(store), model=str(llama), quantize="int8"))) as client:
+        for _ in range(600):  # up to a minute for the model to load
+            if client.get("/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        text = client.post("/v1/completions", json={"model": "a", "prompt": "Tell me about rain", "max_tokens": 6,
+                                                    "temperature": 0}).json()["choices"][0]["text"]
+    base = quantize_model(LlamaForCausalLM.from_pretrained(llama).eval(), "int8")
+    model = unilora.from_pretrained(base, store / "a").eval()
+    ids = tokenizer("Tell me about rain")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, pad_token_id=0)
+    assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)

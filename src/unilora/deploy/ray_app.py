@@ -33,6 +33,7 @@ from ..serve.settings import ServeSettings
 from ..store.names import is_adapter_name
 
 REPLICA_HEADER = "x-unilora-replica"
+FINE_TUNING_PATHS = ("v1/files", "v1/fine_tuning")  # the router's paths have no leading slash
 
 
 async def asgi_call(app, method: str, path: str, headers: list, body: bytes):
@@ -99,8 +100,7 @@ class AdapterReplica:
     def __init__(self, settings: dict, threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
-        # each replica would train the queued jobs of one shared job store: the API stays with one process
-        self.app = create_app(ServeSettings(**{**settings, "fine_tuning": False}))
+        self.app = create_app(ServeSettings(**settings))
         self.server = self.app.state.server
         self.server.load()  # here, not on a thread: Ray marks the replica ready when __init__ returns
         if self.server.load_error is not None:
@@ -135,19 +135,26 @@ ingress = FastAPI(title="unilora serve (Ray)", docs_url=None, redoc_url=None, op
 @serve.deployment
 @serve.ingress(ingress)
 class Router:
-    def __init__(self, replicas, settings: dict):
+    def __init__(self, replicas, settings: dict, trainer=None):
         self.replicas = replicas
+        self.trainer = trainer  # the one replica that answers the fine-tuning API and trains its jobs
         self.settings = ServeSettings(**settings)
 
     # every method: the replica's app answers those it does not serve (405) in OpenAI's error shape
     @ingress.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
     async def forward(self, request: Request, path: str):
+        fine_tuning = self.trainer is not None and path.startswith(FINE_TUNING_PATHS)
+        # an upload may hold a training file (the trainer's app checks it against --max-file-mb again)
+        limit = (self.settings.max_file_mb << 20) + (64 << 10) if fine_tuning else self.settings.max_body_bytes
         try:
-            body = await read_body(request, self.settings.max_body_bytes)
+            body = await read_body(request, limit)
         except RequestError as err:
             return error_response(err.status, err.message)
         name = adapter_name(body, self.settings)
-        handle = self.replicas.options(stream=True, multiplexed_model_id=name)
+        if fine_tuning:
+            handle = self.trainer.options(stream=True)
+        else:
+            handle = self.replicas.options(stream=True, multiplexed_model_id=name)
         query = f"?{request.url.query}" if request.url.query else ""
         stream = handle.remote(request.method, "/" + path + query, list(request.headers.items()), body)
         try:
@@ -166,8 +173,16 @@ def application(settings: ServeSettings, replicas: int):
     # replicas), and the router only moves bytes; reservations would leave a 2-core machine unable
     # to place the router beside two replicas
     threads = max(1, (os.cpu_count() or 1) // replicas)
+    # serving replicas read the job store (fine-tuned models by their ft: names); one more replica,
+    # alone, answers the fine-tuning API and trains the jobs between its decoding turns, so no two
+    # processes ever train the same queued job
+    serving = {**plain, "fine_tuning": False}
     replica = AdapterReplica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
-    return Router.options(ray_actor_options={"num_cpus": 0}).bind(replica.bind(plain, threads), plain)
+    trainer = None
+    if settings.fine_tuning:
+        trainer = AdapterReplica.options(name="FineTuningReplica", num_replicas=1,
+                                         ray_actor_options={"num_cpus": 0}).bind(plain, threads)
+    return Router.options(ray_actor_options={"num_cpus": 0}).bind(replica.bind(serving, threads), plain, trainer)
 
 
 def build(args: dict):
@@ -179,7 +194,13 @@ def build(args: dict):
     if unknown:
         raise UniLoraError(f"unknown settings {unknown}; known: {sorted(known)}")
     defaults = ServeSettings(adapters="")
-    typed = {k: type(getattr(defaults, k))(v) if getattr(defaults, k) is not None else v for k, v in given.items()}
+    def typed_value(name: str, value):
+        default = getattr(defaults, name)
+        if isinstance(default, bool) and isinstance(value, str):  # bool("false") would be True
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        return type(default)(value) if default is not None else value
+
+    typed = {k: typed_value(k, v) for k, v in given.items()}
     return application(ServeSettings(**typed), int(args.get("replicas", 1)))
 
 

@@ -48,7 +48,7 @@ def _page_limit(request: Request) -> int:
 
 
 def _jobs_of(server: Server):
-    if server.jobs is None:
+    if server.cotrainer is None:
         raise RequestError(404, server.jobs_off or "fine-tuning is not available on this server")
     return server.jobs
 

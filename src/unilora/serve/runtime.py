@@ -62,11 +62,10 @@ class Server:
         self._open_jobs()
 
     def _open_jobs(self) -> None:
-        """The fine-tuning API: on a causal LM whose store is a local folder (jobs write into it)."""
+        """The fine-tuning API: on a causal LM whose store is a local folder (jobs write into it). A
+        server with `fine_tuning` off (a Ray replica beside the one that trains) still reads the job
+        store, to serve the fine-tuned models by their `ft:` names."""
         s = self.settings
-        if not s.fine_tuning:
-            self.jobs_off = "fine-tuning runs on a server without --ray (one process trains each job)"
-            return
         if s.task != "causal-lm":
             self.jobs_off = "fine-tuning trains causal-LM adapters; this server serves classifiers"
             return
@@ -75,6 +74,9 @@ class Server:
             return
         self.cotrain_state = Path(s.jobs_dir).resolve() if s.jobs_dir else self.store.root / JOBS_FOLDER
         self.jobs = JobStore(self.cotrain_state / "jobs.sqlite3")
+        if not s.fine_tuning:
+            self.jobs_off = "this replica serves; the fine-tuning API is answered by the one that trains"
+            return
         self.cotrainer = CoTrainer(self.jobs, model_name=s.model, store_root=self.store.root,
                                    state_dir=self.cotrain_state, budget=s.max_iteration_tokens,
                                    training_share=s.training_share, max_jobs=s.max_training_jobs, quantize=s.quantize,

@@ -1,0 +1,140 @@
+"""Quantized bases on SmolLM2-135M-Instruct (CPU, fp32 compute), side by side in one run:
+
+(a) base memory: bytes of the weights as saved (`torch.save` of the state dict) and the RSS of a
+    process that loaded and quantized the model, for fp32, bf16, int8, int4 and nf4;
+(b) serving: `unilora serve --quantize KIND`, N streaming clients on N Uni-LoRA adapters for a fixed
+    window: decode tokens/s and p95 inter-token latency, per base;
+(c) a training step (batch 4 x 128 tokens, forward and backward, Uni-LoRA on all linear layers, and
+    PEFT's LoRA r=4 on the same torchao base): median step time and the process's peak RSS.
+
+Each figure comes from its own process (memory is per process), one after the other.
+
+    python benchmarks/quantized.py                       # about 10 minutes on 2 cores
+    python benchmarks/quantized.py --clients 4 --seconds 10 --kinds fp32,int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from coserve import stream_load  # noqa: E402  (the benchmarks' streaming clients)
+from serve import Process, write_adapters  # noqa: E402
+
+import torch  # noqa: E402
+
+from unilora.models.backbones import load_causal_lm  # noqa: E402
+from unilora.models.embedded_llm import EMBEDDED_LLM  # noqa: E402
+from unilora.models.quantization import quantize_model  # noqa: E402
+
+
+def loaded(kind: str):
+    tokenizer, model = load_causal_lm(EMBEDDED_LLM)
+    if kind == "bf16":
+        model = model.to(torch.bfloat16)
+    elif kind != "fp32":
+        quantize_model(model, kind)
+    return tokenizer, model.eval()
+
+
+def memory(kind: str) -> dict:
+    """In this (child) process: the weights' bytes and the RSS after loading."""
+    _, model = loaded(kind)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    with open("/proc/self/status") as f:
+        rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+    return {"weights_mb": round(buffer.tell() / 2**20, 1), "rss_mb": round(rss, 1)}
+
+
+def train_step(kind: str, library: str, steps: int = 6) -> dict:
+    """In this (child) process: median step time and peak RSS, batch 4 x 128 tokens."""
+    import unilora
+
+    _, model = loaded(kind)
+    if library == "ours":
+        model = unilora.get_model(model, unilora.AdapterConfig(method="unilora", target_modules="all-linear", rank=4))
+    else:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 49000, (4, 128), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": round(statistics.median(times[1:]), 3), "peak_rss_mb": round(peak, 1)}
+
+
+def child(what: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", what, *args], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="fp32,bf16,int8,int4,nf4")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rows", default="a,b,c")
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-quantized.json")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        what, *rest = args.child
+        print(json.dumps(memory(*rest) if what == "memory" else train_step(*rest)))
+        return
+    kinds = args.kinds.split(",")
+    record = {"clients": args.clients, "window_s": args.seconds, "max_tokens": args.max_tokens, "torch": torch.__version__}
+    if "a" in args.rows:
+        record["a_memory"] = {kind: child("memory", kind) for kind in kinds}
+        print(json.dumps(record["a_memory"]), flush=True)
+    if "b" in args.rows:
+        work = Path(tempfile.mkdtemp(prefix="quantized-"))
+        store = work / "store"
+        store.mkdir()
+        names = [p.name for p in write_adapters(store, args.clients, 23040)]
+        record["b_serving"] = {}
+        for i, kind in enumerate(k for k in kinds if k != "bf16"):
+            port = 8330 + i
+            command = [sys.executable, "-m", "unilora", "serve", "--adapters", str(store), "--port", str(port)]
+            if kind != "fp32":
+                command += ["--quantize", kind]
+            server = Process(command, f"http://127.0.0.1:{port}", work / f"{kind}.log").wait()
+            try:
+                asyncio.run(stream_load(server.url, names, 5, 4))  # attach every adapter first
+                record["b_serving"][kind] = asyncio.run(stream_load(server.url, names, args.seconds, args.max_tokens))
+            finally:
+                server.stop()
+            print(kind, json.dumps(record["b_serving"][kind]), flush=True)
+    if "c" in args.rows:
+        record["c_train_step"] = {f"{library}:{kind}": child("train", kind, library)
+                                  for kind in ("fp32", "int8") for library in ("ours", "peft")}
+        print(json.dumps(record["c_train_step"]), flush=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
