@@ -5,8 +5,12 @@ own adapter, with and without fine-tuning jobs trained inside the server.
     p95 inter-token latency (ITL), the server's peak RSS;
 (b) the same load while 2 jobs train in the server: the same figures, and the jobs' training
     tokens/s (trained tokens, from the server's `unilora_training_tokens` / 3);
+(c) what a user builds today: the same load on a server while 2 `unilora finetune` processes (one
+    epoch each) train beside it, until both end: the streams' figures and the two runs' tokens/s;
 (d) the same 2 jobs on the idle server (the load ended): training tokens/s; and `unilora finetune`
-    alone on the same file (one epoch): its tokens/s (the file's tokens over its train_seconds).
+    alone on the same file (one epoch): its tokens/s (the file's tokens over its train_seconds);
+(f) on an idle server: a 16-row job created to succeeded, then the first streamed token of the new
+    model (the time after the job succeeded).
 
 Each server runs in its own process, one after the other; (b) and (d) share a server. Writes a JSON
 record with every figure; docs/benchmarks.md quotes it.
@@ -52,15 +56,16 @@ def training_rows(n: int) -> list[dict]:
     return rows
 
 
-async def stream_load(url: str, models: list[str], seconds: float, max_tokens: int) -> dict:
-    """Client i streams completions for models[i], one after another, until the window ends."""
+async def stream_load(url: str, models: list[str], seconds: float, max_tokens: int, until=None) -> dict:
+    """Client i streams completions for models[i], one after another, until the window ends (or,
+    with `until`, until it returns True, at most `seconds`)."""
     gaps, tokens = [], 0
     deadline = time.perf_counter() + seconds
 
     async def client(i: int, session: httpx.AsyncClient) -> None:
         nonlocal tokens
         j = 0
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and not (until is not None and until()):
             prompt = f"Write a short note about {TOPICS[(i + j) % len(TOPICS)]} for reader {i}."
             j += 1
             last = None
@@ -117,6 +122,13 @@ def trained_per_s(url: str, window: float, during=None) -> tuple[float, object]:
     return (metric(url, "unilora_training_tokens_total") - before) / 3 / elapsed, result
 
 
+def file_tokens(train: Path) -> int:
+    """The training tokens of one epoch over the file, as finetune encodes it."""
+    tokenizer, _ = load_causal_lm(EMBEDDED_LLM)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    return sum(len(e.input_ids) for e in encode_examples(tokenizer, "chat", rows, 256, True))
+
+
 def finetune_alone(work: Path, train: Path) -> float:
     """`unilora finetune` on the file, one epoch: the file's training tokens over its train_seconds."""
     out = work / "finetune"
@@ -124,10 +136,7 @@ def finetune_alone(work: Path, train: Path) -> float:
                     "--test-data", str(train), "--epochs", "1", "--batch-size", "8", "--out", str(out)],
                    check=True, capture_output=True)
     metrics = json.loads((out / "metrics.json").read_text())
-    tokenizer, _ = load_causal_lm(EMBEDDED_LLM)
-    rows = [json.loads(line) for line in train.read_text().splitlines()]
-    tokens = sum(len(e.input_ids) for e in encode_examples(tokenizer, "chat", rows, 256, True))
-    return tokens / metrics["history"][-1]["train_seconds"]
+    return file_tokens(train) / metrics["history"][-1]["train_seconds"]
 
 
 def main() -> None:
@@ -179,6 +188,50 @@ def main() -> None:
     finally:
         busy.stop()
     record["d_finetune_alone"] = {"training_tokens_per_s": round(finetune_alone(work, train), 1)}
+
+    beside = server("beside", 8322)
+    try:
+        asyncio.run(stream_load(beside.url, names, 5, 4))
+        runs = [subprocess.Popen([sys.executable, "-m", "unilora", "finetune", "--task", "causal-lm", "--data", str(train),
+                                  "--test-data", str(train), "--epochs", "1", "--batch-size", "8", "--seed", str(i),
+                                  "--no-progress", "--out", str(work / f"beside-{i}")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        load = asyncio.run(stream_load(beside.url, names, 20 * args.seconds, args.max_tokens,
+                                       until=lambda: all(r.poll() is not None for r in runs)))
+        for run in runs:
+            run.wait()
+        tokens = file_tokens(train)
+        rates = [tokens / json.loads((work / f"beside-{i}" / "metrics.json").read_text())["history"][-1]["train_seconds"]
+                 for i in range(2)]
+        record["c_serving_beside_2_finetunes"] = {**load, "training_tokens_per_s": round(sum(rates), 1),
+                                                  "peak_rss_mb_server": round(peak_rss_mb(beside), 1)}
+        print(json.dumps(record["c_serving_beside_2_finetunes"]), flush=True)
+    finally:
+        beside.stop()
+
+    idle = server("first-token", 8323)
+    try:
+        small = work / "small.jsonl"
+        small.write_text("\n".join(json.dumps(r) for r in training_rows(16)) + "\n")
+        created = time.perf_counter()
+        job = start_jobs(idle.url, small, 1, epochs=1)[0]
+        while (status := httpx.get(f"{idle.url}/v1/fine_tuning/jobs/{job}").json())["status"] != "succeeded":
+            if status["status"] in ("failed", "cancelled"):
+                raise RuntimeError(status["error"])
+            time.sleep(0.02)
+        succeeded = time.perf_counter()
+        with httpx.stream("POST", idle.url + "/v1/chat/completions", timeout=120, json={
+                "model": status["fine_tuned_model"], "messages": [{"role": "user", "content": "Say one word."}],
+                "max_tokens": 2, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:") and '"content"' in line:
+                    break
+        first = time.perf_counter()
+        record["f_upload_to_first_token"] = {"job_seconds": round(succeeded - created, 2),
+                                             "succeeded_to_first_token_s": round(first - succeeded, 3)}
+        print(json.dumps(record["f_upload_to_first_token"]), flush=True)
+    finally:
+        idle.stop()
     a, b = record["a_serving_alone"], record["b_serving_with_2_jobs"]
     record["ratios"] = {"b_over_a_tokens_per_s": round(b["tokens_per_s"] / a["tokens_per_s"], 3),
                         "b_over_a_itl_p95": round(b["itl_p95_s"] / a["itl_p95_s"], 3),
@@ -187,6 +240,9 @@ def main() -> None:
                         "idle_jobs_over_finetune": round(record["d_jobs_on_idle_server"]["training_tokens_per_s"]
                                                          / record["d_finetune_alone"]["training_tokens_per_s"], 3),
                         "b_over_a_peak_rss": round(b["peak_rss_mb"] / a["peak_rss_mb"], 3)}
+    c = record["c_serving_beside_2_finetunes"]
+    record["ratios"].update({"b_over_c_itl_p95": round(b["itl_p95_s"] / c["itl_p95_s"], 3),
+                             "b_over_c_training": round(b["training_tokens_per_s"] / c["training_tokens_per_s"], 3)})
     print(json.dumps(record, indent=1))
     args.out.write_text(json.dumps(record, indent=1) + "\n")
 

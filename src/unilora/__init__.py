@@ -10,6 +10,7 @@ from .core.errors import LayoutMismatchError, UniLoraError
 from .core.registry import method_names
 from .engine.distributed import fully_shard_adapted
 from .engine.model import AdaptedModel, get_model
+from .models.quantization import quantize_model
 
 from_pretrained = AdaptedModel.from_pretrained
 
@@ -38,4 +39,5 @@ __all__ = [
     "from_pretrained",
     "fully_shard_adapted",
     "get_model",
+    "quantize_model",
 ]

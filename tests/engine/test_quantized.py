@@ -212,3 +212,15 @@ def test_serve_on_an_int8_base_answers_as_the_adapter_alone_on_it(tmp_path):
         out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False, temperature=None,
                              top_p=None, top_k=None, pad_token_id=0)
     assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_fsdp2_refuses_a_quantized_base_in_one_line():
+    from unilora.engine.distributed import fully_shard_adapted
+
+    model = unilora.get_model(tiny_base("int8"), unilora.AdapterConfig(method="unilora", target_modules=TARGETS,
+                                                                       rank=4, theta_dim=300))
+    with pytest.raises(unilora.UniLoraError) as refused:
+        fully_shard_adapted(model)
+    assert str(refused.value) == ("FSDP2 cannot shard a quantized base ('model.layers.0.self_attn.q_proj.base_layer"
+                                  ".weight' is Int8Tensor); train on a quantized base in one process, or shard the "
+                                  "unquantized model")

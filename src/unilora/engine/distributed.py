@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.errors import UniLoraError
+from ..core.targeting import is_quantized
 from .model import AdaptedModel
 
 
@@ -34,6 +35,12 @@ def fully_shard_adapted(model: AdaptedModel, block_classes: tuple[type, ...] | N
 
     if not isinstance(model, AdaptedModel):
         raise UniLoraError("fully_shard_adapted expects the model returned by unilora.get_model")
+    quantized = next(((n, p) for n, p in model.get_base_model().named_parameters() if is_quantized(p)), None)
+    if quantized is not None:
+        # seen with torchao 0.18: sharding splits every parameter, and Int8Tensor has no aten.split
+        name, weight = quantized
+        raise UniLoraError(f"FSDP2 cannot shard a quantized base ('{name}' is {type(weight).__name__}); train on a "
+                           "quantized base in one process, or shard the unquantized model")
     blocks = transformer_blocks(model, block_classes)
     if not blocks:
         raise UniLoraError("no transformer block found to shard; pass block_classes")
