@@ -6,6 +6,7 @@ batches and schedule, at the CLI's default rates (PEFT's at ours for the same me
 
     python scripts/generative_results.py                 # every run missing from OUT, then the table
     python scripts/generative_results.py --table-only    # the table from OUT
+    python scripts/generative_results.py --quantize int8 --tasks bbc_headlines --methods lora,vblora,unilora
 
 One JSON per run goes to OUT (docs/results-generative/); runs already there are skipped, so an
 interrupted sweep resumes. The table (medians over seeds, with min-max) goes to stdout.
@@ -82,10 +83,12 @@ def adapt(method: str, lm: torch.nn.Module, seed: int, lr_factor: float = 1.0):
     return model, model.parameter_groups(1e-3, group_lrs), model.stored_param_count()
 
 
-def run_one(task_name: str, method: str, seed: int, lr_factor: float = 1.0, epochs: int = 1) -> dict:
+def run_one(task_name: str, method: str, seed: int, lr_factor: float = 1.0, epochs: int = 1,
+            quantize: str | None = None) -> dict:
     spec = TASKS[task_name]
     data = load_lm_dataset(task_name, seed=0).limited(spec["train"], spec["test"], seed=0)
-    settings = TrainSettings(max_length=spec["max_length"], seed=seed, progress=False, **{**SETTINGS, "epochs": epochs})
+    settings = TrainSettings(max_length=spec["max_length"], seed=seed, progress=False, quantize=quantize,
+                             **{**SETTINGS, "epochs": epochs})
     task = CausalLMTask(data)
     torch.manual_seed(seed)
     lm = task.build(MODEL, settings)
@@ -95,7 +98,8 @@ def run_one(task_name: str, method: str, seed: int, lr_factor: float = 1.0, epoc
     else:
         model, groups, stored = adapt(method, lm, seed, lr_factor)
         result = train(model, task, settings, groups)[-1]
-    return {"task": task_name, "method": method, "seed": seed, "lr_factor": lr_factor, "epochs": epochs, "stored_params": stored,
+    return {"task": task_name, "method": method, "seed": seed, "lr_factor": lr_factor, "epochs": epochs,
+            "quantize": quantize, "stored_params": stored,
             "train_examples": task.train_size(), "test_examples": task.test_size(),
             "seconds": round(time.time() - started, 1), **result}
 
@@ -137,13 +141,15 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--out", default="docs/results-generative")
+    parser.add_argument("--out", default=None, help="default: docs/results-generative")
     parser.add_argument("--epochs", type=int, default=1, help="a longer schedule: the same data seen EPOCHS times")
+    parser.add_argument("--quantize", choices=("int8", "int4", "nf4", "fp4"),
+                        help="train on the base quantized so (default OUT: docs/results-generative-KIND)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--lr-factor", type=float, default=1.0,
                         help="scale every adapter learning rate (for sweeps on seeds kept out of the table)")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ("docs/results-generative" + (f"-{args.quantize}" if args.quantize else "")))
     out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         for task_name in args.tasks.split(","):
@@ -154,7 +160,8 @@ def main() -> None:
                 path = out / f"{task_name}-{method}-seed{seed}{factor}{schedule}.json"
                 if path.exists():
                     continue
-                result = run_one(task_name, method, seed, args.lr_factor, args.epochs if method != "base" else 1)
+                result = run_one(task_name, method, seed, args.lr_factor, args.epochs if method != "base" else 1,
+                                 args.quantize)
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 metric = TASKS[task_name]["metric"]
                 print(f"{task_name} {method} seed {seed} lr x{args.lr_factor:g}: {metric} {result[metric]:.4f}, eval loss "
