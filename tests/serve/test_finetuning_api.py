@@ -354,3 +354,20 @@ def test_openai_client_job_while_serving_then_sigterm_and_kill_resume_exactly(tm
                  epochs=long_hyper["n_epochs"], batch_size=long_hyper["batch_size"], seed=0, out=uninterrupted,
                  adapter=ADAPTER, progress=False)
     assert theta_difference(uninterrupted / "adapter", store / second.id) < 1e-5
+
+
+def test_a_job_folder_that_cannot_be_written_leaves_serving_on(tmp_path, model_dir):
+    store = tmp_path / "store"
+    store.mkdir()
+    write_adapter(model_dir, store / "kept", "lora", seed=1)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # no folder can be made under it, whoever runs the test
+    with serve_in_process(store, model_dir, jobs_dir=str(blocked / "jobs")) as client:
+        wait_ready(client)
+        refused = client.get("/v1/files")
+        message = refused.json()["error"]["message"]
+        assert refused.status_code == 404 and message.startswith("fine-tuning keeps its files and jobs in ")
+        assert message.endswith("; start the server with --jobs-dir DIR")
+        answer = client.post("/v1/completions", json={"model": "kept", "prompt": "hi", "max_tokens": 2})
+        assert answer.status_code == 200
+    assert sorted(p.name for p in store.iterdir()) == ["kept"]  # nothing written into the store

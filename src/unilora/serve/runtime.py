@@ -5,6 +5,7 @@ names, prompt encoding and adapter preparation."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -73,7 +74,13 @@ class Server:
             self.jobs_off = "fine-tuning writes adapters into the store; serve a local --adapters folder to use it"
             return
         self.cotrain_state = Path(s.jobs_dir).resolve() if s.jobs_dir else self.store.root / JOBS_FOLDER
-        self.jobs = JobStore(self.cotrain_state / "jobs.sqlite3")
+        try:
+            self.jobs = JobStore(self.cotrain_state / "jobs.sqlite3")
+        except (OSError, sqlite3.Error) as err:  # a read-only store serves on, without the fine-tuning API
+            self.jobs_off = (f"fine-tuning keeps its files and jobs in '{self.cotrain_state}', which cannot be written "
+                             f"({err}); start the server with --jobs-dir DIR")
+            log.warning(self.jobs_off)
+            return
         if not s.fine_tuning:
             self.jobs_off = "this replica serves; the fine-tuning API is answered by the one that trains"
             return
