@@ -196,52 +196,33 @@ def create_app(settings: ServeSettings, loaded=None, on_load_failure=None) -> Fa
     return app
 
 
+FINE_TUNING_ROUTES = [  # (method, path, handler): the handler gets the request, the server and the path's ids
+    ("POST", "/v1/files", finetuning.upload_file),
+    ("GET", "/v1/files", finetuning.list_files),
+    ("GET", "/v1/files/{file_id}", finetuning.retrieve_file),
+    ("DELETE", "/v1/files/{file_id}", finetuning.delete_file),
+    ("GET", "/v1/files/{file_id}/content", finetuning.file_content),
+    ("POST", "/v1/fine_tuning/jobs", finetuning.create_job),
+    ("GET", "/v1/fine_tuning/jobs", finetuning.list_jobs),
+    ("GET", "/v1/fine_tuning/jobs/{job_id}", finetuning.retrieve_job),
+    ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel", finetuning.cancel_job),
+    ("GET", "/v1/fine_tuning/jobs/{job_id}/events", finetuning.job_events),
+    ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints", finetuning.job_checkpoints),
+]
+
+
 def finetuning_routes(app: FastAPI, server: Server) -> None:
     """/v1/files and /v1/fine_tuning/jobs (finetuning.py)."""
 
-    @app.post("/v1/files")
-    async def upload_file(request: Request):
-        return await finetuning.upload_file(request, server)
+    def endpoint_for(handler):
+        async def endpoint(request: Request):
+            return await handler(request, server, **request.path_params)
 
-    @app.get("/v1/files")
-    async def list_files(request: Request):
-        return await finetuning.list_files(request, server)
+        endpoint.__name__ = handler.__name__
+        return endpoint
 
-    @app.get("/v1/files/{file_id}")
-    async def retrieve_file(request: Request, file_id: str):
-        return await finetuning.retrieve_file(request, server, file_id)
-
-    @app.delete("/v1/files/{file_id}")
-    async def delete_file(request: Request, file_id: str):
-        return await finetuning.delete_file(request, server, file_id)
-
-    @app.get("/v1/files/{file_id}/content")
-    async def file_content(request: Request, file_id: str):
-        return await finetuning.file_content(request, server, file_id)
-
-    @app.post("/v1/fine_tuning/jobs")
-    async def create_job(request: Request):
-        return await finetuning.create_job(request, server)
-
-    @app.get("/v1/fine_tuning/jobs")
-    async def list_jobs(request: Request):
-        return await finetuning.list_jobs(request, server)
-
-    @app.get("/v1/fine_tuning/jobs/{job_id}")
-    async def retrieve_job(request: Request, job_id: str):
-        return await finetuning.retrieve_job(request, server, job_id)
-
-    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-    async def cancel_job(request: Request, job_id: str):
-        return await finetuning.cancel_job(request, server, job_id)
-
-    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
-    async def job_events(request: Request, job_id: str):
-        return await finetuning.job_events(request, server, job_id)
-
-    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    async def job_checkpoints(request: Request, job_id: str):
-        return await finetuning.job_checkpoints(request, server, job_id)
+    for method, path, handler in FINE_TUNING_ROUTES:
+        app.add_api_route(path, endpoint_for(handler), methods=[method])
 
 
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify",

@@ -110,11 +110,15 @@ def _keep_file(files_dir: Path, safe: str, filename: str, data: bytes) -> dict:
             "rows": len(rows)}
 
 
-def _file_row(server: Server, request: Request, file_id: str) -> dict:
-    row = _jobs_of(server).file(file_id, tenant_of(request))
+def _found(row: dict | None, what: str, given: str) -> dict:
+    """The tenant's row, or 404: another tenant's is answered as a missing one."""
     if row is None:
-        raise RequestError(404, f"no file '{file_id[:80]}'")
+        raise RequestError(404, f"no {what} '{given[:80]}'")
     return row
+
+
+def _file_row(server: Server, request: Request, file_id: str) -> dict:
+    return _found(_jobs_of(server).file(file_id, tenant_of(request)), "file", file_id)
 
 
 async def list_files(request: Request, server: Server) -> dict:
@@ -179,10 +183,7 @@ async def create_job(request: Request, server: Server) -> dict:
 
 
 def _job_row(server: Server, request: Request, job_id: str) -> dict:
-    row = _jobs_of(server).job(job_id, tenant_of(request))
-    if row is None:
-        raise RequestError(404, f"no fine-tuning job '{job_id[:80]}'")
-    return row
+    return _found(_jobs_of(server).job(job_id, tenant_of(request)), "fine-tuning job", job_id)
 
 
 async def list_jobs(request: Request, server: Server) -> dict:
