@@ -1,6 +1,6 @@
 """Every method on a quantized base (QLoRA's setup): torchao int8 and int4 weight-only, bitsandbytes
-nf4 where it is installed. The adapter trains beside the quantized matmul, merges into a dense copy
-of each layer, unmerges to the quantized weights bit for bit, saves and loads to the same outputs,
+nf4 where it is installed. The adapter trains beside the quantized matmul, merges (quantized again as
+the base was, with the error measured, or in full precision), unmerges to the quantized weights bit for bit, saves and loads to the same outputs,
 mixes rows of several adapters, and exports to a PEFT LoRA that PEFT runs on the same base."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import unilora
 from unilora.cli import main
+from unilora.core.quantized import layer_quantization
 from unilora.core.targeting import is_quantized
 from unilora.models.quantization import quantization_of, quantize_model
 
@@ -74,8 +75,8 @@ def test_every_method_trains_merges_and_reloads_on_a_quantized_base(kind, method
     with torch.no_grad():
         unmerged = model(input_ids=IDS).logits
         quantized = layer.base_layer.weight
-        model.merge()
-        assert not is_quantized(layer.base_layer.weight)  # a dense copy holds W + ΔW
+        model.merge(to="float32")
+        assert not is_quantized(layer.base_layer.weight)  # a full-precision copy holds W + ΔW
         merged = model(input_ids=IDS).logits
         model.unmerge()
         assert layer.base_layer.weight is quantized  # the very quantized tensor is back
@@ -88,6 +89,46 @@ def test_every_method_trains_merges_and_reloads_on_a_quantized_base(kind, method
     loaded = unilora.from_pretrained(tiny_base(kind), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, unmerged)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_merge_quantizes_again_and_measures_what_that_added(kind):
+    base = tiny_base(kind)
+    model = randomized(unilora.get_model(base, unilora.AdapterConfig(method="unilora", target_modules=TARGETS, rank=4,
+                                                                     **OPTIONS)), 0).eval()
+    layer = base.model.layers[0].self_attn.q_proj
+    quantized = layer.base_layer.weight
+    seen = []
+    hook = layer.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+        hook.remove()
+        report = model.merge(check={"input_ids": IDS})
+        assert layer_quantization(layer.base_layer) == kind  # stored as the base was
+        merged = model(input_ids=IDS).logits
+        x, y = seen[0]
+        layer_diff = (layer(x) - y).abs().max().item()
+    # the report is what the merged model gives, not an estimate
+    assert report.output_max_abs == pytest.approx((merged - unmerged).abs().max().item(), rel=1e-6)
+    assert 0 < layer_diff <= report.layer_max_abs
+    assert 0 < report.layer_relative < (0.02 if kind == "int8" else 0.2)
+    assert report.worst_layer in dict(base.named_modules())
+    assert report.line().startswith("merging changed the adapted layers' outputs by at most ")
+    with torch.no_grad():
+        model.unmerge()
+        assert layer.base_layer.weight is quantized
+        assert torch.equal(model(input_ids=IDS).logits, unmerged)
+        full = model.merge(to="float32", check={"input_ids": IDS})  # no re-quantizing: rounding only
+        assert not is_quantized(layer.base_layer.weight)
+        exact = 5e-3 if kind == "nf4" else 1e-5  # bitsandbytes' packed CPU kernel rounds on its own (see above)
+        assert full.layer_max_abs < exact and full.output_max_abs < exact
+        model.unmerge()
+        plain = model.merge_and_unload(to="bfloat16")  # the whole model, for writing out
+        assert all(p.dtype == torch.bfloat16 for p in plain.parameters())
+        assert not any(is_quantized(m.weight) for m in plain.modules() if isinstance(m, torch.nn.Linear))
+        assert (plain(input_ids=IDS).logits.float() - unmerged).abs().max() < 0.1
+    with pytest.raises(unilora.UniLoraError, match="merge to 'int3': choose one of float32, bfloat16, float16"):
+        unilora.get_model(tiny_base(kind), unilora.AdapterConfig(target_modules=TARGETS, **OPTIONS)).merge(to="int3")
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -144,6 +185,52 @@ def test_the_command_line_trains_on_a_quantized_base_and_says_when_it_runs_on_an
         "adapter numbers, other base weights: expect slightly different outputs)")
     assert main(["finetune", "--data", str(tmp_path / "x.csv"), "--task", "seq-cls", "--quantize", "int8",
                  "--out", str(tmp_path / "cls")]) == 2
+
+
+def test_the_command_line_merges_on_a_quantized_base_and_writes_a_full_precision_merged_model(tmp_path, capsys):
+    from serving import smollm2_tokenizer, write_tiny_llama
+    from unilora.models.quantization import quantize_model as quantized
+
+    llama = write_tiny_llama(tmp_path / "llama", smollm2_tokenizer())
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) + "\n" for i in range(16)))
+    adapter = tmp_path / "run" / "adapter"
+    assert main(["finetune", "--model", str(llama), "--data", str(data), "--method", "unilora", "--theta-dim", "300",
+                 "--epochs", "1", "--no-progress", "--quantize", "int8", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+
+    assert main(["generate", str(adapter), "--prompt", "3 + 1 =", "--max-new-tokens", "2", "--merge"]) == 0
+    said = capsys.readouterr().err.splitlines()[0]
+    assert said.startswith("note: merging changed the adapted layers' outputs by at most")
+    assert said.endswith("on the first prompts; --merge-to float32 merges without quantizing again")
+
+    out = tmp_path / "merged"
+    assert main(["export", str(adapter), str(out), "--to", "merged"]) == 0
+    assert "wrote merged model" in capsys.readouterr().out
+    marker = json.loads((out / "unilora_merged.json").read_text())
+    assert marker["quantize"] == "int8" and "model.safetensors" in marker["files"]
+    written = LlamaForCausalLM.from_pretrained(out).eval()  # plain transformers: no adapter, no quantization
+    assert written.dtype == torch.float32
+    assert not any(is_quantized(m.weight) for m in written.modules() if isinstance(m, torch.nn.Linear))
+    # the same numbers as the adapter merged in full precision into the int8 base it was trained on
+    reference = unilora.from_pretrained(quantized(LlamaForCausalLM.from_pretrained(llama), "int8"), adapter).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=IDS).logits
+        reference.merge(to="float32")
+        assert (written(input_ids=IDS).logits - reference(input_ids=IDS).logits).abs().max() < 1e-5
+        assert (written(input_ids=IDS).logits - expected).abs().max() < 1e-4
+
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(adapter), str(out), "--to", "merged"]) == 2  # not without --overwrite
+    assert main(["export", str(adapter), str(out), "--to", "merged", "--merge-to", "bfloat16", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # only what we wrote is replaced
+    assert LlamaForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    capsys.readouterr()
+    assert main(["export", str(adapter), str(tmp_path / "x"), "--to", "merged", "--rank", "8"]) == 2
+    assert main(["export", str(adapter), str(tmp_path / "x"), "--merge-to", "float32"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --rank goes with --to peft-lora; --to merged writes the whole model with the adapter merged in",
+        "error: --merge-to goes with --to merged; a PEFT LoRA export holds the adapter alone"]
 
 
 @pytest.mark.parametrize("method", ["unilora", "lora_xs"])

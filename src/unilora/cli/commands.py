@@ -19,10 +19,12 @@ from ..models.embedded_llm import EMBEDDED_LLM
 from ..serve.settings import ServeSettings
 from ..tools.compress import weight_space_fit
 from ..tools.counting import count_for_arch
-from ..tools.export import export_peft_lora
+from ..tools.export import export_peft_lora, refuse_overlap
+from ..tools.merged_export import write_merged_model
 from ..tools.inspection import describe, save_selection_plot
 from ..tools.peft_native import from_peft, is_peft_dir, to_peft
-from ..training.causal_lm import generate_from_adapter, prompts_from_file
+from ..models.quantization import quantization_of
+from ..training.causal_lm import generate_from_adapter, open_lm_adapter, prompts_from_file
 from ..training.distill_run import ONE_TEACHER, DistillRun, distill_adapter
 from ..training.gain import LEVEL
 from ..training.runs import FinetuneRun, run_evaluate, run_finetune
@@ -119,7 +121,7 @@ def cmd_generate(args) -> int:
         raise UniLoraError("give either --prompt TEXT or --prompts FILE.jsonl")
     prompts = [args.prompt] if args.prompt else prompts_from_file(args.prompts)
     outputs = generate_from_adapter(args.adapter, prompts, args.max_new_tokens, merge=args.merge, model_name=args.model,
-                                    quantize=args.quantize)
+                                    quantize=args.quantize, merge_to=args.merge_to)
     for number, output in enumerate(outputs, 1):
         which = "" if args.prompt else f" for prompt {number}"
         if not output:
@@ -154,8 +156,28 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.to == "merged":
+        return export_merged(args)
+    if args.merge_to or args.quantize:
+        raise UniLoraError(f"--{'merge-to' if args.merge_to else 'quantize'} goes with --to merged; a PEFT LoRA export "
+                           "holds the adapter alone")
     for line in export_peft_lora(args.adapter, args.out, rank=args.rank, overwrite=args.overwrite, model=args.model,
                                  base_model=args.base_name):
+        print(line)
+    return 0
+
+
+def export_merged(args) -> int:
+    if args.rank or args.base_name:
+        raise UniLoraError(f"--{'rank' if args.rank else 'base-name'} goes with --to peft-lora; --to merged writes the "
+                           "whole model with the adapter merged in")
+    refuse_overlap(Path(args.adapter), Path(args.out))
+    adapter, tokenizer, model = open_lm_adapter(args.adapter, args.model, args.quantize, "export --to merged")
+    quantized = quantization_of(model)
+    plain = model.merge_and_unload(to=args.merge_to or "float32")
+    source = {"adapter": str(args.adapter), "base_model": getattr(plain.config, "_name_or_path", None) or args.model,
+              "method": adapter.meta.get("method"), "quantize": quantized}
+    for line in write_merged_model(plain, tokenizer, args.out, source, overwrite=args.overwrite):
         print(line)
     return 0
 

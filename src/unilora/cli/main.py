@@ -168,6 +168,10 @@ def _add_quantize(parser, recorded: bool = False) -> None:
                                               if recorded else ""))
 
 
+def _add_merge_to(parser, help: str) -> None:
+    parser.add_argument("--merge-to", choices=("float32", "bfloat16"), help=help)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments end in one line, like every other input error (argparse prints usage too)."""
 
@@ -248,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="JSONL file: one {\"prompt\": ...} or {\"messages\": [...]} per line")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="the longest answer, in tokens "
                    "(default: 64; an answer cut there gets a note)")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (no adapter overhead)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (no adapter "
+                   "overhead; a quantized base is quantized again, and the error that added is noted)")
+    _add_merge_to(p, "with --merge on a quantized base: keep the merged layers in full precision instead of quantizing "
+                  "them again (implies --merge)")
     p.add_argument("--model", help="override the base model recorded in the adapter")
     _add_quantize(p, recorded=True)
     p.set_defaults(func=cmd_generate)
@@ -259,10 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="write a standard PEFT LoRA adapter built from the method's A and B")
+    p = sub.add_parser("export", help="write a standard PEFT LoRA adapter built from the method's A and B, or "
+                       "(--to merged) the base model with a causal-LM adapter merged in")
     p.add_argument("adapter")
-    p.add_argument("--to", choices=("peft-lora",), default="peft-lora")
+    p.add_argument("--to", choices=("peft-lora", "merged"), default="peft-lora",
+                   help="peft-lora (default), or merged: a plain transformers model folder, full precision")
     p.add_argument("out")
+    _add_merge_to(p, "--to merged: the dtype of the written model (default: float32)")
+    _add_quantize(p, recorded=True)
     p.add_argument("--rank", type=_positive_int, help="pad A and B with zeros to this rank (default: the trained rank; "
                    "vLLM serves any rank up to its --max-lora-rank)")
     p.add_argument("--model", help="LoRA-XS and TinyLoRA: the base model (name or path) whose weights' SVD they are "

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.targeting import base_weight, is_conv1d, is_quantized
+from ..core.quantized import dense_linear, layer_quantization, quantize_linear
+from ..core.targeting import is_conv1d, is_quantized
 from ..methods.base import ScaledFactors
 from .binder import FactorBinder
 from .routing import AdapterRouter
@@ -185,23 +186,20 @@ class AdaptedLayer(nn.Module):
         return delta.t() if is_conv1d(self.base_layer) else delta
 
     @torch.no_grad()
-    def merge(self, factors, name: str) -> None:
+    def merge(self, factors, name: str, to: torch.dtype | None = None) -> None:
         """W += s·B A, added in fp32 and rounded once to the weight's dtype. A quantized layer is
-        dequantized into a plain linear layer holding W + s·B A (its compute dtype); the quantized
-        layer is kept, and unmerge puts it back as it was, bit for bit."""
+        dequantized, W + s·B A formed in its compute dtype, and quantized again the same way (`to`
+        None), or kept as a plain linear layer of dtype `to`; the quantized layer is kept aside, and
+        unmerge puts it back as it was, bit for bit."""
         if self.merged:
             return
         weight = self.base_layer.weight
         if is_quantized(weight):
-            # the dtype the layer computes in (bitsandbytes' compute_dtype; torchao's dequantized weight's)
-            dense = base_weight(self.base_layer)
-            dense = dense.to(getattr(self.base_layer, "compute_dtype", None) or dense.dtype)
-            merged = nn.Linear(dense.shape[1], dense.shape[0], bias=self.base_layer.bias is not None,
-                               device=dense.device, dtype=dense.dtype)
-            merged.weight.copy_((dense.float() + self.delta_weight(factors, name).to(dense.device)).to(dense.dtype))
-            if self.base_layer.bias is not None:
-                merged.bias.copy_(self.base_layer.bias)
-            merged.requires_grad_(False)
+            # in the dtype the layer computes in (bitsandbytes' compute_dtype; torchao's dequantized weight's)
+            merged = dense_linear(self.base_layer, to, add=self.delta_weight(factors, name))
+            if to is None:
+                merged = quantize_linear(merged, layer_quantization(self.base_layer)).requires_grad_(False)
+            merged.train(self.base_layer.training)  # bitsandbytes computes otherwise in train and eval mode
             object.__setattr__(self, "_quantized_layer", self.base_layer)  # not a submodule: not saved twice
             self.base_layer = merged
             self.merged_adapter = name

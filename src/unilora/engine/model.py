@@ -20,6 +20,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
+from ..core.quantized import dequantize_model
 from ..core.targeting import base_module, base_weights, find_targets, is_conv1d, linear_shape, resolved_targets
 from ..methods import Projection, build_projection
 from ..store.adapter_file import adapter_metadata, adapter_tensors, from_state_dict, load_into, require_same_config
@@ -29,6 +30,7 @@ from .binder import FactorBinder
 from .hf_compat import TransformersCompat, input_embeddings
 from .injection import check_targets_exist, inject_layers, remove_adapter, unwrap, wrap_heads
 from .layers import AdaptedLayer
+from .merge_check import MergeError, measure_merge, merge_dtype
 from .routing import AdapterRouter
 
 DEFAULT_ADAPTER = "default"
@@ -210,15 +212,20 @@ class AdaptedModel(TransformersCompat, nn.Module):
     def merged(self) -> bool:
         return any(layer.merged for adapter in self._adapters.values() for layer in adapter.layers)
 
-    def merge(self) -> None:
-        """Add s·B A of the active adapter into every weight it adapts: zero inference overhead
-        until unmerge().
+    def merge(self, to=None, check=None) -> MergeError | None:
+        """Add s·B A of the active adapter (VB-LoRA: its eval selection) into every weight it adapts:
+        no inference overhead until unmerge(). A quantized base's layers are quantized again as they
+        were, or kept in dtype `to` ("float32", ...: the one the model runs in). `check` (one batch:
+        keyword inputs or input ids): measure what the merge changed there, and return it."""
+        dtype, factors = merge_dtype(to), self.projection.eval_factors()
 
-        Stochastic VB-LoRA selections merge their deterministic (stored, eval) selection."""
-        factors = self.projection.eval_factors()
-        for slot, layer in enumerate(self._active.layers):
-            layer.merge(factors[slot], self.router.active)
-        self.binder.invalidate()
+        def merge_layers() -> None:
+            for slot, layer in enumerate(self._active.layers):
+                layer.merge(factors[slot], self.router.active, to=dtype)
+            self.binder.invalidate()
+
+        layers = {slot.name: layer for slot, layer in zip(self._active.layout.slots, self._active.layers)}
+        return merge_layers() if check is None else measure_merge(self, layers, check, merge_layers)
 
     def unmerge(self) -> None:
         factors = self.projection.eval_factors()
@@ -231,10 +238,11 @@ class AdaptedModel(TransformersCompat, nn.Module):
                 stacklevel=2,
             )
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, to=None) -> nn.Module:
         """Merge the active adapter, put the original layer objects back, and return the plain
-        base model (with the active adapter's trained heads). Other adapters are dropped."""
-        self.merge()
+        base model (with the active adapter's trained heads). Other adapters are dropped. With `to`
+        ("float32", ...), every quantized layer is dequantized and the model cast: one to write out."""
+        self.merge(to=to)
         active = self.router.active
         for adapter in self._adapters.values():
             unwrap(self.model, adapter.layers, adapter.layout, adapter.head_modules, keep=active)
@@ -245,7 +253,7 @@ class AdaptedModel(TransformersCompat, nn.Module):
         for hook in self._hooks:  # the plain model must not pay for (or reach) the projection
             hook.remove()
         self._hooks = []
-        return self.model
+        return self.model if to is None else dequantize_model(self.model, merge_dtype(to))
 
     # --- training -------------------------------------------------------------------
     def head_parameters(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:

@@ -38,7 +38,7 @@ from ..engine.model import AdaptedModel
 from ..models.adapter_base import peft_task_type
 from ..core.notes import note
 from ..models.backbones import load_causal_lm
-from ..models.quantization import check_quantization, quantization_note, quantize_model
+from ..models.quantization import check_quantization, quantization_note, quantization_of, quantize_model
 from ..store.io import read_adapter
 from .loop import Task, TrainSettings, distributed, fitted_max_length
 from .records import hf_options, note_changes, recorded_data
@@ -270,20 +270,42 @@ def prompts_from_file(path: str | Path) -> list:
 
 
 def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge: bool = False,
-                          model_name: str | None = None, batch_size: int = 8, quantize: str | None = None) -> list[str]:
+                          model_name: str | None = None, batch_size: int = 8, quantize: str | None = None,
+                          merge_to: str | None = None) -> list[str]:
     """Generations of a saved causal-LM adapter, on the base model it records (or `model_name`). A text
     prompt is sent as a user turn through the chat template when the adapter learned from chat data; a
     conversation always is. An adapter saved with save_pretrained records no data: its text prompts
-    are encoded as the tokenizer does by default, as the server's /v1/completions does."""
+    are encoded as the tokenizer does by default, as the server's /v1/completions does. `merge` merges
+    the adapter first (`merge_to`: a quantized base's merged layers kept in that dtype; see AdaptedModel.merge)."""
+    adapter, tokenizer, model = open_lm_adapter(adapter_dir, model_name, quantize, "generate")
+    chat = (adapter.task or {}).get("kind") == "chat"
+    encoded = [prompt_ids(tokenizer, p, chat) for p in prompts]
+    if merge or merge_to:
+        # on a quantized base the merge quantizes W + s·B A again: say what that changed, on these prompts
+        check = left_padded(encoded[:batch_size], tokenizer.pad_token_id) if quantization_of(model) else None
+        report = model.merge(to=merge_to, check=check)
+        if report is not None:
+            note(report.line().replace("on this batch", "on the first prompts") +
+                 ("" if merge_to else "; --merge-to float32 merges without quantizing again"))
+    return generate(model, tokenizer, encoded, max_new_tokens, batch_size)
+
+
+def left_padded(batch: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of token lists padded on the left, as generation reads them."""
+    width = max(len(ids) for ids in batch)
+    return {"input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch]),
+            "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])}
+
+
+def open_lm_adapter(adapter_dir, model_name: str | None = None, quantize: str | None = None, command: str = "generate"):
+    """(read adapter, tokenizer, adapted model) of a causal-LM adapter, on the base model it records (or
+    `model_name`), quantized as it was trained unless `quantize` says otherwise. An adapter saved with
+    save_pretrained records no task: its recorded base model is used."""
     adapter = read_adapter(adapter_dir)
-    task = adapter.task or {}  # none for an adapter saved with save_pretrained: its recorded base model
+    task = adapter.task or {}
     if (task and task_kind(task) != "causal-lm") or (not task and peft_task_type(adapter.meta) not in (None, "CAUSAL_LM")):
-        raise UniLoraError(f"'{adapter_dir}' is a classifier; `generate` needs a causal-LM adapter")
+        raise UniLoraError(f"'{adapter_dir}' is a classifier; `{command}` needs a causal-LM adapter")
     name = model_name or task.get("model") or (adapter.meta.get("base_model") or {}).get("name_or_path")
     if not name:
         raise UniLoraError(f"'{adapter_dir}' records no base model; pass --model NAME_OR_PATH")
-    tokenizer, model = load_lm_adapter(adapter, name, quantize)
-    if merge:
-        model.merge()
-    chat = task.get("kind") == "chat"
-    return generate(model, tokenizer, [prompt_ids(tokenizer, p, chat) for p in prompts], max_new_tokens, batch_size)
+    return (adapter, *load_lm_adapter(adapter, name, quantize))
