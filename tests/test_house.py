@@ -24,7 +24,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 # imports inside functions, each deferred for a reason its comment gives
 DEFERRED = {
-    ("__init__.py", ".engine"): "transformers.Trainer, loaded when the integration is asked for",
+    ("_console.py", ".cli.main"): "torch and transformers, loaded after the command's SIGTERM handling is set",
     ("engine/distributed.py", "torch.distributed.fsdp"): "missing from some torch builds; loads DTensor",
     ("tools/inspection.py", "matplotlib"): "the optional plots extra",
     ("tools/inspection.py", "matplotlib.pyplot"): "the optional plots extra",

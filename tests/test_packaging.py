@@ -40,7 +40,7 @@ def check_wheel_contents(wheel: Path) -> None:
     packaged = {name for name in names if name.startswith("unilora/")}
     assert packaged == modules, (sorted(modules - packaged), sorted(packaged - modules))
     assert not [name for name in names if name.startswith("tests/") or "conftest" in name]
-    assert "unilora = unilora.cli:main" in entry_text
+    assert "unilora = unilora._console:run" in entry_text
     assert "unilora_resolver = unilora.deploy.vllm_resolver:register" in entry_text
 
 

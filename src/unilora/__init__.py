@@ -2,40 +2,55 @@
 
 The package is layered (docs/design.md): core, methods, data and store, engine and models, tools,
 training, cli; this module gathers the public API.
+
+Each name loads its module when first asked for (PEP 562): `import unilora` itself costs nothing,
+so the `unilora` command can set itself up (its SIGTERM handling) before torch and transformers
+load, which takes seconds.
 """
 
+import importlib
+
 from ._version import __version__
-from .core.config import AdapterConfig
-from .core.errors import LayoutMismatchError, UniLoraError
-from .core.registry import method_names
-from .engine.distributed import fully_shard_adapted
-from .engine.model import AdaptedModel, get_model
-from .models.quantization import quantize_model
 
-from_pretrained = AdaptedModel.from_pretrained
-
-_INTEGRATIONS = ("Trainer", "AdapterTrainerMixin", "adapter_trainer")
+# public name -> (module, attribute)
+_PUBLIC = {
+    "AdapterConfig": (".core.config", "AdapterConfig"),
+    "LayoutMismatchError": (".core.errors", "LayoutMismatchError"),
+    "UniLoraError": (".core.errors", "UniLoraError"),
+    "fully_shard_adapted": (".engine.distributed", "fully_shard_adapted"),
+    "AdaptedModel": (".engine.model", "AdaptedModel"),
+    "get_model": (".engine.model", "get_model"),
+    "quantize_model": (".models.quantization", "quantize_model"),
+    # transformers.Trainer loads accelerate and more: the integration loads when asked for
+    "Trainer": (".engine.integrations", "Trainer"),
+    "AdapterTrainerMixin": (".engine.integrations", "AdapterTrainerMixin"),
+    "adapter_trainer": (".engine.integrations", "adapter_trainer"),
+}
 
 
 def __getattr__(name: str):
     if name == "METHODS":  # read from the registry, so that a method registered later is listed too
-        return method_names()
-    # deferred: transformers.Trainer loads accelerate and more (seconds); the integration loads when asked for
-    if name in _INTEGRATIONS:
-        from .engine import integrations
-
-        return getattr(integrations, name)
+        return importlib.import_module(".core.registry", __name__).method_names()
+    if name == "from_pretrained":
+        return importlib.import_module(".engine.model", __name__).AdaptedModel.from_pretrained
+    if name in _PUBLIC:
+        module, attribute = _PUBLIC[name]
+        value = getattr(importlib.import_module(module, __name__), attribute)
+        globals()[name] = value  # asked once
+        return value
     raise AttributeError(f"module 'unilora' has no attribute '{name}'")
 
 
 __all__ = [
-    *_INTEGRATIONS,
-    "AdapterConfig",
     "AdaptedModel",
+    "AdapterConfig",
+    "AdapterTrainerMixin",
     "LayoutMismatchError",
     "METHODS",
+    "Trainer",
     "UniLoraError",
     "__version__",
+    "adapter_trainer",
     "from_pretrained",
     "fully_shard_adapted",
     "get_model",

@@ -374,6 +374,19 @@ def test_past_the_drain_timeout_every_request_gets_a_503_and_the_exit_is_0(token
         process.stop()
 
 
+def test_sigterm_while_python_loads_the_libraries_exits_0(model_dir, store, tmp_path):
+    """Before any server code runs, torch, transformers and fastapi take seconds to import: a SIGTERM
+    then has nothing to drain and ends the process with 0 (it was 143, Python's default)."""
+    process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store))
+    try:
+        time.sleep(0.8)
+        assert process.process.poll() is None and process.output() == ""  # still importing: nothing said yet
+        assert process.signal(signal.SIGTERM) == 0
+        assert process.output() == ""
+    finally:
+        process.stop()
+
+
 def test_sigterm_while_the_model_loads_exits_0(model_dir, store, tmp_path):
     process = ServerProcess(tmp_path / "server.log", "--model", str(model_dir), "--adapters", str(store))
     try:
