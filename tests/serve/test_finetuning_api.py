@@ -152,6 +152,21 @@ def test_job_in_process_equals_finetune_with_checkpoints_and_events(tmp_path, mo
         assert ids["choices"][0]["text"] == expected
 
 
+def test_a_fitted_rate_is_said_with_the_apis_way_to_change_it(tmp_path, model_dir, data):
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve_in_process(store, model_dir) as client:
+        wait_ready(client)
+        # d = 16 shares each θ entry among 256 LoRA weights: the recipe's θ rate is scaled up, and said so
+        job = create(client, upload(client, data[0])["id"], model=str(model_dir), adapter={"theta_dim": 16},
+                     hyperparameters={"n_epochs": 1, "batch_size": 4}).json()
+        assert wait_for(client, job["id"])["status"] == "succeeded"
+        events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]]
+    notes = [m for m in events if m.startswith("θ learning rate")]
+    assert len(notes) == 1 and "D/d = 256.0 LoRA weights here" in notes[0]
+    assert notes[0].endswith("(hyperparameters.learning_rate_multiplier scales it)")  # not the CLI's --group-lr
+
+
 def test_bad_files_and_jobs_are_refused_in_one_line(tmp_path, model_dir, data):
     store = tmp_path / "store"
     store.mkdir()

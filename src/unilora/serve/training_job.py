@@ -127,7 +127,7 @@ class JobRun:
         self.model = model
         with self.training():
             settings = self.settings
-            rates_note = fit_rates_to(model, settings)
+            rates_note = fit_rates_to(model, settings, "hyperparameters.learning_rate_multiplier scales it")
             if rates_note:
                 self.notes.append(rates_note)
             if self.request.lr_multiplier is not None:

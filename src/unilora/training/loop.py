@@ -27,7 +27,7 @@ from ..core.notes import note
 from ..data.batching import length_grouped
 from ..engine.model import AdaptedModel
 from .plan import plan_run
-from .recipes import fitted_group_lrs
+from .recipes import CLI_RATE_OVERRIDE, fitted_group_lrs
 
 
 @dataclass
@@ -150,14 +150,14 @@ def fitted_max_length(requested: int, tokenizer, model) -> int:
     return requested
 
 
-def fit_rates_to(model: AdaptedModel, settings: TrainSettings) -> str | None:
+def fit_rates_to(model: AdaptedModel, settings: TrainSettings, override: str = CLI_RATE_OVERRIDE) -> str | None:
     """With `settings.fit_rates`, the recipe's θ rate scaled to the adapted model (in place); the
-    note saying what changed, if anything did."""
+    note saying what changed, if anything did (ending with `override`: how to set another rate)."""
     if not settings.fit_rates:
         return None
     config = model.adapter_config
     settings.group_lrs, said = fitted_group_lrs(config.method, settings.group_lrs, model.projection.layout.D,
-                                                getattr(config, "theta_dim", None))
+                                                getattr(config, "theta_dim", None), override)
     return said
 
 

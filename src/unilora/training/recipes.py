@@ -92,8 +92,13 @@ DEFAULT_HIDDEN_LAYERS = "all"
 # 5e-2 / 1.2e-1 / 1.47e-1, against LoRA's 2.81. The default keeps the tuned rate per unit of D/d:
 # rate x (D/d) / tuned D/d. It never lowers the tuned rate (at D/d below the tuned one there is no
 # evidence for less; on MiniLM twice the rate scored the same).
-def fitted_group_lrs(method: str, group_lrs: dict[str, float], D: int, theta_dim: int) -> tuple[dict, str | None]:
-    """The recipe's rates with the θ rate scaled to this model's D/d; (rates, a note saying so)."""
+CLI_RATE_OVERRIDE = "--group-lr theta=RATE sets your own"
+
+
+def fitted_group_lrs(method: str, group_lrs: dict[str, float], D: int, theta_dim: int,
+                     override: str = CLI_RATE_OVERRIDE) -> tuple[dict, str | None]:
+    """The recipe's rates with the θ rate scaled to this model's D/d; (rates, a note saying so, ending
+    with how the user sets another rate: `override`)."""
     if method not in TUNED_SHARING or "theta" not in group_lrs:
         return dict(group_lrs), None
     factor = (D / theta_dim) / TUNED_SHARING[method]
@@ -102,5 +107,5 @@ def fitted_group_lrs(method: str, group_lrs: dict[str, float], D: int, theta_dim
     rates = {**group_lrs, "theta": group_lrs["theta"] * factor}
     note = (f"θ learning rate {rates['theta']:.3g} = {group_lrs['theta']:.3g} x {factor:.2f}: each θ_d entry feeds "
             f"D/d = {D / theta_dim:.1f} LoRA weights here, {TUNED_SHARING[method]:.1f} where the rate was tuned "
-            "(--group-lr theta=RATE sets your own)")
+            f"({override})")
     return rates, note
