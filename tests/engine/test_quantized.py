@@ -204,6 +204,10 @@ def test_the_command_line_merges_on_a_quantized_base_and_writes_a_full_precision
     assert said.startswith("note: merging changed the adapted layers' outputs by at most")
     assert said.endswith("on the first prompts; --merge-to float32 merges without quantizing again")
 
+    assert main(["generate", str(adapter), "--prompt", "3 + 1 =", "--max-new-tokens", "2", "--merge-to", "bfloat16"]) == 0
+    bf16_answer = capsys.readouterr()
+    assert "merging changed" not in bf16_answer.err  # nothing quantized again: nothing to report
+
     out = tmp_path / "merged"
     assert main(["export", str(adapter), str(out), "--to", "merged"]) == 0
     assert "wrote merged model" in capsys.readouterr().out
@@ -225,6 +229,12 @@ def test_the_command_line_merges_on_a_quantized_base_and_writes_a_full_precision
     assert main(["export", str(adapter), str(out), "--to", "merged", "--merge-to", "bfloat16", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"  # only what we wrote is replaced
     assert LlamaForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    # generate --merge-to answers as the written model does
+    tokenizer = smollm2_tokenizer()
+    ids = torch.tensor([tokenizer("3 + 1 =").input_ids])
+    answer = LlamaForCausalLM.from_pretrained(out).generate(ids, max_new_tokens=2, do_sample=False,
+                                                            pad_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(answer[0, ids.shape[1]:], skip_special_tokens=True).strip() == bf16_answer.out.strip()
     capsys.readouterr()
     assert main(["export", str(adapter), str(tmp_path / "x"), "--to", "merged", "--rank", "8"]) == 2
     assert main(["export", str(adapter), str(tmp_path / "x"), "--merge-to", "float32"]) == 2

@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 64; an answer cut there gets a note)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first (no adapter "
                    "overhead; a quantized base is quantized again, and the error that added is noted)")
-    _add_merge_to(p, "with --merge on a quantized base: keep the merged layers in full precision instead of quantizing "
-                  "them again (implies --merge)")
+    _add_merge_to(p, "merge into a full-precision model of this dtype (every layer dequantized on a quantized base): "
+                  "what `export --to merged` writes (implies --merge)")
     p.add_argument("--model", help="override the base model recorded in the adapter")
     _add_quantize(p, recorded=True)
     p.set_defaults(func=cmd_generate)

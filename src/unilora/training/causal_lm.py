@@ -276,17 +276,20 @@ def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge
     prompt is sent as a user turn through the chat template when the adapter learned from chat data; a
     conversation always is. An adapter saved with save_pretrained records no data: its text prompts
     are encoded as the tokenizer does by default, as the server's /v1/completions does. `merge` merges
-    the adapter first (`merge_to`: a quantized base's merged layers kept in that dtype; see AdaptedModel.merge)."""
+    the adapter first (see AdaptedModel.merge); `merge_to` ("float32", "bfloat16") runs the merged model
+    in that dtype with every layer in full precision (merge_and_unload(to=...))."""
     adapter, tokenizer, model = open_lm_adapter(adapter_dir, model_name, quantize, "generate")
     chat = (adapter.task or {}).get("kind") == "chat"
     encoded = [prompt_ids(tokenizer, p, chat) for p in prompts]
-    if merge or merge_to:
+    if merge_to:  # every layer in full precision, the model in that dtype: what `export --to merged` writes
+        model = model.merge_and_unload(to=merge_to)
+    elif merge:
         # on a quantized base the merge quantizes W + s·B A again: say what that changed, on these prompts
         check = left_padded(encoded[:batch_size], tokenizer.pad_token_id) if quantization_of(model) else None
-        report = model.merge(to=merge_to, check=check)
+        report = model.merge(check=check)
         if report is not None:
             note(report.line().replace("on this batch", "on the first prompts") +
-                 ("" if merge_to else "; --merge-to float32 merges without quantizing again"))
+                 "; --merge-to float32 merges without quantizing again")
     return generate(model, tokenizer, encoded, max_new_tokens, batch_size)
 
 
