@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_internals
 
 from ..core.quantized import dense_linear, layer_quantization, quantize_linear
 from ..core.targeting import is_conv1d, is_quantized
@@ -47,16 +46,6 @@ def shared_owner(owner: list[int], device: torch.device) -> torch.Tensor:
     return found
 
 
-def _calls_linear_alone(module: nn.Module) -> bool:
-    """Whether calling `module` runs nn.Linear.forward and nothing else: the shortcut Module.__call__
-    itself takes when no hook is set (and no JIT trace runs). Decoding calls hundreds of adapted layers
-    per token, and a module call costs about as much as the adapter's two small products."""
-    return (type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
-                                               or module._backward_hooks or module._backward_pre_hooks)
-            and "forward" not in module.__dict__ and not _module_internals._has_any_global_hook()
-            and not torch._C._get_tracing_state())
-
-
 class AdaptedLayer(nn.Module):
     # marks a wrapper whose `base_layer` is the model's own layer (targeting looks through it)
     wraps_base_layer = True
@@ -79,11 +68,7 @@ class AdaptedLayer(nn.Module):
         return self.merged_adapter is not None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.base_layer
-        if not args and not kwargs and not torch.is_grad_enabled() and _calls_linear_alone(base):
-            result = F.linear(x, base.weight, base.bias)  # what base(x) runs, without a second module call
-        else:
-            result = base(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         router = self._router
         if self.merged_adapter is not None or not router.enabled:
             return result
