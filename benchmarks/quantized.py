@@ -5,7 +5,11 @@
 (b) serving: `unilora serve --quantize KIND`, N streaming clients on N Uni-LoRA adapters for a fixed
     window: decode tokens/s and p95 inter-token latency, per base;
 (c) a training step (batch 4 x 128 tokens, forward and backward, Uni-LoRA on all linear layers, and
-    PEFT's LoRA r=4 on the same torchao base): median step time and the process's peak RSS.
+    PEFT's LoRA r=4 on the same torchao base): median step time and the process's peak RSS;
+(d) merging on a quantized base: a Uni-LoRA adapter trained on it as `unilora finetune --quantize`
+    trains (BBC headlines, 96 rows, one epoch), merged with its layers quantized again, measured by
+    merge(check=...) on 8 test prompts: the largest change of an adapted layer's output (absolute and
+    relative to that layer's largest output) and of the logits; then the same merged in fp32.
 
 Each figure comes from its own process (memory is per process), one after the other.
 
@@ -85,6 +89,29 @@ def train_step(kind: str, library: str, steps: int = 6) -> dict:
     return {"step_s": round(statistics.median(times[1:]), 3), "peak_rss_mb": round(peak, 1)}
 
 
+def merge_error(kind: str) -> dict:
+    """In this (child) process: train on a `kind` base, then what merging (quantized again, or in fp32) changes."""
+    from unilora.data.sources import DataSpec
+    from unilora.store.io import read_adapter
+    from unilora.data.lm_tokens import prompt_ids
+    from unilora.training.causal_lm import left_padded, load_lm_adapter
+    from unilora.training.runs import run_finetune
+
+    out = Path(tempfile.mkdtemp(prefix=f"merge-{kind}-")) / "run"
+    run = run_finetune(DataSpec("bbc_headlines", train_limit=96, test_limit=8), model=EMBEDDED_LLM, method="unilora",
+                       out=out, epochs=1, batch_size=8, quantize=kind, progress=False)
+    adapter = read_adapter(out / "adapter")
+    found = {"eval_loss": round(run.metrics["history"][-1]["eval_loss"], 4)}
+    for to in (None, "float32"):
+        tokenizer, model = load_lm_adapter(adapter, None, kind)
+        prompts = [prompt_ids(tokenizer, row["messages"][:-1], True) for row in run.dataset.test[:8]]
+        report = model.eval().merge(to=to, check=left_padded(prompts, tokenizer.pad_token_id))
+        found["requantized" if to is None else "fp32"] = {
+            "layer_max_abs": report.layer_max_abs, "layer_relative": report.layer_relative,
+            "worst_layer": report.worst_layer, "logits_max_abs": report.output_max_abs}
+    return found
+
+
 def child(what: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", what, *args], capture_output=True, text=True,
                          check=True)
@@ -97,13 +124,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rows", default="a,b,c")
+    parser.add_argument("--rows", default="a,b,c,d")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-quantized.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         what, *rest = args.child
-        print(json.dumps(memory(*rest) if what == "memory" else train_step(*rest)))
+        run = {"memory": memory, "train": train_step, "merge": merge_error}[what]
+        print(json.dumps(run(*rest)))
         return
     kinds = args.kinds.split(",")
     record = {"clients": args.clients, "window_s": args.seconds, "max_tokens": args.max_tokens, "torch": torch.__version__}
@@ -132,6 +160,11 @@ def main() -> None:
         record["c_train_step"] = {f"{library}:{kind}": child("train", kind, library)
                                   for kind in ("fp32", "int8") for library in ("ours", "peft")}
         print(json.dumps(record["c_train_step"]), flush=True)
+    if "d" in args.rows:
+        record["d_merge"] = {kind: child("merge", kind) for kind in kinds if kind not in ("fp32", "bf16")}
+        print(json.dumps(record["d_merge"]), flush=True)
+    if args.out.exists() and args.rows != "a,b,c,d":  # a partial run updates the rows it ran
+        record = {**json.loads(args.out.read_text()), **record}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
 
