@@ -9,7 +9,9 @@
 (d) merging on a quantized base: a Uni-LoRA adapter trained on it as `unilora finetune --quantize`
     trains (BBC headlines, 96 rows, one epoch), merged with its layers quantized again, measured by
     merge(check=...) on 8 test prompts: the largest change of an adapted layer's output (absolute and
-    relative to that layer's largest output) and of the logits; then the same merged in fp32.
+    relative to that layer's largest output) and of the logits; then the same merged in fp32;
+(e) eager against `torch.compile` (dynamic=False) on fp32 and int8: one forward of 16 rows x 8 tokens
+    (no cache), the four taking turns in a seeded order, ratios to fp32 eager per round.
 
 Each figure comes from its own process (memory is per process), one after the other.
 
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import io
 import json
+import random
 import re
 import resource
 import statistics
@@ -112,6 +115,33 @@ def merge_error(kind: str) -> dict:
     return found
 
 
+def compiled_forward(rounds: str = "8") -> dict:
+    """In this (child) process: fp32 and int8, eager and compiled, a 16 x 8-token forward each turn."""
+    ids = torch.randint(0, 49000, (16, 8), generator=torch.Generator().manual_seed(0))
+    cases, found = {}, {}
+    for kind in ("fp32", "int8"):
+        _, model = loaded(kind)
+        cases[f"{kind} eager"] = model
+        cases[f"{kind} compiled"] = torch.compile(model, dynamic=False)
+    times = {name: [] for name in cases}
+    with torch.no_grad():
+        for name, model in cases.items():
+            started = time.perf_counter()
+            model(input_ids=ids), model(input_ids=ids)
+            found[f"{name}: first two calls s"] = round(time.perf_counter() - started, 1)
+        order = random.Random(0)
+        for _ in range(int(rounds)):
+            for name in order.sample(list(cases), len(cases)):
+                started = time.perf_counter()
+                cases[name](input_ids=ids)
+                times[name].append(time.perf_counter() - started)
+    for name, taken in times.items():
+        found[f"{name}: ms"] = round(statistics.median(taken) * 1000, 1)
+        found[f"{name}: fp32 eager / this"] = round(statistics.median(
+            [b / t for b, t in zip(times["fp32 eager"], taken)]), 3)
+    return found
+
+
 def child(what: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", what, *args], capture_output=True, text=True,
                          check=True)
@@ -124,13 +154,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rows", default="a,b,c,d")
+    parser.add_argument("--rows", default="a,b,c,d,e")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks-quantized.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         what, *rest = args.child
-        run = {"memory": memory, "train": train_step, "merge": merge_error}[what]
+        run = {"memory": memory, "train": train_step, "merge": merge_error, "compile": compiled_forward}[what]
         print(json.dumps(run(*rest)))
         return
     kinds = args.kinds.split(",")
@@ -163,7 +193,10 @@ def main() -> None:
     if "d" in args.rows:
         record["d_merge"] = {kind: child("merge", kind) for kind in kinds if kind not in ("fp32", "bf16")}
         print(json.dumps(record["d_merge"]), flush=True)
-    if args.out.exists() and args.rows != "a,b,c,d":  # a partial run updates the rows it ran
+    if "e" in args.rows:
+        record["e_compile"] = child("compile")
+        print(json.dumps(record["e_compile"]), flush=True)
+    if args.out.exists() and args.rows != "a,b,c,d,e":  # a partial run updates the rows it ran
         record = {**json.loads(args.out.read_text()), **record}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
