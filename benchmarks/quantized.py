@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import gc
 import io
 import json
 import random
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,14 +59,34 @@ def loaded(kind: str):
     return tokenizer, model.eval()
 
 
-def memory(kind: str) -> dict:
-    """In this (child) process: the weights' bytes and the RSS after loading."""
-    _, model = loaded(kind)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+def rss_mb() -> float:
     with open("/proc/self/status") as f:
-        rss = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
-    return {"weights_mb": round(buffer.tell() / 2**20, 1), "rss_mb": round(rss, 1)}
+        return round(int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024, 1)
+
+
+def live_tensor_mb() -> float:
+    """The bytes of every tensor storage alive in the process (a quantized tensor's inner data included)."""
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            # a torchao tensor's inner tensors are counted themselves; bitsandbytes' Params4bit holds its data
+            if isinstance(obj, torch.Tensor) and not type(obj).__module__.startswith("torchao"):
+                storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return round(sum(storages.values()) / 2**20, 1)
+
+
+def memory(kind: str) -> dict:
+    """In this (child) process: the weights' bytes, the tensors alive, and the RSS after loading (and after
+    glibc's malloc_trim, which hands freed memory back to the system)."""
+    _, model = loaded(kind)
+    gc.collect()
+    found = {"live_tensors_mb": live_tensor_mb(), "rss_mb": rss_mb()}
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    found["rss_after_malloc_trim_mb"] = rss_mb()
+    buffer = io.BytesIO()  # measured last: the saved bytes themselves take memory
+    torch.save(model.state_dict(), buffer)
+    return {"weights_mb": round(buffer.tell() / 2**20, 1), **found}
 
 
 def train_step(kind: str, library: str, steps: int = 6) -> dict:
@@ -78,6 +101,7 @@ def train_step(kind: str, library: str, steps: int = 6) -> dict:
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
     model.train()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading and quantizing's high-water mark
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, 49000, (4, 128), generator=torch.Generator().manual_seed(0))
@@ -89,7 +113,8 @@ def train_step(kind: str, library: str, steps: int = 6) -> dict:
         optimizer.zero_grad()
         times.append(time.perf_counter() - started)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": round(statistics.median(times[1:]), 3), "peak_rss_mb": round(peak, 1)}
+    return {"step_s": round(statistics.median(times[1:]), 3), "peak_rss_mb": round(peak, 1),
+            "peak_rss_before_training_mb": round(before, 1)}
 
 
 def merge_error(kind: str) -> dict:
