@@ -212,7 +212,7 @@ def test_the_command_line_merges_on_a_quantized_base_and_writes_a_full_precision
     assert main(["export", str(adapter), str(out), "--to", "merged"]) == 0
     assert "wrote merged model" in capsys.readouterr().out
     marker = json.loads((out / "unilora_merged.json").read_text())
-    assert marker["quantize"] == "int8" and "model.safetensors" in marker["files"]
+    assert marker["quantize"] == "int8" and marker["method"] == "unilora" and "model.safetensors" in marker["files"]
     written = LlamaForCausalLM.from_pretrained(out).eval()  # plain transformers: no adapter, no quantization
     assert written.dtype == torch.float32
     assert not any(is_quantized(m.weight) for m in written.modules() if isinstance(m, torch.nn.Linear))

@@ -176,7 +176,7 @@ def export_merged(args) -> int:
     quantized = quantization_of(model)
     plain = model.merge_and_unload(to=args.merge_to or "float32")
     source = {"adapter": str(args.adapter), "base_model": getattr(plain.config, "_name_or_path", None) or args.model,
-              "method": adapter.meta.get("method"), "quantize": quantized}
+              "method": adapter.config.method, "quantize": quantized}
     for line in write_merged_model(plain, tokenizer, args.out, source, overwrite=args.overwrite):
         print(line)
     return 0
