@@ -135,3 +135,17 @@ def test_the_command_line_holds_no_tensor_code():
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree(path))
                      if isinstance(node, ast.ImportFrom) and not node.level}
         assert not imported & {"torch", "transformers", "safetensors", "numpy"}, path.name
+
+
+@pytest.mark.slow
+def test_import_unilora_loads_nothing_until_a_name_is_asked_for():
+    """The `unilora` script sets serve's SIGTERM handling before torch loads (unilora/_console.py),
+    which needs `import unilora` to cost nothing; every public name still resolves, and dir() lists them."""
+    import subprocess
+
+    script = ("import sys, unilora; assert 'torch' not in sys.modules, 'torch loaded'; "
+              "assert set(unilora.__all__) <= set(dir(unilora)); "
+              "[getattr(unilora, name) for name in unilora.__all__]; "
+              "assert unilora.from_pretrained == unilora.AdaptedModel.from_pretrained; print('ok')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

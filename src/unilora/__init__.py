@@ -41,6 +41,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'unilora' has no attribute '{name}'")
 
 
+def __dir__() -> list[str]:  # tab completion and dir() list the public names before they are loaded
+    return sorted(set(globals()) | set(__all__))
+
+
 __all__ = [
     "AdaptedModel",
     "AdapterConfig",
