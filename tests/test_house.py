@@ -149,3 +149,9 @@ def test_import_unilora_loads_nothing_until_a_name_is_asked_for():
               "assert unilora.from_pretrained == unilora.AdaptedModel.from_pretrained; print('ok')")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+    # the config is the first thing a user builds: the methods are there whatever was imported before
+    for first in ("import unilora; config = unilora.AdapterConfig", "from unilora.core.config import AdapterConfig; "
+                  "config = AdapterConfig"):
+        script = f"{first}(method='vblora'); import unilora; assert len(unilora.METHODS) == 8; print(config.method)"
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.stdout.strip() == "vblora", done.stderr[-2000:]
