@@ -122,7 +122,8 @@ def merge_error(kind: str) -> dict:
     from unilora.data.sources import DataSpec
     from unilora.store.io import read_adapter
     from unilora.data.lm_tokens import prompt_ids
-    from unilora.training.causal_lm import left_padded, load_lm_adapter
+    from unilora.engine.generation import left_padded
+    from unilora.training.causal_lm import load_lm_adapter
     from unilora.training.runs import run_finetune
 
     out = Path(tempfile.mkdtemp(prefix=f"merge-{kind}-")) / "run"

@@ -22,6 +22,14 @@ def _tokens_before_end(row: list[int], ends: set[int]) -> int:
     return next((i for i, token in enumerate(row) if token in ends), len(row))
 
 
+def left_padded(batch: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of token lists padded on the left, as generation reads them."""
+    width = max(len(ids) for ids in batch)
+    return {"input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], dtype=torch.long),
+            "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch],
+                                           dtype=torch.long)}
+
+
 @torch.no_grad()
 def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
              max_prompt_tokens: int | None = None) -> list[Generation]:
@@ -33,13 +41,9 @@ def generate(model, tokenizer, encoded: list[list[int]], max_new_tokens: int, ba
     outputs: list[Generation] = [Generation("", 0)] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        batch = left_padded([encoded[i] for i in idx], tokenizer.pad_token_id)
+        width = batch["input_ids"].shape[1]
+        new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ends = {tokenizer.eos_token_id, *(configured if isinstance(configured, (list, tuple)) else [configured])}

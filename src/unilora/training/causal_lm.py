@@ -33,7 +33,7 @@ from ..data.lm_tokens import (
     token_ids,
 )
 from ..data.tables import read_rows
-from ..engine.generation import generate
+from ..engine.generation import generate, left_padded
 from ..engine.model import AdaptedModel
 from ..models.adapter_base import peft_task_type
 from ..core.notes import note
@@ -291,13 +291,6 @@ def generate_from_adapter(adapter_dir, prompts: list, max_new_tokens: int, merge
             note(report.line().replace("on this batch", "on the first prompts") +
                  "; --merge-to float32 merges without quantizing again")
     return generate(model, tokenizer, encoded, max_new_tokens, batch_size)
-
-
-def left_padded(batch: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids and attention_mask of token lists padded on the left, as generation reads them."""
-    width = max(len(ids) for ids in batch)
-    return {"input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch]),
-            "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])}
 
 
 def open_lm_adapter(adapter_dir, model_name: str | None = None, quantize: str | None = None, command: str = "generate"):
