@@ -2,9 +2,9 @@
 own adapter, with and without fine-tuning jobs trained inside the server.
 
 (a) serving alone: N streaming clients on N adapters for a fixed window: decode tokens/s, p50 and
-    p95 inter-token latency (ITL), the server's peak RSS;
+    p95 inter-token latency (ITL), the server's peak RSS during the window (and since its start);
 (b) the same load while 2 jobs train in the server: the same figures, and the jobs' training
-    tokens/s (trained tokens, from the server's `unilora_training_tokens` / 3);
+    tokens/s (the rows' tokens, padding not counted: the server's `unilora_training_tokens`);
 (c) what a user builds today: the same load on a server while 2 `unilora finetune` processes (one
     epoch each) train beside it, until both end: the streams' figures and the two runs' tokens/s;
 (d) the same 2 jobs on the idle server (the load ended): training tokens/s; and `unilora finetune`
@@ -91,8 +91,18 @@ async def stream_load(url: str, models: list[str], seconds: float, max_tokens: i
 
 
 def peak_rss_mb(process: Process) -> float:
+    """The process's peak resident memory since it started, or since `reset_peak_rss`."""
     with open(f"/proc/{process.process.pid}/status") as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def reset_peak_rss(process: Process) -> float:
+    """Start the peak over from the current resident memory (Linux: clear_refs 5); returns the peak
+    since the start, so a row can quote both."""
+    lifetime = peak_rss_mb(process)
+    with open(f"/proc/{process.process.pid}/clear_refs", "w") as f:
+        f.write("5")
+    return lifetime
 
 
 def start_jobs(url: str, train: Path, count: int, epochs: int) -> list[str]:
@@ -119,7 +129,7 @@ def trained_per_s(url: str, window: float, during=None) -> tuple[float, object]:
     started = time.perf_counter()
     result = during() if during is not None else time.sleep(window)
     elapsed = time.perf_counter() - started
-    return (metric(url, "unilora_training_tokens_total") - before) / 3 / elapsed, result
+    return (metric(url, "unilora_training_tokens_total") - before) / elapsed, result
 
 
 def file_tokens(train: Path) -> int:
@@ -166,8 +176,10 @@ def main() -> None:
     alone = server("alone", 8320)
     try:
         asyncio.run(stream_load(alone.url, names, 5, 4))  # attach every adapter first
+        before = reset_peak_rss(alone)
         record["a_serving_alone"] = {**asyncio.run(stream_load(alone.url, names, args.seconds, args.max_tokens)),
-                                     "peak_rss_mb": round(peak_rss_mb(alone), 1)}
+                                     "peak_rss_mb": round(peak_rss_mb(alone), 1),
+                                     "peak_rss_mb_since_start": round(max(before, peak_rss_mb(alone)), 1)}
     finally:
         alone.stop()
     print(json.dumps(record["a_serving_alone"]), flush=True)
@@ -176,13 +188,17 @@ def main() -> None:
     try:
         asyncio.run(stream_load(busy.url, names, 5, 4))
         jobs = start_jobs(busy.url, train, 2, epochs=50)
+        before = reset_peak_rss(busy)
         rate, load = trained_per_s(busy.url, args.seconds,
                                    lambda: asyncio.run(stream_load(busy.url, names, args.seconds, args.max_tokens)))
         record["b_serving_with_2_jobs"] = {**load, "training_tokens_per_s": round(rate, 1),
-                                           "peak_rss_mb": round(peak_rss_mb(busy), 1)}
+                                           "peak_rss_mb": round(peak_rss_mb(busy), 1),
+                                           "peak_rss_mb_since_start": round(max(before, peak_rss_mb(busy)), 1)}
         print(json.dumps(record["b_serving_with_2_jobs"]), flush=True)
+        time.sleep(1)  # the server notices that nothing is served (QUIET_SECONDS)
         idle_rate, _ = trained_per_s(busy.url, min(args.seconds, 30))
-        record["d_jobs_on_idle_server"] = {"training_tokens_per_s": round(idle_rate, 1)}
+        record["d_jobs_on_idle_server"] = {"training_tokens_per_s": round(idle_rate, 1),
+                                           "peak_rss_mb_since_b_began": round(peak_rss_mb(busy), 1)}
         for job in jobs:
             httpx.post(f"{busy.url}/v1/fine_tuning/jobs/{job}/cancel", timeout=60)
     finally:

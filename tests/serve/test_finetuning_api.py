@@ -20,9 +20,11 @@ from transformers import AutoTokenizer
 
 from serving import ServerProcess, isolated_greedy, model_dir, tokenizer, write_adapter  # noqa: F401  (fixtures)
 from unilora.data.sources import DataSpec
+from unilora.serve import cotraining
 from unilora.serve.app import create_app
 from unilora.serve.settings import ServeSettings
 from unilora.serve.training_job import JobRun
+from unilora.training.loop import TrainingRun
 from unilora.training.runs import run_finetune
 
 ADAPTER = {"theta_dim": 300}  # the tiny Llama's LoRA space is 4,096 numbers: below the recipe's d
@@ -108,10 +110,13 @@ def create(client: TestClient, training: str, validation: str | None = None, hea
 
 
 # --- in one process: the API's answers ------------------------------------------------------------------
-def test_job_in_process_equals_finetune_with_checkpoints_and_events(tmp_path, model_dir, data, reference):
+def test_job_in_process_equals_finetune_with_checkpoints_and_events(tmp_path, model_dir, data, reference,
+                                                                   monkeypatch):
     store = tmp_path / "store"
     store.mkdir()
-    # a small budget: every optimizer step is taken in parts of a row or two, whose gradients add up
+    # a small budget, and the server never counted idle: every optimizer step is taken in parts of a
+    # row or two, whose gradients add up
+    monkeypatch.setattr(cotraining, "QUIET_SECONDS", float("inf"))
     with serve_in_process(store, model_dir, max_iteration_tokens=16) as client:
         wait_ready(client)
         train, valid = upload(client, data[0]), upload(client, data[1])
@@ -150,6 +155,29 @@ def test_job_in_process_equals_finetune_with_checkpoints_and_events(tmp_path, mo
         prompt = tokenizer("What is 3 plus")["input_ids"]
         expected = tokenizer.decode(isolated_greedy(model_dir, reference, prompt, 6))
         assert ids["choices"][0]["text"] == expected
+
+
+def test_an_idle_server_trains_whole_steps_and_hands_their_memory_back(tmp_path, model_dir, data, reference,
+                                                                      monkeypatch):
+    monkeypatch.setattr(cotraining, "QUIET_SECONDS", 0.0)  # idle from the start
+    parts, handed_back = [], []
+    accumulate = TrainingRun.accumulate
+    monkeypatch.setattr(TrainingRun, "accumulate",
+                        lambda run, indices, share=1.0: (parts.append(len(indices)), accumulate(run, indices, share))[1])
+    monkeypatch.setattr(cotraining, "return_freed_memory", lambda: handed_back.append(True) or True)
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve_in_process(store, model_dir, max_iteration_tokens=64) as client:
+        wait_ready(client)
+        train, valid = upload(client, data[0]), upload(client, data[1])
+        done = wait_for(client, create(client, train["id"], valid["id"], model=str(model_dir)).json()["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert parts == [4, 4, 4, 1] * 2  # 13 rows at batch 4, each step whole, as finetune takes them
+        assert theta_difference(reference, store / done["id"]) < 1e-5
+        deadline = time.monotonic() + 10
+        while not handed_back:  # the last job gone: its steps' memory goes back to the system
+            assert time.monotonic() < deadline, "the steps' memory was not handed back"
+            time.sleep(0.05)
 
 
 def test_a_fitted_rate_is_said_with_the_apis_way_to_change_it(tmp_path, model_dir, data):

@@ -178,8 +178,9 @@ async def create_job(request: Request, server: Server) -> dict:
     db.add_job(row)
     db.add_event(job_id, f"Validating training file: {training['id']}"
                  + (f" and validation file: {validation['id']}" if validation else ""))
+    created = job_object(db.job(job_id))  # as created: validation may end before the answer is sent
     server.cotrainer.validate(job_id)
-    return job_object(db.job(job_id))
+    return created
 
 
 def _job_row(server: Server, request: Request, job_id: str) -> dict:

@@ -36,7 +36,7 @@ class Metrics:
         self.turn_tokens = Counter("unilora_turn_tokens", "Token budget spent by the worker's turns, by use "
                                    "(decode, prefill, training; a trained token counts 3)", ["use"], registry=r)
         self.training_tokens = Counter("unilora_training_tokens",
-                                       "Token credit spent training fine-tuning jobs (a trained token counts 3)",
+                                       "Tokens of training rows that fine-tuning jobs trained on (padding not counted)",
                                        registry=r)
         self.jobs = Gauge("unilora_fine_tuning_jobs", "Fine-tuning jobs by status", ["status"], registry=r)
         self.adapter_errors = Counter("unilora_adapter_errors", "Requests refused for an unusable adapter",

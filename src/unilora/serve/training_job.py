@@ -179,6 +179,11 @@ class JobRun:
         rows = self._rows_left()
         return self._cost(rows[:1]) if rows else 1
 
+    def batch_cost(self) -> int:
+        """Token credit for the rest of the step taken whole (`unilora finetune`'s own batch), or the next
+        batch of evaluation rows."""
+        return self._cost(self._rows_left()[: self.settings.batch_size]) or 1
+
     def run_piece(self, credit: int) -> tuple[int, list[tuple[str, dict | None]]]:
         """Advance by the rows `credit` pays for (one row at least): part of a step, or of the epoch's
         evaluation. Returns (credit spent, events: (message, data))."""
