@@ -14,11 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from starlette.testclient import TestClient
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+import unilora
 
 from serving import ServerProcess, isolated_greedy, model_dir, tokenizer, write_adapter  # noqa: F401  (fixtures)
+from unilora.data.lm_tokens import encode_examples
 from unilora.data.sources import DataSpec
 from unilora.serve import cotraining
 from unilora.serve.app import create_app
@@ -67,6 +71,22 @@ def theta_difference(a: Path, b: Path) -> float:
     x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert set(x) == set(y)
     return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+def token_accuracy(model_dir: Path, adapter_dir: Path, path: Path) -> float:
+    """The share of a file's target tokens that are the adapted model's most likely next token."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = unilora.from_pretrained(LlamaForCausalLM.from_pretrained(model_dir).eval(), adapter_dir)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    hits = targets = 0
+    with torch.no_grad():
+        for example in encode_examples(tokenizer, "chat", rows, 256, True):
+            labels = torch.tensor(example.labels[1:])
+            predicted = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1].argmax(-1)
+            scored = labels != -100
+            hits += int((predicted[scored] == labels[scored]).sum())
+            targets += int(scored.sum())
+    return hits / targets
 
 
 def serve_in_process(store: Path, model_dir: Path, **settings) -> TestClient:
@@ -140,6 +160,11 @@ def test_job_in_process_equals_finetune_with_checkpoints_and_events(tmp_path, mo
 
         checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
         assert [c["step_number"] for c in checkpoints] == [8, 4]
+        # the whole validation file's mean token accuracy, as the result scores it through full logits
+        final = checkpoints[0]["metrics"]
+        assert final["valid_mean_token_accuracy"] == final["full_valid_mean_token_accuracy"]
+        assert abs(final["valid_mean_token_accuracy"] - token_accuracy(model_dir, store / job["id"], data[1])) < 1e-9
+        assert f"validation token accuracy={final['valid_mean_token_accuracy']:.4f}" in epochs[-1]
         names = [m["id"] for m in client.get("/v1/models").json()["data"]]
         assert done["fine_tuned_model"] in names and not any(n.startswith("ftjob-") for n in names)
 

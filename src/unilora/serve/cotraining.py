@@ -337,8 +337,10 @@ class CoTrainer:
         job.save_resume()
         row = self.db.job(job_id)
         metrics = {"step": step, "train_loss": entry["train_loss"]}
-        if "eval_loss" in entry:
-            metrics["valid_loss"] = entry["eval_loss"]
+        if "eval_loss" in entry:  # the whole validation file is scored: OpenAI's valid_* and full_valid_* agree
+            loss, accuracy = entry["eval_loss"], entry["eval_token_accuracy"]
+            metrics.update(valid_loss=loss, valid_mean_token_accuracy=accuracy, full_valid_loss=loss,
+                           full_valid_mean_token_accuracy=accuracy)
         self.db.add_checkpoint({"id": f"ftckpt-{job_id[6:]}-{step}", "job_id": job_id, "created_at": int(time.time()),
                                 "step": step, "metrics": metrics, "store_name": name,
                                 "model_name": f"{row['fine_tuned_model']}:ckpt-step-{step}"})

@@ -29,7 +29,7 @@ from ..data.lm_tokens import collate
 from ..engine.model import AdaptedModel
 from ..methods import recipe_config
 from ..models.backbones import is_embedded
-from ..training.causal_lm import CausalLMTask, token_loss
+from ..training.causal_lm import CausalLMTask, token_loss_and_hits
 from ..training.loop import TrainingRun, TrainSettings, fit_rates_to
 
 MAX_LENGTH = 256  # tokens per example, as `unilora finetune --task causal-lm`
@@ -89,11 +89,8 @@ class ServedTask(CausalLMTask):
     evaluates nothing."""
 
     def prepare(self, tokenizer, lm, settings: TrainSettings) -> None:
-        validated = bool(self.dataset.test)
-        if not validated:
-            self.dataset.test = self.dataset.train[:1]  # encoded, never scored
+        self.validated = self.needs_test_split = bool(self.dataset.test)
         super().prepare(tokenizer, lm, settings)
-        self.validated = validated
 
 
 class JobRun:
@@ -111,7 +108,7 @@ class JobRun:
         self.run: TrainingRun | None = None
         self.done_rows = 0  # rows of the step in progress already taken
         self.eval_rows: list[int] | None = None  # the evaluation's rows left, when evaluating
-        self.eval_sum, self.eval_count = 0.0, 0
+        self.eval_sum, self.eval_hits, self.eval_count = 0.0, 0, 0
         self.trained_tokens = 0
         self.rng = torch.Generator().manual_seed(request.seed).get_state()  # dropout's stream, the job's own
         self.step_rng = self.rng
@@ -232,7 +229,7 @@ class JobRun:
         if run.epoch_over:
             if self.task.validated:
                 self.eval_rows = sorted(range(len(self.task.test_examples)), key=self._width)
-                self.eval_sum, self.eval_count = 0.0, 0
+                self.eval_sum, self.eval_hits, self.eval_count = 0.0, 0, 0
             else:
                 self._end_epoch(None, events)
 
@@ -240,24 +237,29 @@ class JobRun:
         self.model.eval()
         batch = collate([self.task.test_examples[i] for i in part], self.task.tokenizer.pad_token_id)
         with torch.no_grad():
-            self.eval_sum += token_loss(self.model, batch, "sum", self.task.keep_logits).item()
-        self.eval_count += int((batch["labels"][:, 1:] != -100).sum())
+            loss, hits, count = token_loss_and_hits(self.model, batch, self.task.keep_logits)
+        self.eval_sum += loss
+        self.eval_hits += hits
+        self.eval_count += count
         self.eval_rows = self.eval_rows[len(part):]
         if not self.eval_rows:
             self.eval_rows = None
-            self._end_epoch(self.eval_sum / max(1, self.eval_count), events)
+            count = max(1, self.eval_count)
+            self._end_epoch((self.eval_sum / count, self.eval_hits / count), events)
 
-    def _end_epoch(self, valid_loss: float | None, events: list) -> None:
+    def _end_epoch(self, validation: tuple[float, float] | None, events: list) -> None:
+        """`validation`: the whole validation file's (loss per target token, mean token accuracy)."""
         run = self.run
         entry = {"epoch": run.epoch, "train_loss": run.running, "train_seconds": round(run.stepping, 1)}
-        if valid_loss is not None:
-            entry.update(eval_loss=valid_loss, perplexity=math.exp(min(valid_loss, 50.0)))
-        run.history.append(entry)
+        data = {"step": run.steps_done, "epoch": run.epoch, "train_loss": run.running}
         message = f"Epoch {run.epoch}/{self.settings.epochs}: training loss={run.running:.4f}"
-        if valid_loss is not None:
-            message += f", validation loss={valid_loss:.4f}"
-        events.append((message, {"step": run.steps_done, "epoch": run.epoch, "train_loss": run.running,
-                                 **({"valid_loss": valid_loss} if valid_loss is not None else {})}))
+        if validation is not None:
+            loss, accuracy = validation
+            entry.update(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)), eval_token_accuracy=accuracy)
+            data.update(valid_loss=loss, valid_mean_token_accuracy=accuracy)
+            message += f", validation loss={loss:.4f}, validation token accuracy={accuracy:.4f}"
+        run.history.append(entry)
+        events.append((message, data))
         run.end_epoch(evaluate=False)
         if not run.finished:
             run.start_epoch()

@@ -48,8 +48,8 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def token_loss(model, batch: dict, reduction: str = "mean", keep_logits: bool = True) -> torch.Tensor:
-    """Cross-entropy of each target token given the tokens before it. With `keep_logits`, logits
+def target_logits(model, batch: dict, keep_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the token each position predicts: IGNORE where none). With `keep_logits`, logits
     are computed only at positions that predict a target (`logits_to_keep`): the vocabulary
     projection is about a fifth of a small LM's compute, and most positions of an instruction
     example carry no loss."""
@@ -57,10 +57,24 @@ def token_loss(model, batch: dict, reduction: str = "mean", keep_logits: bool = 
     targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
     if keep_logits:
         keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-        logits, targets = model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
-    else:
-        logits = model(**inputs).logits
+        return model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
+    return model(**inputs).logits, targets
+
+
+def token_loss(model, batch: dict, reduction: str = "mean", keep_logits: bool = True) -> torch.Tensor:
+    """Cross-entropy of each target token given the tokens before it."""
+    logits, targets = target_logits(model, batch, keep_logits)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+
+def token_loss_and_hits(model, batch: dict, keep_logits: bool = True) -> tuple[float, int, int]:
+    """(the targets' summed cross-entropy, how many targets are the most likely token, how many
+    targets): a validation's loss and mean token accuracy, added over batches."""
+    logits, targets = target_logits(model, batch, keep_logits)
+    scored = targets != IGNORE
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    hits = (logits.argmax(-1) == targets) & scored
+    return loss.item(), int(hits.sum()), int(scored.sum())
 
 
 def batches_by_length(examples: list[Encoded], pad_id: int, batch_size: int) -> list[tuple[list[int], dict]]:
@@ -128,6 +142,7 @@ def score_generations(model, tokenizer, dataset: LMDataset, max_length: int, bat
 
 class CausalLMTask(Task):
     kind = "causal-lm"
+    needs_test_split = True  # a run scores its test split; a served job without a validation file has none
 
     def build(self, model_name: str, settings: TrainSettings) -> torch.nn.Module:
         tokenizer, lm = load_causal_lm(model_name)
@@ -150,7 +165,7 @@ class CausalLMTask(Task):
         else:
             self.train_examples = encode_examples(self.tokenizer, kind, self.dataset.train, self.max_length, packing)
         self.test_examples = encode_examples(self.tokenizer, kind, self.dataset.test, self.max_length, packing)
-        if not self.train_examples or not self.test_examples:
+        if not self.train_examples or (self.needs_test_split and not self.test_examples):
             raise UniLoraError(f"the {'training' if not self.train_examples else 'test'} split of '{self.data_name}' "
                                "holds no token to learn or score; give it more text")
         self.settings = settings  # its batch size is chosen after the data is encoded (plan.plan_run)
