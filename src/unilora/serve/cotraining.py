@@ -39,8 +39,8 @@ from ..engine.model import AdaptedModel, get_model
 from ..training.loop import TrainSettings
 from ..training.plan import plan_run
 from ..training.recipes import finetune_group_lrs
-from .job_store import JobStore
 from .allocator import return_freed_memory
+from .job_store import JobStore
 from .scheduler import ALONE_FACTOR
 from .training_job import (
     MAX_LENGTH,
@@ -88,7 +88,7 @@ class CoTrainer:
         self.metrics = metrics
         self.credit = 0
         self.quiet_since: float | None = None  # since when nothing was served (worker thread)
-        self.holding_step_memory = False  # pieces larger than one row ran since serving last resumed
+        self.holding_step_memory = False  # whole-step pieces ran since serving last resumed
         self.running: deque[JobRun] = deque()  # attached, training (worker thread only)
         self._ready: deque[JobRun] = deque()  # prepared off the worker thread, waiting to attach
         self._preparing: set[str] = set()
