@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import io
 import json
@@ -48,6 +47,7 @@ import torch  # noqa: E402
 from unilora.models.backbones import load_causal_lm  # noqa: E402
 from unilora.models.embedded_llm import EMBEDDED_LLM  # noqa: E402
 from unilora.models.quantization import quantize_model  # noqa: E402
+from unilora.serve.allocator import return_freed_memory  # noqa: E402
 
 
 def loaded(kind: str):
@@ -82,7 +82,7 @@ def memory(kind: str) -> dict:
     _, model = loaded(kind)
     gc.collect()
     found = {"live_tensors_mb": live_tensor_mb(), "rss_mb": rss_mb()}
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return_freed_memory()
     found["rss_after_malloc_trim_mb"] = rss_mb()
     buffer = io.BytesIO()  # measured last: the saved bytes themselves take memory
     torch.save(model.state_dict(), buffer)

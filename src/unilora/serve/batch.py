@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..core.errors import UniLoraError
+from ..engine.generation import left_padded
 from ..engine.routing import BASE
 from .sequence import Sequence
 
@@ -94,13 +95,8 @@ class RunningBatch:
     def prefill(self, model, sequences: list[Sequence], rows: list[str], keep_logits: bool) -> torch.Tensor:
         """Run the prompts of new rows (left-padded, one forward) and stack them under the batch;
         returns their last-position logits."""
-        width = max(len(s.prompt_ids) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
-            mask[i, width - len(seq.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        padded = left_padded([seq.prompt_ids for seq in sequences], self.pad_id)
+        ids, mask = padded["input_ids"].to(self.device), padded["attention_mask"].to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         extra = {"logits_to_keep": 1} if keep_logits else {}
         extra[self.cache_argument] = DynamicCache()
