@@ -93,6 +93,45 @@ class ServedTask(CausalLMTask):
         super().prepare(tokenizer, lm, settings)
 
 
+def _train_sets_flags(module: torch.nn.Module) -> bool:
+    """Whether `module.train(mode)` sets `training` on it and its children and, where it does more,
+    only what changes nothing here: transformers' PreTrainedModel.train also switches the mode of
+    the hub kernels that replaced layers' forwards (see `_kernels_in_use`)."""
+    train = type(module).train
+    return train is torch.nn.Module.train or train.__qualname__ == "PreTrainedModel.train"
+
+
+def _kernels_in_use(modules: list[torch.nn.Module]) -> bool:
+    """Whether hub kernels replaced a layer's forward (the `kernels` package sets it on the instance).
+    Where none did in inference mode, none does in training mode either: a training kernel serves
+    inference too."""
+    return any(hasattr(type(m), "kernel_layer_name") and "forward" in m.__dict__ for m in modules)
+
+
+class ModeSwitch:
+    """Train or eval mode, set on every module directly, around every piece of a job:
+    `model.train()` walks the modules a call each, and on a transformers model (hub kernels are on
+    by default) asks the kernels to switch mode even where no kernel replaced anything: about 5 ms
+    a call on SmolLM2 (and forwards right after many switches ran up to 1.13x slower). The modules are listed again when
+    the model's adapters change; a model whose `train` does more than that gets `model.train(mode)`."""
+
+    def __init__(self):
+        self._listed: tuple[tuple, list, bool] | None = None  # (adapters, modules, whether flags are all)
+
+    def set(self, model: AdaptedModel, training: bool) -> None:
+        key = tuple(model.adapters)
+        if self._listed is None or self._listed[0] != key:
+            modules = list(model.modules())
+            flags_only = all(_train_sets_flags(m) for m in modules) and not _kernels_in_use(modules)
+            self._listed = (key, modules, flags_only)
+        _, modules, flags_only = self._listed
+        if not flags_only:
+            model.train(training)
+            return
+        for module in modules:
+            module.__dict__["training"] = training  # what nn.Module.__setattr__ does for it, without the checks
+
+
 class JobRun:
     """A job's training state on the served model."""
 
@@ -114,6 +153,7 @@ class JobRun:
         self.step_rng = self.rng
         self.notes: list[str] = []
         self.epoch_ended: dict | None = None  # the history entry of an epoch just ended (the coordinator checkpoints it)
+        self.modes = ModeSwitch()
 
     # --- attaching (worker thread) ------------------------------------------------------------------
     def attach(self, model: AdaptedModel) -> None:
@@ -153,7 +193,7 @@ class JobRun:
         model = self.model
         previous = model.active_adapter
         model.set_adapter(self.internal)
-        model.train()
+        self.modes.set(model, True)
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 torch.set_rng_state(self.rng)
@@ -162,7 +202,7 @@ class JobRun:
                 finally:
                     self.rng = torch.get_rng_state()
         finally:
-            model.eval()
+            self.modes.set(model, False)
             if previous in model.adapters:
                 model.set_adapter(previous)
 
@@ -234,7 +274,7 @@ class JobRun:
                 self._end_epoch(None, events)
 
     def _evaluate(self, part: list[int], events: list) -> None:
-        self.model.eval()
+        self.modes.set(self.model, False)
         batch = collate([self.task.test_examples[i] for i in part], self.task.tokenizer.pad_token_id)
         with torch.no_grad():
             loss, hits, count = token_loss_and_hits(self.model, batch, self.task.keep_logits)
