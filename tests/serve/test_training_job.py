@@ -5,8 +5,8 @@ layer's forward (their mode then matters)."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import build
 import unilora
 from unilora.serve.training_job import ModeSwitch
 
@@ -15,10 +15,7 @@ CONFIG = dict(method="unilora", target_modules=["q_proj", "v_proj", "up_proj"], 
 
 
 def served_model():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
-    model = unilora.get_model(base, unilora.AdapterConfig(**CONFIG), adapter_name="job")
+    model = unilora.get_model(build("llama"), unilora.AdapterConfig(**CONFIG), adapter_name="job")
     model.add_adapter("other", unilora.AdapterConfig(**{**CONFIG, "seed": 4}))
     return model.eval()
 

@@ -112,8 +112,9 @@ class ModeSwitch:
     """Train or eval mode, set on every module directly, around every piece of a job:
     `model.train()` walks the modules a call each, and on a transformers model (hub kernels are on
     by default) asks the kernels to switch mode even where no kernel replaced anything: about 5 ms
-    a call on SmolLM2 (and forwards right after many switches ran up to 1.13x slower). The modules are listed again when
-    the model's adapters change; a model whose `train` does more than that gets `model.train(mode)`."""
+    a call on SmolLM2 (and forwards right after many switches ran up to 1.13x slower). The modules
+    are listed again when the model's adapters change; a model whose `train` does more than that
+    gets `model.train(mode)`."""
 
     def __init__(self):
         self._listed: tuple[tuple, list, bool] | None = None  # (adapters, modules, whether flags are all)
