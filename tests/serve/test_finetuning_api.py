@@ -27,6 +27,7 @@ from unilora.data.sources import DataSpec
 from unilora.serve import cotraining
 from unilora.serve.app import create_app
 from unilora.serve.settings import ServeSettings
+from unilora.serve.slices import PieceAborted
 from unilora.serve.training_job import JobRun
 from unilora.training.loop import TrainingRun
 from unilora.training.runs import run_finetune
@@ -135,8 +136,13 @@ def test_job_in_process_equals_finetune_with_checkpoints_and_events(tmp_path, mo
     store = tmp_path / "store"
     store.mkdir()
     # a small budget, and the server never counted idle: every optimizer step is taken in parts of a
-    # row or two, whose gradients add up
+    # row or two, whose gradients add up, and each part in slices of a turn's credit
     monkeypatch.setattr(cotraining, "QUIET_SECONDS", float("inf"))
+    monkeypatch.setattr(cotraining, "ALONE_FACTOR", 1)
+    pieces, stops = [], []
+    run_piece, between = JobRun.run_piece, cotraining.CoTrainer._between_slices
+    monkeypatch.setattr(JobRun, "run_piece", lambda job, *args: (pieces.append(args), run_piece(job, *args))[1])
+    monkeypatch.setattr(cotraining.CoTrainer, "_between_slices", lambda trainer: (stops.append(1), between(trainer))[1])
     with serve_in_process(store, model_dir, max_iteration_tokens=16) as client:
         wait_ready(client)
         train, valid = upload(client, data[0]), upload(client, data[1])
@@ -149,6 +155,7 @@ def test_job_in_process_equals_finetune_with_checkpoints_and_events(tmp_path, mo
         assert done["fine_tuned_model"] == f"ft:{model_dir.name}:sums:{job['id']}"
         assert done["trained_tokens"] > 0
         assert theta_difference(reference, store / job["id"]) < 1e-5
+        assert len(stops) > 2 * len(pieces) > 2 * 26  # 13 rows, 2 epochs, one row per piece at most
 
         events = [e["message"] for e in reversed(client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100")
                                                  .json()["data"])]
@@ -288,6 +295,49 @@ def test_cancel_leaves_nothing_and_full_disk_fails_the_job_alone(tmp_path, model
         # serving goes on
         answer = client.post("/v1/completions", json={"model": "kept", "prompt": "hello", "max_tokens": 2})
         assert answer.status_code == 200
+
+
+def test_a_job_cancelled_in_the_middle_of_a_piece_leaves_the_next_job_exact(tmp_path, model_dir, data, reference,
+                                                                           monkeypatch):
+    """The cancel reaches the job while a piece is part-way (stopped between two blocks): the piece
+    is unwound, nothing of the job stays, and the next job still equals `unilora finetune`."""
+    monkeypatch.setattr(cotraining, "QUIET_SECONDS", float("inf"))
+    monkeypatch.setattr(cotraining, "ALONE_FACTOR", 1)
+    aborted = []
+    run_piece, between = JobRun.run_piece, cotraining.CoTrainer._between_slices
+
+    def recording_aborts(job, *args):
+        try:
+            return run_piece(job, *args)
+        except PieceAborted:
+            aborted.append(job.request.id)
+            raise
+
+    def cancel_when_part_way(trainer):
+        job = trainer.current
+        if job.run.steps_done >= 2 and not aborted:
+            trainer.cancel(job.request.id)  # seen at this very stop, the piece part-way
+        return between(trainer)
+
+    monkeypatch.setattr(JobRun, "run_piece", recording_aborts)
+    monkeypatch.setattr(cotraining.CoTrainer, "_between_slices", cancel_when_part_way)
+    store = tmp_path / "store"
+    store.mkdir()
+    with serve_in_process(store, model_dir, max_iteration_tokens=8) as client:
+        wait_ready(client)
+        train, valid = upload(client, data[0]), upload(client, data[1])
+        first = wait_for(client, create(client, train["id"], model=str(model_dir)).json()["id"])
+        assert first["status"] == "cancelled"
+        deadline = time.monotonic() + 30
+        while not aborted:
+            assert time.monotonic() < deadline, "the piece was not unwound"
+            time.sleep(0.05)
+        assert aborted == [first["id"]]
+        monkeypatch.setattr(cotraining.CoTrainer, "_between_slices", between)
+        second = wait_for(client, create(client, train["id"], valid["id"], model=str(model_dir)).json()["id"])
+        assert second["status"] == "succeeded", second["error"]
+        assert theta_difference(reference, store / second["id"]) < 1e-5
+        assert visible(store) == [second["id"]] + [f"{second['id']}.step-{s}" for s in (4, 8)]
 
 
 def test_tenants_see_only_their_own(tmp_path, model_dir, data):

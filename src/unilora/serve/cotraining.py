@@ -5,17 +5,24 @@ chunks (scheduler.py), then training. While requests run or wait, training gets 
 of the budget per turn, so jobs progress even at peak without taking the streams' time (what
 decoding leaves of the budget is not given to training: a trained token costs far more time than a
 decoded one in a batch, and the streams' latency is what the budget protects); a server with nothing
-to generate gives training `ALONE_FACTOR` budgets per turn, and once nothing has been served for
-`QUIET_SECONDS` each piece is the rest of a step taken whole, as `unilora finetune` takes it (one-row
-pieces train at about 0.6x the speed of a batch of 8 on CPU), up to `IDLE_PIECE_BUDGETS` budgets of
-trained tokens (whoever arrives waits one piece). When requests come back, the memory that those
-larger pieces' activations took is handed back to the system (allocator.py), so serving under load
-holds only what one-row pieces need. A token trained counts three (forward and backward). Credit
-that does not pay for a whole row carries over to the next turn; running jobs take turns (round
-robin).
+to generate gives training `ALONE_FACTOR` budgets per turn. A token trained counts three (forward and
+backward).
+
+Training advances a piece at a time, one job's after another's (round robin): under load the rows a
+turn's allowance pays for, one row at least; once nothing has been served for `QUIET_SECONDS`, the
+rest of a step taken whole, as `unilora finetune` takes it (one-row pieces train at about 0.6x the
+speed of a batch of 8 on CPU), up to `IDLE_PIECE_BUDGETS` budgets of trained tokens. A piece runs in
+slices (slices.py): once it has spent what it was granted it stops at the next block boundary, and
+there the worker serves one turn (decode, prompt chunks, queued calls) before the piece goes on with
+that turn's allowance, so no stream waits for a whole piece (one 65-token row is about 0.6 s on 2
+cores, four decode steps of 16 streams); what a piece takes past its grant is owed by the next. All
+of it runs on the worker thread, the serving turns inside the piece's stops. The model changes (jobs
+attached or taken off) only between pieces. When requests come back, the memory that whole steps'
+activations took is handed back to the system (allocator.py), so serving under load holds only what
+small pieces need.
 
 Job lifecycle: validating_files -> queued -> running -> succeeded | failed | cancelled, kept in the
-job store (job_store.py). Files are read and tokenized off the worker thread; only attaching the
+job store (job_store.py). Files are read and tokenized off the worker thread; attaching the
 adapter and the training pieces run on it. At the end of each epoch the job writes a checkpoint
 adapter into the store (`<job id>.step-<n>`) and its resume state; on success the adapter goes
 into the store as `<job id>`, atomically, and is served at once under its `ft:` name. A job that
@@ -33,6 +40,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from ..core.errors import UniLoraError
 from ..engine.model import AdaptedModel, get_model
@@ -42,6 +50,7 @@ from ..training.recipes import finetune_group_lrs
 from .allocator import return_freed_memory
 from .job_store import JobStore
 from .scheduler import ALONE_FACTOR
+from .slices import PieceAborted
 from .training_job import (
     MAX_LENGTH,
     RESUME_FILE,
@@ -86,16 +95,19 @@ class CoTrainer:
         self.max_jobs = max_jobs
         self.quantize = quantize  # the served base's quantization, recorded in the jobs' adapters
         self.metrics = metrics
-        self.credit = 0
+        self.credit: float = 0  # below zero: what the last piece took past its grants
         self.quiet_since: float | None = None  # since when nothing was served (worker thread)
         self.holding_step_memory = False  # whole-step pieces ran since serving last resumed
         self.running: deque[JobRun] = deque()  # attached, training (worker thread only)
+        self.current: JobRun | None = None  # the job whose piece is in progress (worker thread only)
+        self.current_whole = False  # that piece is a whole step taken on a quiet server
         self._ready: deque[JobRun] = deque()  # prepared off the worker thread, waiting to attach
         self._preparing: set[str] = set()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unilora-jobs")
         self.wake = lambda: None  # set by the worker: a prepared job is ready to attach
+        self.serve_turn: Callable[[], bool] = lambda: False  # set by the worker: one serving turn, whether it served
 
     @property
     def files_dir(self) -> Path:
@@ -197,44 +209,62 @@ class CoTrainer:
 
     def turn(self, serving: bool) -> int:
         """Training's part of one worker turn; `serving`: whether requests are running or waiting.
+        Runs one job's next piece to its end, the streams served between its slices (`serve_turn`).
         Returns the credit training spent."""
         self._drop_cancelled()
         self._attach_ready()
-        if serving or not self.running:
-            self.quiet_since = None
-            self._hand_back_step_memory()
+        allowance, quiet = self._allowance(serving)
         if not self.running:
             self.credit = 0
             return 0
+        self.credit = allowance if quiet else self.credit + allowance  # below zero: what the last piece owed
+        if self.credit <= 0:
+            return 0
         job = self.running[0]
-        whole_step = False
-        if serving:
-            allowance = math.ceil(self.training_share * self.budget)
-        else:
-            now = time.monotonic()
-            if self.quiet_since is None:
-                self.quiet_since = now
-            allowance = ALONE_FACTOR * self.budget
-            if now - self.quiet_since >= QUIET_SECONDS:
-                # nobody served for a while: the rest of the step whole, batched as `unilora finetune`
-                # takes it (one-row pieces train at about 0.6x its speed), within IDLE_PIECE_BUDGETS
-                # but never less than one row (credit is not carried between these pieces)
-                whole_step = True
-                cap = IDLE_PIECE_BUDGETS * TRAINING_COST * self.budget
-                allowance = max(allowance, min(job.batch_cost(), cap), job.next_cost())
-                self.credit = 0
-        self.credit = min(self.credit + allowance, max(allowance, job.next_cost()))
-        used = 0
-        if self.credit >= job.next_cost():
-            self.running.rotate(-1)
-            used = self._advance(job, self.credit)
-            self.credit -= used
-            self.holding_step_memory |= whole_step and used > 0
+        self.running.rotate(-1)
+        rows_credit = self.credit
+        if quiet:  # nobody to serve: the rest of the step at once, as `unilora finetune` takes it (in
+            # slices all the same: a request that arrives meanwhile is served at the next stop)
+            rows_credit = max(allowance, min(job.batch_cost(), IDLE_PIECE_BUDGETS * TRAINING_COST * self.budget))
+        self.current, self.current_whole = job, quiet
+        self.holding_step_memory |= quiet
+        try:
+            used = self._advance(job, rows_credit, self.credit)
+        finally:
+            self.current = None
+        self.credit -= used
+        self._drop_cancelled()  # those that arrived while the piece ran
         if not self.running:  # the last job ended: the worker may sleep now
             self._hand_back_step_memory()
         if self.metrics is not None:
             self.metrics.turn_tokens.labels("training").inc(used)
         return used
+
+    def _allowance(self, serving: bool) -> tuple[float, bool]:
+        """This turn's token credit for training, and whether the server counts as quiet (nothing
+        served for QUIET_SECONDS)."""
+        if serving or not self.running:
+            self.quiet_since = None
+            if self.current is None or not self.current_whole:
+                self._hand_back_step_memory()
+        if serving:
+            return math.ceil(self.training_share * self.budget), False
+        now = time.monotonic()
+        if self.quiet_since is None:
+            self.quiet_since = now
+        return ALONE_FACTOR * self.budget, now - self.quiet_since >= QUIET_SECONDS
+
+    def _between_slices(self) -> float:
+        """At a stop of the piece in progress: one serving turn, then the credit it grants training
+        (PieceAborted where the piece's job was cancelled meanwhile or the server stops)."""
+        job = self.current
+        with self._lock:
+            cancelled = job is not None and job.request.id in self._cancelled
+        if cancelled:
+            raise PieceAborted(f"job {job.request.id} was cancelled")
+        allowance, _ = self._allowance(self.serve_turn())
+        self.credit += allowance
+        return allowance
 
     def _hand_back_step_memory(self) -> None:
         """Serving again, or no job left: what whole steps' activations took goes back to the system."""
@@ -243,7 +273,8 @@ class CoTrainer:
             self.holding_step_memory = False
 
     def suspend(self) -> None:
-        """The server stops: every running job writes its resume state and is queued for the next start."""
+        """The server stops: every running job writes its resume state and is queued for the next start
+        (a piece in progress was unwound first: its step is taken again from its start)."""
         for job in list(self.running):
             try:
                 job.save_resume()
@@ -306,11 +337,13 @@ class CoTrainer:
             self._remove_outputs(job_id)
         self.schedule()
 
-    def _advance(self, job: JobRun, credit: int) -> int:
+    def _advance(self, job: JobRun, rows_credit: float, grant: float) -> int:
+        """The job's next piece (the rows `rows_credit` pays for), its first slice `grant` long, the
+        streams served between its slices; then its events, checkpoint, result."""
         job_id = job.request.id
         try:
             trained = job.trained_tokens
-            used, events = job.run_piece(credit)
+            used, events = job.run_piece(rows_credit, grant, self._between_slices)
             for message, data in events:
                 self.db.add_event(job_id, message, data=data)
             if self.metrics is not None:
@@ -321,6 +354,8 @@ class CoTrainer:
             if job.finished:
                 self._succeed(job)
             return used
+        except PieceAborted:  # cancelled (_drop_cancelled takes it off) or the server stops (suspend)
+            return 0
         except (UniLoraError, OSError) as err:
             reason = str(err) if isinstance(err, UniLoraError) else f"the server could not write the job's files: {err}"
             self._end_failed(job, "job_failed", reason)

@@ -8,7 +8,9 @@ each step's batch is taken whole when the turn's token credit allows, else in pa
 whose gradients add up to the batch's (each part weighed by its share of the batch's target
 tokens). Between parts the model is back in eval mode with its serving adapters untouched.
 
-A job is advanced only by the worker thread (cotraining.py), a piece (`run_piece`) at a time.
+A job is advanced by the worker thread (cotraining.py) a piece at a time; a piece runs in slices
+with the worker's serving turns between them (slices.py), in the job's own training state and the
+turns in the server's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,11 +29,13 @@ from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..data.lm import LMDataset, read_lm_file
 from ..data.lm_tokens import collate
+from ..engine.distributed import transformer_blocks
 from ..engine.model import AdaptedModel
 from ..methods import recipe_config
 from ..models.backbones import is_embedded
 from ..training.causal_lm import CausalLMTask, token_loss_and_hits
 from ..training.loop import TrainingRun, TrainSettings, fit_rates_to
+from .slices import PieceAborted, SlicedPiece
 
 MAX_LENGTH = 256  # tokens per example, as `unilora finetune --task causal-lm`
 TRAINING_COST = 3  # a token trained costs about three read (forward, then backward through it)
@@ -109,12 +114,11 @@ def _kernels_in_use(modules: list[torch.nn.Module]) -> bool:
 
 
 class ModeSwitch:
-    """Train or eval mode, set on every module directly, around every piece of a job:
-    `model.train()` walks the modules a call each, and on a transformers model (hub kernels are on
-    by default) asks the kernels to switch mode even where no kernel replaced anything: about 5 ms
-    a call on SmolLM2 (and forwards right after many switches ran up to 1.13x slower). The modules
-    are listed again when the model's adapters change; a model whose `train` does more than that
-    gets `model.train(mode)`."""
+    """Train or eval mode, set on every module directly, around every piece and every serving turn at
+    its stops: `model.train()` walks the modules a call each, and on a transformers model (hub kernels
+    are on by default) asks the kernels to switch mode even where no kernel replaced anything: about
+    5 ms a call on SmolLM2, and forwards after many switches ran slower. The modules are listed again
+    when the model's adapters change; a model whose `train` does more than that gets `model.train(mode)`."""
 
     def __init__(self):
         self._listed: tuple[tuple, list, bool] | None = None  # (adapters, modules, whether flags are all)
@@ -154,7 +158,9 @@ class JobRun:
         self.step_rng = self.rng
         self.notes: list[str] = []
         self.epoch_ended: dict | None = None  # the history entry of an epoch just ended (the coordinator checkpoints it)
+        self.blocks: list[torch.nn.Module] = []  # where a piece may stop between slices
         self.modes = ModeSwitch()
+        self._server_state: tuple = (None, None)  # inside `training`: the server's active adapter and random state
 
     # --- attaching (worker thread) ------------------------------------------------------------------
     def attach(self, model: AdaptedModel) -> None:
@@ -163,6 +169,10 @@ class JobRun:
         if self.internal not in model.adapters:
             model.add_adapter(self.internal, config)
         self.model = model
+        try:
+            self.blocks = transformer_blocks(model)
+        except UniLoraError:  # blocks unknown: each piece runs whole
+            self.blocks = []
         with self.training():
             settings = self.settings
             rates_note = fit_rates_to(model, settings, "hyperparameters.learning_rate_multiplier scales it")
@@ -188,24 +198,44 @@ class JobRun:
         self.model = None
 
     @contextlib.contextmanager
-    def training(self):
-        """The model as the job trains it (its adapter active, train mode, gradients on, the job's own
-        random stream); as the server runs it again afterwards."""
+    def training(self, evaluating: bool = False):
+        """The model as the job trains it (its adapter active, train mode, or eval mode for the
+        evaluation, gradients on, the job's own random stream); as the server runs it again afterwards."""
         model = self.model
-        previous = model.active_adapter
+        self._server_state = (model.active_adapter, torch.get_rng_state())
         model.set_adapter(self.internal)
-        self.modes.set(model, True)
+        self.modes.set(model, not evaluating)
+        torch.set_rng_state(self.rng)
         try:
-            with torch.random.fork_rng(devices=[]), torch.enable_grad():
-                torch.set_rng_state(self.rng)
-                try:
-                    yield
-                finally:
-                    self.rng = torch.get_rng_state()
+            with torch.enable_grad():
+                yield
         finally:
+            self.rng = torch.get_rng_state()
+            previous, server_rng = self._server_state
+            torch.set_rng_state(server_rng)
             self.modes.set(model, False)
             if previous in model.adapters:
                 model.set_adapter(previous)
+
+    @contextlib.contextmanager
+    def paused_for_serving(self, evaluating: bool):
+        """Inside `training`, between two slices of a piece: the model as the server runs it (its
+        adapter, eval mode, its own random stream, no gradients), then the job's state again."""
+        model = self.model
+        job_rng = torch.get_rng_state()
+        previous, server_rng = self._server_state
+        torch.set_rng_state(server_rng)
+        self.modes.set(model, False)
+        if previous in model.adapters:
+            model.set_adapter(previous)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self._server_state = (model.active_adapter, torch.get_rng_state())
+            torch.set_rng_state(job_rng)
+            model.set_adapter(self.internal)
+            self.modes.set(model, not evaluating)
 
     # --- one piece of work (worker thread) -------------------------------------------------------------
     @property
@@ -222,20 +252,36 @@ class JobRun:
         batch of evaluation rows."""
         return self._cost(self._rows_left()[: self.settings.batch_size]) or 1
 
-    def run_piece(self, credit: int) -> tuple[int, list[tuple[str, dict | None]]]:
+    def run_piece(self, credit: float, grant: float,
+                  between: Callable[[], float]) -> tuple[int, list[tuple[str, dict | None]]]:
         """Advance by the rows `credit` pays for (one row at least): part of a step, or of the epoch's
-        evaluation. Returns (credit spent, events: (message, data))."""
+        evaluation, in slices (slices.py), the first `grant` long, with `between()` called at their
+        stops in the server's own state. Returns (credit spent, events: (message, data)). A piece
+        that `between` aborts leaves nothing (its rows are taken again) and raises PieceAborted."""
         rows = self._rows_left()
         take = 1
         while take < len(rows) and self._cost(rows[: take + 1]) <= credit:
             take += 1
         part = rows[:take]
+        evaluating = self.eval_rows is not None
         events: list[tuple[str, dict | None]] = []
-        with self.training():
-            if self.eval_rows is not None:
-                self._evaluate(part, events)
-            else:
-                self._train(part, events)
+        work = (lambda: self._evaluate(part, events)) if evaluating else (lambda: self._train(part, events))
+        passes = 1 if evaluating else TRAINING_COST
+        piece = SlicedPiece(work, self.blocks, self._cost(part) // passes, passes)
+
+        def serve_between() -> float:
+            with self.paused_for_serving(evaluating):
+                return between()
+
+        rng = self.rng
+        try:
+            with self.training(evaluating):
+                piece.run(grant, serve_between)
+        except PieceAborted:
+            self.rng = rng
+            raise
+        if not evaluating:  # the step's seconds, not the time the piece spent serving
+            self.run.stepping -= piece.paused_seconds
         return self._cost(part), events
 
     def _rows_left(self) -> list[int]:
@@ -274,8 +320,7 @@ class JobRun:
             else:
                 self._end_epoch(None, events)
 
-    def _evaluate(self, part: list[int], events: list) -> None:
-        self.modes.set(self.model, False)
+    def _evaluate(self, part: list[int], events: list) -> None:  # in eval mode (`training(evaluating=True)`)
         batch = collate([self.task.test_examples[i] for i in part], self.task.tokenizer.pad_token_id)
         with torch.no_grad():
             loss, hits, count = token_loss_and_hits(self.model, batch, self.task.keep_logits)

@@ -1,7 +1,8 @@
 """The one thread that runs the model. Each turn of its loop runs the queued calls (work that must not
 race with a forward: a classifier's request, attaching its adapter), then one turn of the generation
-scheduler, if the server generates, then the fine-tuning jobs' part of the turn (cotraining.py).
-Jobs in training keep the loop turning; a stopping server suspends them and stops.
+scheduler, if the server generates, then the fine-tuning jobs' part of the turn (cotraining.py),
+whose training piece serves more turns at its stops. Jobs in training keep the loop turning; a
+stopping server suspends them and stops.
 
 Nothing a request does can stop the loop. An exception inside a forward is a bug of ours: it fails
 the rows of that batch with 500, is logged with its traceback, and the loop goes on.
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 
 from .scheduler import Overloaded, Scheduler
+from .slices import PieceAborted
 
 log = logging.getLogger("unilora.serve")
 ABORT_WAIT_S = 10.0  # after the drain timeout: how long stop waits for the forward in progress
@@ -74,6 +76,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="unilora-worker", daemon=True)
         if trainer is not None:
             trainer.wake = self._wake.set
+            trainer.serve_turn = self._serve_between_slices
 
     # --- from other threads ----------------------------------------------------------------
     def start(self) -> None:
@@ -138,18 +141,34 @@ class Worker:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            try:
-                with torch.no_grad():  # not inference_mode: adapters attached here must stay ordinary tensors
-                    self.calls.run_all()
-                    spent = self.scheduler.turn() if self.scheduler is not None else 0
-                if self.trainer is not None and not self._stopping:
-                    serving = bool(len(self.calls)) or (self.scheduler is not None and self.scheduler.has_work)
-                    self.trainer.turn(serving or spent > 0)
-            except Exception as err:  # a bug of ours: fail this batch, keep serving the next ones
-                log.exception("generation step failed")
-                self.scheduler.fail_running(500, f"internal error while generating ({type(err).__name__}); see the "
-                                                 "server log")
+            serving = self._serve()
+            if self.trainer is not None and not self._stopping:
+                try:
+                    self.trainer.turn(serving)  # its pieces serve between their slices (_serve_between_slices)
+                except Exception:  # a bug of ours outside a job (each job fails alone): serving goes on
+                    log.exception("training turn failed")
             self._publish_queue_depth()
+
+    def _serve(self) -> bool:
+        """The queued calls and one turn of generation; returns whether requests ran or wait."""
+        spent = 0
+        try:
+            with torch.no_grad():  # not inference_mode: adapters attached here must stay ordinary tensors
+                self.calls.run_all()
+                spent = self.scheduler.turn() if self.scheduler is not None else 0
+        except Exception as err:  # a bug of ours: fail this batch, keep serving the next ones
+            log.exception("generation step failed")
+            self.scheduler.fail_running(500, f"internal error while generating ({type(err).__name__}); see the "
+                                             "server log")
+        self._publish_queue_depth()
+        return spent > 0 or bool(len(self.calls)) or (self.scheduler is not None and self.scheduler.has_work)
+
+    def _serve_between_slices(self) -> bool:
+        """One serving turn at a stop of a training piece (cotraining.py); a stopping server unwinds
+        the piece instead (its step is taken again when the job resumes)."""
+        if self._stopping or self._abort.is_set():
+            raise PieceAborted("the server is stopping")
+        return self._serve()
 
     def _suspend_training(self) -> None:
         if self.trainer is not None:
