@@ -45,33 +45,30 @@ def piece_loss(model) -> None:
 
 
 @contextlib.contextmanager
+def running_as(model, adapter: str, training: bool, rng: list):
+    """`adapter` active, train or eval mode, on the random stream rng[0] (advanced in place); the
+    model's adapter and mode as they were afterwards."""
+    previous, was_training = model.active_adapter, model.training
+    model.set_adapter(adapter)
+    model.train(training)
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng[0])
+        try:
+            yield
+        finally:
+            rng[0] = torch.get_rng_state()
+            model.train(was_training)
+            model.set_adapter(previous)
+
+
 def job_state(model, rng: list):
     """What the server's job wraps a piece in: its adapter, train mode, its own random stream."""
-    model.set_adapter("job")
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.set_rng_state(rng[0])
-        try:
-            yield
-        finally:
-            rng[0] = torch.get_rng_state()
-            model.eval()
-            model.set_adapter("other")
+    return running_as(model, "job", True, rng)
 
 
-@contextlib.contextmanager
 def server_state(model, rng: list):
     """What the job puts back around a stop's serving turn (JobRun.paused_for_serving)."""
-    model.set_adapter("other")
-    model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.set_rng_state(rng[0])
-        try:
-            yield
-        finally:
-            rng[0] = torch.get_rng_state()
-            model.train()
-            model.set_adapter("job")
+    return running_as(model, "other", False, rng)
 
 
 def serve_once(model) -> torch.Tensor:
@@ -157,26 +154,3 @@ def test_an_error_in_the_piece_is_raised_by_run():
         piece.run(1, lambda: 1)
     assert piece.done
     assert not any(block._forward_hooks for block in transformer_blocks(model))  # its hooks are gone
-
-
-def test_the_mode_switch_sets_what_train_sets_and_defers_to_train_where_kernels_replaced_a_forward(monkeypatch):
-    from unilora.serve.training_job import ModeSwitch
-
-    calls = []
-    original = torch.nn.Module.train
-    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: (calls.append(mode), original(self, mode))[1])
-    model, switch = served_model(), ModeSwitch()
-    calls.clear()
-    for training in (True, False, True):
-        switch.set(model, training)
-        assert all(m.training is training for m in model.modules())
-    model.add_adapter("added", unilora.AdapterConfig(**{**CONFIG, "target_modules": ["k_proj"], "seed": 5}))
-    switch.set(model, False)  # the new adapter's modules are listed again
-    assert not any(m.training for m in model.modules())
-    assert calls == []  # flags set directly, no walk through train()
-
-    norm = model.get_base_model().model.norm
-    monkeypatch.setattr(type(norm), "kernel_layer_name", "RMSNorm", raising=False)  # transformers' kernel mark
-    norm.forward = norm.forward  # a forward set on the instance, as a hub kernel's is
-    ModeSwitch().set(model, True)
-    assert calls[0] is True and all(m.training for m in model.modules())
