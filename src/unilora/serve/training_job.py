@@ -201,41 +201,36 @@ class JobRun:
     def training(self, evaluating: bool = False):
         """The model as the job trains it (its adapter active, train mode, or eval mode for the
         evaluation, gradients on, the job's own random stream); as the server runs it again afterwards."""
-        model = self.model
-        self._server_state = (model.active_adapter, torch.get_rng_state())
-        model.set_adapter(self.internal)
-        self.modes.set(model, not evaluating)
-        torch.set_rng_state(self.rng)
+        self._server_state = self._switch(self.internal, not evaluating, self.rng)
         try:
             with torch.enable_grad():
                 yield
         finally:
-            self.rng = torch.get_rng_state()
             previous, server_rng = self._server_state
-            torch.set_rng_state(server_rng)
-            self.modes.set(model, False)
-            if previous in model.adapters:
-                model.set_adapter(previous)
+            _, self.rng = self._switch(previous, False, server_rng)
 
     @contextlib.contextmanager
     def paused_for_serving(self, evaluating: bool):
         """Inside `training`, between two slices of a piece: the model as the server runs it (its
         adapter, eval mode, its own random stream, no gradients), then the job's state again."""
-        model = self.model
-        job_rng = torch.get_rng_state()
         previous, server_rng = self._server_state
-        torch.set_rng_state(server_rng)
-        self.modes.set(model, False)
-        if previous in model.adapters:
-            model.set_adapter(previous)
+        _, job_rng = self._switch(previous, False, server_rng)
         try:
             with torch.no_grad():
                 yield
         finally:
-            self._server_state = (model.active_adapter, torch.get_rng_state())
-            torch.set_rng_state(job_rng)
-            model.set_adapter(self.internal)
-            self.modes.set(model, not evaluating)
+            self._server_state = self._switch(self.internal, not evaluating, job_rng)
+
+    def _switch(self, adapter: str, training: bool, rng: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """`adapter` active (where the model still holds it), train or eval mode, torch's random state
+        `rng`; returns the active adapter and random state it replaced."""
+        model = self.model
+        replaced = (model.active_adapter, torch.get_rng_state())
+        if adapter in model.adapters:
+            model.set_adapter(adapter)
+        self.modes.set(model, training)
+        torch.set_rng_state(rng)
+        return replaced
 
     # --- one piece of work (worker thread) -------------------------------------------------------------
     @property

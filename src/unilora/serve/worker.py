@@ -147,7 +147,6 @@ class Worker:
                     self.trainer.turn(serving)  # its pieces serve between their slices (_serve_between_slices)
                 except Exception:  # a bug of ours outside a job (each job fails alone): serving goes on
                     log.exception("training turn failed")
-            self._publish_queue_depth()
 
     def _serve(self) -> bool:
         """The queued calls and one turn of generation; returns whether requests ran or wait."""
