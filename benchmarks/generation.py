@@ -1,4 +1,6 @@
-"""Generation speed on SmolLM2-135M-Instruct: the base model, an unmerged adapter and the merged one.
+"""Generation speed on SmolLM2-135M-Instruct: the base model, an unmerged adapter, the same inside
+`model.merged_copies()` (one product per layer with W + s·B A, the base weights untouched; the block
+stays open for the whole run, the copies' one-time build is timed apart) and the merged model.
 
 Three models in one process take turns (a seeded random order every round): each generates
 `--new-tokens` tokens greedily (EOS ignored, so every round does the same work) from the same
@@ -14,6 +16,7 @@ PEFT's LoRA (same layers, same rank, unmerged) runs beside them as the peer's re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import platform
 import random
@@ -43,7 +46,7 @@ def build(method: str, targets, seed: int = 0, peft_reference: bool = True):
             p.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
     merged = copy.deepcopy(unmerged)
     merged.merge()
-    models = {"base": base, "unmerged": unmerged, "merged": merged}
+    models = {"base": base, "unmerged": unmerged, "unmerged, merged copies": copy.deepcopy(unmerged), "merged": merged}
     if peft_reference:  # PEFT's LoRA on the same layers at the same rank, unmerged: the peer's overhead
         from peft import LoraConfig, get_peft_model
 
@@ -74,14 +77,21 @@ def main() -> None:
     args = parser.parse_args()
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     tokenizer, models = build(args.method, targets)
+    base = models["base"]
     prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     ids = tokenizer([prompt] * args.batch, return_tensors="pt")["input_ids"]
     times = {name: [] for name in models}
-    for i in range(args.warmup + args.rounds):
-        for name in random.Random(i).sample(list(models), len(models)):
-            elapsed = timed_generate(models[name], ids, args.new_tokens)
-            if i >= args.warmup:
-                times[name].append(elapsed)
+    with_copies = models["unmerged, merged copies"]
+    with contextlib.ExitStack() as block:
+        block.enter_context(with_copies.merged_copies())
+        build_seconds = timed_generate(with_copies, ids, 1) - timed_generate(with_copies, ids, 1)
+        copies_mb = sum(m.merged_copy.built[-1].nbytes for m in with_copies.modules()
+                        if getattr(m, "merged_copy", None) is not None and m.merged_copy.built is not None) / 2**20
+        for i in range(args.warmup + args.rounds):
+            for name in random.Random(i).sample(list(models), len(models)):
+                elapsed = timed_generate(models[name], ids, args.new_tokens)
+                if i >= args.warmup:
+                    times[name].append(elapsed)
     machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"SmolLM2-135M-Instruct, {args.method} on {args.targets}, batch {args.batch}, prompt {ids.shape[1]} tokens, "
           f"{args.new_tokens} new tokens, {args.rounds} rounds after {args.warmup} warm-up; {machine}; "
@@ -92,6 +102,9 @@ def main() -> None:
         rate = args.batch * args.new_tokens / statistics.median(values)
         median, low, high = paired_ratio(times["base"], values)  # per round: base time / this model's time
         print(f"| {name} | {rate:.1f} | {median:.3f} [{low:.3f}, {high:.3f}] |")
+    model_mb = sum(p.nbytes for p in base.parameters()) / 2**20
+    print(f"\nmerged copies: {copies_mb:.0f} MB beside the model's {model_mb:.0f} MB; building them (the first forward "
+          f"in the block, less a second one): {build_seconds:.2f} s")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ by 5-15 %, cancels out. The cases:
 - the base model (a plain copy, no wrapper);
 - the adapted model with its adapters disabled (the wrapper modules' own cost);
 - the adapted model;
+- the adapted model inside `model.merged_copies()` (one product per layer with W + s·B A, the base
+  weights untouched);
 - the adapted model whose layers run every step of their forward but the adapter's products
   (module call, routing, factor lookup: the Python path);
 - the leanest possible update: the base layer, then the two products as two calls on factors bound
   in advance (no routing, no lookup, no reshapes);
-- the same with two trivial calls instead of the products (what any two calls cost here).
+- the same with two trivial calls instead of the products (what any two calls cost here);
+- a second copy of the base model (the control: what the same work in other memory measures).
 
 Then one layer's two-call update alone, with the caches warm and after a base-sized weight has been
 streamed through them (as in the model, where 540 MB of weights pass between two adapted layers).
@@ -107,6 +110,7 @@ def main() -> None:
         for parameter in model.parameters():
             if parameter.requires_grad:  # a trained adapter's θ, not the zero start
                 parameter.normal_(0, 0.01)
+    with_copies = copy.deepcopy(model)
     bind_factors(model)
     ids = tokenizer("The quick brown fox jumps over the lazy dog and", return_tensors="pt").input_ids
 
@@ -115,9 +119,11 @@ def main() -> None:
         "base model": (base, forward, True),
         "adapted, adapters disabled": (model, forward, False),
         "adapted": (model, forward, True),
+        "adapted, merged copies": (with_copies, forward, True),
         "adapted, products skipped": (model, without_products, True),
         "leanest update (two calls, factors bound)": (model, leanest_update, True),
         "two trivial calls instead of the products": (model, two_trivial_calls, True),
+        "base model, a second copy": (copy.deepcopy(base), forward, True),
     }
 
     def step(name, tokens, cache):
@@ -131,7 +137,7 @@ def main() -> None:
     times = {name: [] for name in cases}
     order = random.Random(0)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), with_copies.merged_copies():
             for _ in range(args.sequences):
                 state = {}
                 for name in cases:

@@ -17,6 +17,7 @@ import unilora
 from unilora.cli import main
 from unilora.core.quantized import layer_quantization
 from unilora.core.targeting import is_quantized
+from unilora.engine.layers import AdaptedLayer
 from unilora.models.quantization import quantization_of, quantize_model
 
 METHODS = ["lora", "unilora", "vblora", "vera", "tied_lora", "fastfood", "lora_xs", "tinylora"]
@@ -148,6 +149,17 @@ def test_mixed_rows_on_a_quantized_base_equal_each_adapter_alone(kind):
             model.set_adapter(name)
             alone = model(input_ids=IDS.repeat(2, 1)[i : i + 1]).logits
             assert (rows[i] - alone[0]).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_copies_leave_a_quantized_base_on_its_unmerged_path(kind):
+    config = unilora.AdapterConfig(method="unilora", target_modules=TARGETS, rank=4, **OPTIONS)
+    model = randomized(unilora.get_model(tiny_base(kind), config), 3).eval()
+    with torch.no_grad():
+        outside = model(input_ids=IDS).logits
+        with model.merged_copies():
+            assert torch.equal(model(input_ids=IDS).logits, outside)
+            assert not [m for m in model.modules() if isinstance(m, AdaptedLayer) and m.merged_copy is not None]
 
 
 def test_export_runs_in_peft_on_the_same_torchao_base(tmp_path):

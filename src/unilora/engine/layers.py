@@ -1,13 +1,15 @@
 """The adapted layer (the frozen base layer plus s · B (A dropout(x)) of the adapter that runs,
-never forming ΔW) and the saved head (trained copies beside the untouched original, as PEFT's
-modules_to_save). Both may serve several adapters; the router says which one runs, or which
-one runs on each row of a mixed batch."""
+never forming ΔW, except in a merged copy on request) and the saved head (trained copies beside the
+untouched original, as PEFT's modules_to_save). Both may serve several adapters; the router says
+which one runs, or which one runs on each row of a mixed batch."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,50 @@ from .routing import AdapterRouter
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 MASKED_COLUMNS = 512  # a mixed batch's concatenated ranks up to which zeroed columns beat a per-row gather
+
+
+class MergedCopy:
+    """W + s·B A of one plain linear layer for the adapter that ran last (AdaptedModel.merged_copies):
+    no-grad forwards with one adapter on the whole batch run one product with it instead of the base
+    product and the adapter's two (at batch 1 each extra call costs more than its arithmetic). Kept
+    while the adapter, its factors (the binder builds new ones whenever θ changes) and the base
+    weight (the same tensor, storage and version: in-place changes are seen, edits through `.data`
+    are not) stay the same; built as merge() builds W.
+
+    `built` is one tuple, replaced whole, so a thread never reads one copy's weight with another's key."""
+
+    __slots__ = ("built",)
+
+    def __init__(self):
+        # (entry, factors, base weight, its storage, (version, address, dtype), merged weight); the
+        # references keep the compared objects and the storage alive, so no new object or storage
+        # can take their identity or address
+        self.built: tuple | None = None
+
+
+@contextlib.contextmanager
+def merged_copies(layers: "dict[int, AdaptedLayer]") -> Iterator[None]:
+    """AdaptedModel.merged_copies(): inside the block, a forward without gradients that runs one
+    adapter on the whole batch computes each adapted plain linear layer as one product with a merged
+    copy, W + s·B A built as merge() builds it (so its outputs equal the merged model's), instead of
+    the base product and the adapter's two: for generation at small batch sizes, where every extra
+    call per layer costs. A copy is made when a layer first needs it and again when θ, the active
+    adapter or the base weight changes (in place; not through `.data`). The base weights are not
+    touched: other adapters, mixed batches, disable_adapter() and training run as outside. The
+    copies take the adapted layers' weights' memory once more and are freed when the block ends.
+    Quantized, sharded and Conv1D layers keep the unmerged path; a nested block leaves the copies
+    to the outer one."""
+    # plain weights only: a quantized weight (torchao's tensor subclasses, bitsandbytes' layers) or a
+    # sharded one (FSDP's DTensor) keeps the unmerged path
+    taken = [layer for layer in layers.values() if layer.merged_copy is None
+             and type(layer.base_layer) is nn.Linear and type(layer.base_layer.weight.data) is torch.Tensor]
+    for layer in taken:
+        layer.merged_copy = MergedCopy()
+    try:
+        yield
+    finally:
+        for layer in taken:
+            layer.merged_copy = None
 
 
 @dataclass
@@ -56,6 +102,7 @@ class AdaptedLayer(nn.Module):
         self.adapters: dict[str, LayerAdapter] = {}
         self.merged_adapter: str | None = None
         self._stack_cache = None  # (key, factors, concatenation) of the last mixed batch (_stacked)
+        self.merged_copy: MergedCopy | None = None  # set inside AdaptedModel.merged_copies() (plain linear layers)
         # Not a submodule: the router (and the projections it reaches) belongs to the model wrapper.
         object.__setattr__(self, "_router", router)
 
@@ -68,6 +115,13 @@ class AdaptedLayer(nn.Module):
         return self.merged_adapter is not None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged_copy is not None and not torch.is_grad_enabled():
+            # read from the modules' dicts: nn.Module.__getattr__ costs about 0.6 us a name, and this
+            # path runs on every adapted layer for every generated token
+            parameters = self._modules["base_layer"]._parameters
+            weight = self._merged_weight(self.merged_copy, parameters["weight"])
+            if weight is not None:
+                return F.linear(x, weight, parameters["bias"])
         result = self.base_layer(x, *args, **kwargs)
         router = self._router
         if self.merged_adapter is not None or not router.enabled:
@@ -93,6 +147,29 @@ class AdaptedLayer(nn.Module):
             flat.addmm_(F.linear(x.reshape(-1, x.shape[-1]), a), bt, alpha=entry.scaling)
             return result
         return result + torch.matmul(F.linear(x, a.to(x.dtype)), bt.to(x.dtype)) * entry.scaling
+
+    def _merged_weight(self, copy: MergedCopy, base_weight: torch.Tensor) -> torch.Tensor | None:
+        """The merged weight of the adapter that runs on the whole batch, built again when what it was
+        built from changed; None where the forward must take the unmerged path (a mixed batch, adapters
+        disabled, this layer not adapted, dropout in train mode)."""
+        router = self._router
+        if self.merged_adapter is not None or not router.enabled or (router.mixing and router.rows() is not None):
+            return None
+        entry = self.adapters.get(router.active)
+        if entry is None or (entry.dropout > 0 and self.training):
+            return None
+        factors = entry.binder.factors(entry.slot)
+        state = (base_weight._version, base_weight.data_ptr(), base_weight.dtype)
+        built = copy.built
+        if built is not None and built[0] is entry and built[1] is factors and built[2] is base_weight \
+                and built[4] == state:
+            return built[5]
+        copy.built = None  # the old copy's memory goes before the new one is made
+        with torch.no_grad():
+            weight = (base_weight.float() + self.delta_weight(factors, router.active).to(base_weight.device)
+                      ).to(base_weight.dtype)
+        copy.built = (entry, factors, base_weight, base_weight.untyped_storage(), state, weight)
+        return weight
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
         """Row i gets the update of its own adapter; rows of adapters that skip this layer, and
@@ -167,6 +244,7 @@ class AdaptedLayer(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_stack_cache"] = None
+        state["merged_copy"] = None
         return state
 
     # --- adapters -------------------------------------------------------------------

@@ -3,7 +3,8 @@
 It keeps the books (which adapters, which one is active, their projections, layers and heads) and
 offers PEFT's API over them. The work is done elsewhere: injection.py puts adapters into the
 wrapped model and takes them out, routing.py says which adapter runs where, layers.py computes,
-store/ writes and reads the adapter folders, hf_compat.py is what transformers and TRL expect.
+store/ writes and reads the adapter folders, hf_compat.py is what transformers and TRL expect,
+merging.py forms s·B A into the weights or beside them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import warnings
 from typing import Iterator
 
 import torch
@@ -20,7 +20,6 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.errors import UniLoraError
 from ..core.layout import Layout, Slot
-from ..core.quantized import dequantize_model
 from ..core.targeting import base_module, base_weights, find_targets, is_conv1d, linear_shape, resolved_targets
 from ..methods import Projection, build_projection
 from ..store.adapter_file import adapter_metadata, adapter_tensors, from_state_dict, load_into, require_same_config
@@ -28,9 +27,9 @@ from ..store.io import AdapterFile, read_adapter, write_adapter_dir
 from ..store.remote import open_adapter
 from .binder import FactorBinder
 from .hf_compat import TransformersCompat, input_embeddings
-from .injection import check_targets_exist, inject_layers, remove_adapter, unwrap, wrap_heads
+from .injection import check_targets_exist, inject_layers, remove_adapter, wrap_heads
 from .layers import AdaptedLayer
-from .merge_check import MergeError, measure_merge, merge_dtype
+from .merging import Merging
 from .routing import AdapterRouter
 
 DEFAULT_ADAPTER = "default"
@@ -48,7 +47,7 @@ class _Adapter:
     trainable: bool = True
 
 
-class AdaptedModel(TransformersCompat, nn.Module):
+class AdaptedModel(Merging, TransformersCompat, nn.Module):
     """Wraps `base_model`: freezes it, swaps target layers for AdaptedLayer, owns the adapters.
 
     It holds one or more named adapters (PEFT's API: `add_adapter`, `load_adapter`,
@@ -206,54 +205,6 @@ class AdaptedModel(TransformersCompat, nn.Module):
             yield
         finally:
             self.router.enabled = True
-
-    # --- merging --------------------------------------------------------------------
-    @property
-    def merged(self) -> bool:
-        return any(layer.merged for adapter in self._adapters.values() for layer in adapter.layers)
-
-    def merge(self, to=None, check=None) -> MergeError | None:
-        """Add s·B A of the active adapter (VB-LoRA: its eval selection) into every weight it adapts:
-        no inference overhead until unmerge(). A quantized base's layers are quantized again as they
-        were, or kept in dtype `to` ("float32", ...: the one the model runs in). `check` (one batch:
-        keyword inputs or input ids): measure what the merge changed there, and return it."""
-        dtype, factors = merge_dtype(to), self.projection.eval_factors()
-
-        def merge_layers() -> None:
-            for slot, layer in enumerate(self._active.layers):
-                layer.merge(factors[slot], self.router.active, to=dtype)
-            self.binder.invalidate()
-
-        layers = {slot.name: layer for slot, layer in zip(self._active.layout.slots, self._active.layers)}
-        return merge_layers() if check is None else measure_merge(self, layers, check, merge_layers)
-
-    def unmerge(self) -> None:
-        factors = self.projection.eval_factors()
-        exact = all([layer.unmerge(factors[slot]) for slot, layer in enumerate(self._active.layers)])
-        if not exact and not self._warned_inexact_unmerge:
-            self._warned_inexact_unmerge = True
-            warnings.warn(
-                "unmerge() on bfloat16/float16 weights cannot restore them exactly (W + ΔW was rounded when "
-                "merged); keep the base weights, or reload the base model, where exact weights matter",
-                stacklevel=2,
-            )
-
-    def merge_and_unload(self, to=None) -> nn.Module:
-        """Merge the active adapter, put the original layer objects back, and return the plain
-        base model (with the active adapter's trained heads). Other adapters are dropped. With `to`
-        ("float32", ...), every quantized layer is dequantized and the model cast: one to write out."""
-        self.merge(to=to)
-        active = self.router.active
-        for adapter in self._adapters.values():
-            unwrap(self.model, adapter.layers, adapter.layout, adapter.head_modules, keep=active)
-        self._adapters = {active: dataclasses.replace(self._active, layers=[], head_modules=[])}
-        for name in [n for n in self.projections if n != active]:
-            del self.projections[name]
-            self.router.remove(name)
-        for hook in self._hooks:  # the plain model must not pay for (or reach) the projection
-            hook.remove()
-        self._hooks = []
-        return self.model if to is None else dequantize_model(self.model, merge_dtype(to))
 
     # --- training -------------------------------------------------------------------
     def head_parameters(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
