@@ -157,3 +157,20 @@ def test_merged_copies_in_bfloat16_equal_the_merged_model(ids):
         merged.merge()
         with model.merged_copies():
             assert torch.equal(logits_of(model, ids), logits_of(merged, ids))
+
+
+def test_a_cast_or_a_loaded_base_inside_the_block_rebuilds_the_copies(ids):
+    model = adapted("llama", "unilora")
+    state = {k: v + 0.01 for k, v in model.get_base_model().state_dict().items() if "layers.0.self_attn" in k}
+    with torch.no_grad(), model.merged_copies():
+        logits_of(model, ids)
+        model.get_base_model().to(torch.bfloat16)  # θ's factors stay; each weight's .data is replaced
+        merged = copy.deepcopy(model)
+        merged.merge()
+        assert torch.equal(logits_of(model, ids), logits_of(merged, ids))
+        model.get_base_model().to(torch.float32)
+        logits_of(model, ids)
+        model.get_base_model().load_state_dict(state, strict=False)  # copied in place: the version changes
+        merged = copy.deepcopy(model)
+        merged.merge()
+        assert torch.equal(logits_of(model, ids), logits_of(merged, ids))
