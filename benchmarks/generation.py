@@ -2,7 +2,7 @@
 `model.merged_copies()` (one product per layer with W + s·B A, the base weights untouched; the block
 stays open for the whole run, the copies' one-time build is timed apart) and the merged model.
 
-Three models in one process take turns (a seeded random order every round): each generates
+The models, in one process, take turns (a seeded random order every round): each generates
 `--new-tokens` tokens greedily (EOS ignored, so every round does the same work) from the same
 prompt. Tokens/s is new tokens over wall time (prefill included); speed ratios to the base model
 (base time / this model's time) are taken per round and reported as their median with a 95% bootstrap interval.
