@@ -3,6 +3,7 @@ own adapter, with and without fine-tuning jobs trained inside the server.
 
 (a) serving alone: N streaming clients on N adapters for a fixed window: decode tokens/s, p50 and
     p95 inter-token latency (ITL), the server's peak RSS during the window (and since its start);
+    run before (b) and again after (d) on a new server, (b)'s ratios taken to the two windows' mean;
 (b) the same load while 2 jobs train in the server: the same figures, and the jobs' training
     tokens/s (the rows' tokens, padding not counted: the server's `unilora_training_tokens`);
 (c) what a user builds today: the same load on a server while 2 `unilora finetune` processes (one
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -124,12 +126,32 @@ def start_jobs(url: str, train: Path, count: int, epochs: int) -> list[str]:
     return jobs
 
 
+def next_count(url: str) -> tuple[float, float]:
+    """(the moment the server's trained-token counter next moves, its new value). The counter moves
+    once per piece (on an idle server a whole step, hundreds of tokens), so a rate timed between such
+    moments counts whole pieces, not a window's share of them (about 9 % granularity in 30 s)."""
+    start = metric(url, "unilora_training_tokens_total")
+    while (count := metric(url, "unilora_training_tokens_total")) == start:
+        time.sleep(0.05)
+    return time.perf_counter(), count
+
+
 def trained_per_s(url: str, window: float, during=None) -> tuple[float, object]:
-    before = metric(url, "unilora_training_tokens_total")
-    started = time.perf_counter()
-    result = during() if during is not None else time.sleep(window)
-    elapsed = time.perf_counter() - started
-    return (metric(url, "unilora_training_tokens_total") - before) / elapsed, result
+    """Training tokens/s between two moves of the counter: over `window` on an idle server, or, while
+    `during` (a load of `window` seconds) runs, over the middle of it (from 3 s in, for 60 % of the
+    window), so that neither end falls while the server is quiet and takes whole steps."""
+    if during is None:
+        started, before = next_count(url)
+        time.sleep(window)
+        ended, after = next_count(url)
+        return (after - before) / (ended - started), None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        load = pool.submit(during)
+        time.sleep(3)
+        started, before = next_count(url)
+        time.sleep(0.6 * window)
+        ended, after = next_count(url)
+        return (after - before) / (ended - started), load.result()
 
 
 def file_tokens(train: Path) -> int:
@@ -173,16 +195,21 @@ def main() -> None:
                         "--training-share", args.training_share],
                        f"http://127.0.0.1:{port}", work / f"{tag}.log").wait()
 
-    alone = server("alone", 8320)
-    try:
-        asyncio.run(stream_load(alone.url, names, 5, 4))  # attach every adapter first
-        before = reset_peak_rss(alone)
-        record["a_serving_alone"] = {**asyncio.run(stream_load(alone.url, names, args.seconds, args.max_tokens)),
-                                     "peak_rss_mb": round(peak_rss_mb(alone), 1),
-                                     "peak_rss_mb_since_start": round(max(before, peak_rss_mb(alone)), 1)}
-    finally:
-        alone.stop()
-    print(json.dumps(record["a_serving_alone"]), flush=True)
+    def serving_alone(key: str, port: int) -> None:
+        alone = server(key, port)
+        try:
+            asyncio.run(stream_load(alone.url, names, 5, 4))  # attach every adapter first
+            before = reset_peak_rss(alone)
+            record[key] = {**asyncio.run(stream_load(alone.url, names, args.seconds, args.max_tokens)),
+                           "peak_rss_mb": round(peak_rss_mb(alone), 1),
+                           "peak_rss_mb_since_start": round(max(before, peak_rss_mb(alone)), 1)}
+        finally:
+            alone.stop()
+        print(json.dumps(record[key]), flush=True)
+
+    # (a) runs before and after (b): the machine's speed drifts by 10-20 % between windows a minute
+    # apart, so (b) is compared with the mean of the two windows that bracket it
+    serving_alone("a_serving_alone", 8320)
 
     busy = server("coserve", 8321)
     try:
@@ -203,6 +230,7 @@ def main() -> None:
             httpx.post(f"{busy.url}/v1/fine_tuning/jobs/{job}/cancel", timeout=60)
     finally:
         busy.stop()
+    serving_alone("a_serving_alone_after_b", 8324)
     record["d_finetune_alone"] = {"training_tokens_per_s": round(finetune_alone(work, train), 1)}
 
     beside = server("beside", 8322)
@@ -249,8 +277,9 @@ def main() -> None:
     finally:
         idle.stop()
     a, b = record["a_serving_alone"], record["b_serving_with_2_jobs"]
-    record["ratios"] = {"b_over_a_tokens_per_s": round(b["tokens_per_s"] / a["tokens_per_s"], 3),
-                        "b_over_a_itl_p95": round(b["itl_p95_s"] / a["itl_p95_s"], 3),
+    a_mean = {k: (a[k] + record["a_serving_alone_after_b"][k]) / 2 for k in ("tokens_per_s", "itl_p95_s")}
+    record["ratios"] = {"b_over_a_tokens_per_s": round(b["tokens_per_s"] / a_mean["tokens_per_s"], 3),
+                        "b_over_a_itl_p95": round(b["itl_p95_s"] / a_mean["itl_p95_s"], 3),
                         "b_over_idle_training": round(b["training_tokens_per_s"]
                                                       / record["d_jobs_on_idle_server"]["training_tokens_per_s"], 3),
                         "idle_jobs_over_finetune": round(record["d_jobs_on_idle_server"]["training_tokens_per_s"]
