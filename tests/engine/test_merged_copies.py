@@ -69,12 +69,13 @@ def test_merged_copies_follow_theta_the_active_adapter_and_the_base_weight(ids):
     perturb(model.projections["b"], 9)
     layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer) and "b" in m.adapters)
 
-    def unmerged():
+    def unmerged(**inputs):
+        """The logits the model gives with the block's copies set aside (the unmerged path)."""
         copies = {m: m.merged_copy for m in model.modules() if isinstance(m, AdaptedLayer)}
         for m in copies:
             m.merged_copy = None
         try:
-            return logits_of(model, ids)
+            return model(input_ids=ids, **inputs).logits
         finally:
             for m, kept in copies.items():
                 m.merged_copy = kept
@@ -104,12 +105,7 @@ def test_merged_copies_follow_theta_the_active_adapter_and_the_base_weight(ids):
             assert torch.equal(unmerged(), base)
         names = ["default", "b", "__base__", "b"][: ids.shape[0]]
         mixed = model(input_ids=ids, adapter_names=names).logits
-        copies = {m: m.merged_copy for m in model.modules() if isinstance(m, AdaptedLayer)}
-        for m in copies:
-            m.merged_copy = None
-        assert torch.equal(model(input_ids=ids, adapter_names=names).logits, mixed)  # mixed rows: the same path
-        for m, kept in copies.items():
-            m.merged_copy = kept
+        assert torch.equal(unmerged(adapter_names=names), mixed)  # mixed rows: the same path
         with model.merged_copies():  # a nested block keeps the outer one's copies
             same(unmerged())
         assert built_copies(model) > 0

@@ -165,9 +165,8 @@ class AdaptedLayer(nn.Module):
                 and built[4] == state:
             return built[5]
         copy.built = None  # the old copy's memory goes before the new one is made
-        with torch.no_grad():
-            weight = (base_weight.float() + self.delta_weight(factors, router.active).to(base_weight.device)
-                      ).to(base_weight.dtype)
+        weight = (base_weight.float() + self.delta_weight(factors, router.active).to(base_weight.device)
+                  ).to(base_weight.dtype)  # gradients are off: forward calls this only then
         copy.built = (entry, factors, base_weight, base_weight.untyped_storage(), state, weight)
         return weight
 
