@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -214,8 +215,10 @@ def rows_a_to_e(args, work: Path, record: dict) -> None:
         loads = {"a_own_adapters": own, "a_one_adapter": [own[0]] * args.clients,
                  "c_ours_base": [EMBEDDED_LLM] * args.clients}
         runs = {key: [] for key in loads}
+        order = random.Random(0)
         for _ in range(args.repeats):  # the three loads take turns, so that the machine's drift reaches each alike
-            for key, models in loads.items():
+            for key in order.sample(list(loads), len(loads)):  # in a fresh order each round
+                models = loads[key]
                 runs[key].append(asyncio.run(load(ours.url, models, args.requests_per_client, args.max_tokens)))
         for key, measured in runs.items():  # the run with the median throughput, and every throughput
             ordered = sorted(measured, key=lambda r: r["tokens_per_s"])
@@ -270,6 +273,15 @@ def rows_a_to_e(args, work: Path, record: dict) -> None:
               "c_ours_base_over_transformers_serve": ("c_ours_base", "c_transformers_serve_base")}
     record["ratios"] = {name: round(record[a]["tokens_per_s"] / record[b]["tokens_per_s"], 3)
                         for name, (a, b) in ratios.items() if a in record and b in record}
+    # the loads of one round ran a minute apart at most: their ratio is steadier than the ratio of
+    # medians over rounds when the machine drifts between rounds
+    record["ratios_per_round"] = {}
+    for name, (a, b) in ratios.items():
+        runs_a, runs_b = record.get(a, {}).get("tokens_per_s_runs"), record.get(b, {}).get("tokens_per_s_runs")
+        if runs_a and runs_b:
+            per_round = [x / y for x, y in zip(runs_a, runs_b)]
+            record["ratios_per_round"][name] = {"median": round(statistics.median(per_round), 3),
+                                                "rounds": [round(r, 3) for r in per_round]}
 
 
 def main() -> None:

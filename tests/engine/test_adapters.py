@@ -64,10 +64,10 @@ def rows():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("path", ["masked", "gathered"])
 def test_mixed_batch_equals_each_row_alone(arch, method, rows, path, monkeypatch):
-    """Both ways a layer runs a mixed batch: every adapter's columns with the others' zeroed, and (past
-    MASKED_COLUMNS concatenated ranks) each row's own factors gathered."""
+    """Both ways a layer runs a mixed batch: every adapter's columns with the others' zeroed, and (a mix
+    of more than MASKED_ADAPTERS adapters) each row's own factors gathered from the layer's bank."""
     if path == "gathered":
-        monkeypatch.setattr(unilora.engine.layers, "MASKED_COLUMNS", 0)
+        monkeypatch.setattr(unilora.engine.layers, "MASKED_ADAPTERS", 0)
     other = METHODS[(METHODS.index(method) + 1) % len(METHODS)]  # a mix of two methods
     model = two_adapter_model(arch, method, other, second_head=(method == "lora"))
     names = ["a", "b", "__base__", "b", "a"]

@@ -131,6 +131,12 @@ class _Tie(torch.autograd.Function):
         return (None, grad_hidden, *ctx.state.take_gradients())
 
 
+class FactorList(list):
+    """The factors of every layer from one reconstruction. A new list whenever they are rebuilt, so
+    what a layer derives from them is kept while it sees the same list; a list subclass so that it
+    can be referenced weakly (factor_bank.py)."""
+
+
 class FactorBinder:
     def __init__(self, projection: Projection):
         self.projection = projection
@@ -230,7 +236,7 @@ class FactorBinder:
         if cache is not None and cache[0] == key and self._snapshot_matches(cache[1]):
             return cache[2]
         with self._lock, torch.no_grad():
-            factors = projection.layer_factors()
+            factors = FactorList(projection.layer_factors())
             if not (projection.training and projection.stochastic):
                 snapshot = [p.detach().clone() for p in projection.parameters()]
                 self._cache = (key, snapshot, factors, self._bytes_beyond_projection(factors))

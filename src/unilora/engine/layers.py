@@ -19,10 +19,13 @@ from ..core.quantized import dense_linear, layer_quantization, quantize_linear
 from ..core.targeting import is_conv1d, is_quantized
 from ..methods.base import ScaledFactors
 from .binder import FactorBinder
+from .factor_bank import FactorBank
 from .routing import AdapterRouter
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
-MASKED_COLUMNS = 512  # a mixed batch's concatenated ranks up to which zeroed columns beat a per-row gather
+# a no-grad mix of more adapters than this gathers each row's own factors from the layer's FactorBank;
+# up to it (and with gradients on) the batch multiplies by all their columns, the other rows' zeroed
+MASKED_ADAPTERS = 4
 
 
 class MergedCopy:
@@ -102,6 +105,7 @@ class AdaptedLayer(nn.Module):
         self.adapters: dict[str, LayerAdapter] = {}
         self.merged_adapter: str | None = None
         self._stack_cache = None  # (key, factors, concatenation) of the last mixed batch (_stacked)
+        self._bank: FactorBank | None = None  # mixes of many adapters (factor_bank.py), made on first use
         self.merged_copy: MergedCopy | None = None  # set inside AdaptedModel.merged_copies() (plain linear layers)
         # Not a submodule: the router (and the projections it reaches) belongs to the model wrapper.
         object.__setattr__(self, "_router", router)
@@ -174,43 +178,39 @@ class AdaptedLayer(nn.Module):
         """Row i gets the update of its own adapter; rows of adapters that skip this layer, and
         "__base__" rows, keep the base output. Dropout is off: mixed batches are for inference.
 
-        The factors of the batch's adapters are concatenated once (`_stacked`, kept while the batch's
-        adapters and their factors stay the same): x times every adapter's Aᵀ in one product, the
-        columns of other rows' adapters zeroed, then one product with every scaled Bᵀ. Two matrix
-        products per layer whatever the mix, no per-row gather; the zeroed columns cost
-        (adapters - 1) x the rank, so a mix past MASKED_COLUMNS columns gathers each row's factors
-        instead (two batched products)."""
+        Two matrix products per layer, in one of two ways. A mix of many adapters (more than
+        MASKED_ADAPTERS, without gradients): each row's own A and s·Bᵀ gathered from the layer's
+        FactorBank, where every adapter keeps its slot while its factors stay the same, and two
+        batched products, so a row does its own adapter's work only. Otherwise the batch's adapters'
+        factors are concatenated once (`_stacked`, kept while the batch's adapters and their factors
+        stay the same): x times every adapter's Aᵀ in one product, the columns of other rows'
+        adapters zeroed, then one product with every scaled Bᵀ; the zeroed columns cost
+        (adapters - 1) x the rank."""
+        if len(rows.distinct) > MASKED_ADAPTERS and not torch.is_grad_enabled() and rows.has_every_factor_list():
+            if self._bank is None:
+                self._bank = FactorBank()
+            gathered = self._bank.row_factors(self, rows, x.shape[0], x.dtype, x.device)
+            if gathered is None:
+                return result
+            a_rows, bt_rows = gathered
+            hidden = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a_rows.transpose(1, 2))  # (batch, tokens, rank)
+            if hidden.dtype == result.dtype and result.is_contiguous():
+                result.view(x.shape[0], -1, result.shape[-1]).baddbmm_(hidden, bt_rows)
+                return result
+            return result + torch.bmm(hidden, bt_rows).view(result.shape).to(result.dtype)
         stacked = self._stacked(rows, x.dtype)
         if stacked is None:
             return result
         a_all, bt_all, owner = stacked
-        positions = rows.positions(x.shape[0], x.device)
-        if a_all.shape[0] > MASKED_COLUMNS:
-            return self._gathered_forward(x, result, a_all, bt_all, owner, positions, len(rows.distinct))
         hidden = F.linear(x, a_all)
         if len(rows.distinct) > 1:  # one adapter on every row: nothing to zero
-            mask = rows.column_mask(positions, owner, x.dtype)  # (batch, columns), once per forward and layout
+            mask = rows.column_mask(rows.positions(x.shape[0], x.device), owner, x.dtype)  # once per forward
             hidden = hidden * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
         if not torch.is_grad_enabled() and hidden.dtype == result.dtype and result.is_contiguous():
             flat = result.view(-1, result.shape[-1])  # added into the fresh base output, as the single path does
             flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), bt_all)
             return result
         return result + torch.matmul(hidden, bt_all).to(result.dtype)
-
-    def _gathered_forward(self, x, result, a_all, bt_all, owner, positions, adapters: int) -> torch.Tensor:
-        """Each row's own factors gathered (zero-padded to the largest rank), two batched products."""
-        n_in, n_out = x.shape[-1], result.shape[-1]
-        ranks = torch.bincount(owner, minlength=adapters).tolist()
-        rank, start = max(ranks), 0
-        a_padded = x.new_zeros(adapters, rank, n_in)  # an adapter absent from this layer adds zero
-        bt_padded = x.new_zeros(adapters, rank, n_out)
-        for index, r in enumerate(ranks):  # owner lists each adapter's rows together, in order
-            a_padded[index, :r] = a_all[start : start + r]
-            bt_padded[index, :r] = bt_all[start : start + r]
-            start += r
-        update = torch.bmm(torch.bmm(x.reshape(x.shape[0], -1, n_in), a_padded[positions].transpose(1, 2)),
-                           bt_padded[positions])
-        return result + update.view(result.shape).to(result.dtype)
 
     def _stacked(self, rows, dtype: torch.dtype):
         """(every present adapter's A, its scaled Bᵀ, the adapter of each of their rows: its position in
@@ -239,21 +239,23 @@ class AdaptedLayer(nn.Module):
             self._stack_cache = ((tuple(names), dtype), lists, stacked)
         return stacked
 
-    # copies and pickles carry the adapters, never the concatenation of one batch's factors
+    # copies and pickles carry the adapters, never the factors derived for mixed batches
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_stack_cache"] = None
+        state["_stack_cache"] = state["_bank"] = None
         state["merged_copy"] = None
         return state
 
     # --- adapters -------------------------------------------------------------------
     def add(self, name: str, entry: LayerAdapter) -> None:
         self.adapters[name] = entry
-        self._stack_cache = None
+        self._stack_cache = None  # the bank keeps its slots: a replaced adapter's entry no longer matches
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)
         self._stack_cache = None
+        if self._bank is not None:
+            self._bank.forget(name)
 
     # --- merging --------------------------------------------------------------------
     def delta_weight(self, factors, name: str) -> torch.Tensor:

@@ -34,6 +34,7 @@ class RowAdapters:
 
     def __init__(self, names: list[str]):
         self.names = list(names)
+        self.layout = tuple(self.names)  # compared by layers that keep what they gathered for these rows
         self.distinct = sorted(set(self.names))  # sorted: the same adapters give the same order (layers key on it)
         # each distinct adapter's factor list in this forward (None: the base, or a training forward),
         # set when the forward opens them: layers key what they derive on these lists' identity
@@ -61,6 +62,17 @@ class RowAdapters:
             for row, name in enumerate(self.names):
                 rows.setdefault(name, []).extend(range(row * repeat, (row + 1) * repeat))
             found = self._cache[key] = {name: torch.tensor(indices, device=device) for name, indices in rows.items()}
+        return found
+
+    def has_every_factor_list(self) -> bool:
+        """Whether every adapter of the mix has this forward's factor list (no-grad forwards do): what
+        a layer keeps across forwards is keyed on these lists."""
+        if self.factor_lists is None:
+            return False
+        found = self._cache.get("every factor list")
+        if found is None:
+            found = self._cache["every factor list"] = all(
+                lists is not None for name, lists in zip(self.distinct, self.factor_lists) if name != BASE)
         return found
 
     def column_mask(self, positions: torch.Tensor, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
