@@ -1,9 +1,10 @@
-"""One decode step of the server's batch on SmolLM2-135M, side by side in one run: every row on the base
-model, every row on one adapter, and each row on its own adapter (32 rows, 32 Uni-LoRA adapters on
-q_proj and v_proj, rank 4, d = 23,040), the last also with a one-row prompt on one adapter run
+"""One decode step of the server's batch on SmolLM2-135M, side by side in one run: every row on the
+base model, every row on one adapter, and each row on its own adapter (32 rows, 32 Uni-LoRA adapters
+on q_proj and v_proj, rank 4, d = 23,040), the last also with a one-row prompt on one adapter run
 (untimed) before each step, as a server prefills a new request between two steps of its batch; each
-case on its own copy of the model, with the same cache length and inputs. The adapted model is the one `unilora serve` runs (`adapter_names` per row); the
-same model with its adapters disabled is the floor.
+case on its own copy of the model, with the same cache length and inputs. The adapted model is the
+one `unilora serve` runs (`adapter_names` per row); the same model with its adapters disabled is the
+floor.
 
 Each case decodes its own batch, and the cases take turns step by step (a fresh random order each
 step), so that every step gives one time ratio per case measured within a second and the machine's
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -102,7 +104,7 @@ def main() -> None:
     models = [model] + [copy.deepcopy(model) for _ in range(4)]
     own = [f"a{i}" for i in range(args.rows)]
     prompt = torch.randint(100, vocab - 100, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    prompts = iter(range(10**9))
+    prompts = itertools.count()
 
     def plain(**kw):  # the model with every adapter layer bypassed
         with models[0].disable_adapter():
