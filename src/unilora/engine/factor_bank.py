@@ -2,10 +2,11 @@
 
 Each adapter a layer has run in such a mix holds a slot of two stacked tensors, A (slots, rank, in)
 and s·Bᵀ (slots, rank, out), zero-padded to the largest rank; slot 0 stays zero, for the base
-model's rows and for adapters that skip the layer. A forward gathers its rows' slots and runs two
-batched products. An adapter keeps its slot while its factors stay the same, so rows joining and
-leaving a server's batch, and the forwards between its steps (a prompt's prefill on one adapter),
-move no factors: only an adapter new to the layer, or one whose factors were rebuilt, is copied in.
+model's rows and for adapters that skip the layer. A forward gathers its rows' slots (kept for the
+next forward while the rows and slots stay the same) and runs two batched products. An adapter keeps
+its slot while its factors stay the same, so rows joining and leaving a server's batch, and the
+forwards between its steps (a prompt's prefill on one adapter), move no factors: only an adapter new
+to the layer, or one whose factors were rebuilt, is copied in.
 """
 
 from __future__ import annotations
