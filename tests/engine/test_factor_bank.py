@@ -126,6 +126,20 @@ def test_the_least_recently_mixed_adapters_leave_a_full_bank(ids, monkeypatch):
                                    atol=1e-5, rtol=0)
 
 
+def test_a_bank_made_under_inference_mode_takes_new_adapters_outside_it(ids):
+    model = many_adapter_model()
+    first = ["a0", "a1", "a2", "a3", "a4", "a0", "a1", "a2"]
+    with torch.inference_mode():
+        model(input_ids=ids, adapter_names=first)
+    assert first_layer(model)._bank.a.is_inference()
+    with torch.no_grad():  # a5 is new to the bank: its slot is filled outside inference mode
+        torch.testing.assert_close(model(input_ids=ids, adapter_names=NAMES).logits, alone(model, ids, NAMES),
+                                   atol=1e-5, rtol=0)
+    with torch.inference_mode():  # and back inside it
+        torch.testing.assert_close(model(input_ids=ids, adapter_names=first).logits, alone(model, ids, first),
+                                   atol=1e-5, rtol=0)
+
+
 def test_mixes_from_several_threads_each_get_their_own_rows(ids):
     model = many_adapter_model()
     mixes = [NAMES, list(reversed(NAMES)), ["a5", "a4", "a3", "a2", "a1", "a0", "a5", "a4"]]

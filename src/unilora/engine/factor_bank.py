@@ -65,6 +65,9 @@ class FactorBank:
             return kept[2]  # the same adapters with the same factors as the last mix: nothing moves
         if self.a is not None and (self.a.dtype != dtype or self.a.device != device):
             self.clear()
+        if self.a is not None and self.a.is_inference() and not torch.is_inference_mode_enabled():
+            # made under torch.inference_mode(): such tensors refuse the in-place fills outside it
+            self.a, self.bt = self.a.clone(), self.bt.clone()
         slots = []
         for name, factor_list in zip(names, lists):
             entry = layer.adapters.get(name)
