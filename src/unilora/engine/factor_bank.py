@@ -46,7 +46,7 @@ class FactorBank:
             slots = self._slots(layer, rows, dtype, device)
             if slots is None:
                 return None
-            layout = (rows.layout, batch)
+            layout = (rows.names, batch)
             kept = self._rows
             if kept is not None and kept[0] is slots and kept[1] == layout:
                 return kept[2]  # the same slots in the same row order as the last forward (a decode step)
