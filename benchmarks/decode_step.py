@@ -10,11 +10,14 @@ Each case decodes its own batch, and the cases take turns step by step (a fresh 
 step), so that every step gives one time ratio per case measured within a second and the machine's
 drift cancels. Prints each case's median step time and the median of its per-step ratios to the
 plain model and to one adapter, with 95% bootstrap intervals; with `--profile` also the operators
-that take the time (torch.profiler, self CPU time). To compare with another version of the code,
+that take the time (torch.profiler, self CPU time); with `--layer-times` the time one adapted layer
+spends on the adapters (the mixed path after the base product, and the factor bank's lookup alone),
+and one layer's products on 32 rows with cold caches. To compare with another version of the code,
 run it again with PYTHONPATH pointing at that checkout's src/.
 
     python benchmarks/decode_step.py                 # about 2 minutes on 2 cores
     python benchmarks/decode_step.py --profile
+    python benchmarks/decode_step.py --layer-times   # about 1 minute
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from transformers.cache_utils import DynamicCache
 
@@ -38,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generation_overhead import median_interval  # noqa: E402
 
 import unilora  # noqa: E402
+from unilora.engine.factor_bank import FactorBank  # noqa: E402
+from unilora.engine.layers import AdaptedLayer  # noqa: E402
 from unilora.engine.routing import BASE  # noqa: E402
 from unilora.models.backbones import load_causal_lm  # noqa: E402
 from unilora.models.embedded_llm import EMBEDDED_LLM  # noqa: E402
@@ -86,6 +92,80 @@ class Decoding:
         return elapsed
 
 
+def layer_times(cases: dict, rows: int, prompt: int, vocab: int, rounds: int = 8, steps: int = 12) -> dict:
+    """Microseconds per layer call of the adapters' part of a mixed forward (AdaptedLayer._mixed_forward,
+    after the base product) and of the factor bank's lookup (FactorBank.row_factors), in decode steps
+    of each case: the median over `rounds` fresh batches of each round's mean."""
+    wrapped = {"mixed path": (AdaptedLayer, "_mixed_forward"), "factor bank lookup": (FactorBank, "row_factors")}
+    spent = {part: [0, 0] for part in wrapped}  # [nanoseconds, calls] since the last reset
+    originals = {part: getattr(owner, name) for part, (owner, name) in wrapped.items()}
+
+    def timed(part, function):
+        def run(*args, **kwargs):
+            started = time.perf_counter_ns()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[part][0] += time.perf_counter_ns() - started
+                spent[part][1] += 1
+        return run
+
+    for part, (owner, name) in wrapped.items():
+        setattr(owner, name, timed(part, originals[part]))
+    per_round = {name: {part: [] for part in wrapped} for name in cases}
+    try:
+        for _ in range(rounds):  # the cases in turn each round, so the machine's drift touches them alike
+            for name, (forward, between) in cases.items():
+                batch = Decoding(forward, rows, prompt, vocab, between)
+                for _ in range(3):
+                    batch.step()
+                for part in wrapped:
+                    spent[part] = [0, 0]
+                for _ in range(steps):
+                    batch.step()
+                for part, (total, calls) in spent.items():
+                    if calls:
+                        per_round[name][part].append(total / calls / 1000)
+    finally:
+        for part, (owner, name) in wrapped.items():
+            setattr(owner, name, originals[part])
+    return {name: {part: round(statistics.median(v), 1) for part, v in parts.items() if v}
+            for name, parts in per_round.items()}
+
+
+def cold_products(rows: int = 32, features: int = 576, rank: int = 4, layers: int = 60) -> dict:
+    """One q_proj-sized layer's adapter products on `rows` rows, median microseconds per call, each call
+    right after 9 MB have been streamed through the caches (in the model the base weights do that
+    between two adapted layers) and each on its own factors (as the model's 60 adapted layers have):
+    one adapter's two products, 32 rows' batched products on their gathered factors, and only reading
+    those gathered factors."""
+    torch.manual_seed(0)
+    x, result = torch.randn(rows, 1, features), torch.randn(rows, 1, features)
+    one = [(torch.randn(rank, features), torch.randn(rank, features)) for _ in range(layers)]
+    gathered = [(torch.randn(rows, rank, features), torch.randn(rows, rank, features)) for _ in range(layers)]
+    streamed = torch.randn(9 * 1024 * 1024 // 4)
+    sink = torch.empty_like(streamed)
+    calls = {
+        "one adapter: linear + addmm_": lambda i: result.view(rows, features).addmm_(
+            F.linear(x.view(rows, features), one[i][0]), one[i][1]),
+        f"{rows} adapters: bmm + baddbmm_": lambda i: result.baddbmm_(
+            torch.bmm(x, gathered[i][0].transpose(1, 2)), gathered[i][1]),
+        f"{rows} adapters' gathered factors, read only": lambda i: (gathered[i][0].sum(), gathered[i][1].sum()),
+    }
+    found = {}
+    with torch.no_grad():
+        for name, call in calls.items():
+            taken = []
+            for _ in range(5):
+                for i in range(layers):
+                    sink.copy_(streamed)
+                    started = time.perf_counter_ns()
+                    call(i)
+                    taken.append(time.perf_counter_ns() - started)
+            found[name] = round(statistics.median(taken) / 1000, 1)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=32)
@@ -94,6 +174,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="the cases run in turn this many times (noise)")
     parser.add_argument("--theta-dim", type=int, default=23_040)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--layer-times", action="store_true",
+                        help="only the adapters' time per layer call in each case, and one layer's products cold")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     _, base, model = adapted_model(args.rows, args.theta_dim)
@@ -121,6 +203,11 @@ def main() -> None:
         "each row on its own adapter, a prompt on one adapter before each step (untimed)":
             (lambda **kw: models[4](adapter_names=own, **kw), a_prompt_on_one_adapter),
     }
+    if args.layer_times:
+        adapted = {name: cases[name] for name in ("every row on one adapter", "each row on its own adapter")}
+        print(json.dumps({"rows": args.rows, "us_per_layer_call": layer_times(adapted, args.rows, args.prompt, vocab),
+                          "one_layer_cold_us_per_call": cold_products(args.rows)}, indent=1))
+        return
     # the cases take turns step by step, each on its own batch, in a fresh random order, so that every
     # step gives one ratio per case measured within a second and the machine's drift cancels
     times = {name: [] for name in cases}

@@ -101,6 +101,32 @@ def test_slots_stay_through_other_forwards_and_follow_changed_factors(ids):
                                    atol=1e-5, rtol=0)
 
 
+def test_a_forward_of_the_same_rows_reuses_the_rows_gathered_for_the_last(ids):
+    model = many_adapter_model()
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=NAMES)
+        bank = first_layer(model)._bank
+        kept = bank._rows
+        # the same rows named in a new list (a server's next decode step): nothing is gathered again
+        torch.testing.assert_close(model(input_ids=ids[:, :3], adapter_names=list(NAMES)).logits,
+                                   alone(model, ids[:, :3], NAMES), atol=1e-5, rtol=0)
+        assert bank._rows is kept
+        # other rows, then the first rows again: gathered for each
+        model(input_ids=ids, adapter_names=list(reversed(NAMES)))
+        assert bank._rows[0] is not kept[0]
+        model(input_ids=ids, adapter_names=NAMES)
+        assert bank._rows[0] is not kept[0]
+        # the rows repeated (as generate repeats them for num_return_sequences): gathered for that batch
+        doubled = ids.repeat_interleave(2, dim=0)
+        torch.testing.assert_close(model(input_ids=doubled, adapter_names=NAMES).logits,
+                                   alone(model, ids, NAMES).repeat_interleave(2, dim=0), atol=1e-5, rtol=0)
+        # an adapter's factors rebuilt (the router dropped its cache): gathered again, from its new factors
+        kept = bank._rows
+        model.router.binders["a4"].invalidate()
+        model(input_ids=ids, adapter_names=NAMES)
+        assert bank._rows[0] is not kept[0]
+
+
 def test_the_least_recently_mixed_adapters_leave_a_full_bank(ids, monkeypatch):
     monkeypatch.setattr(unilora.engine.factor_bank, "BANK_SLOTS", 6)
     model = many_adapter_model()

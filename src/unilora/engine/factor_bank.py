@@ -3,10 +3,10 @@
 Each adapter a layer has run in such a mix holds a slot of two stacked tensors, A (slots, rank, in)
 and s·Bᵀ (slots, rank, out), zero-padded to the largest rank; slot 0 stays zero, for the base
 model's rows and for adapters that skip the layer. A forward gathers its rows' slots (kept for the
-next forward while the rows and slots stay the same) and runs two batched products. An adapter keeps
-its slot while its factors stay the same, so rows joining and leaving a server's batch, and the
-forwards between its steps (a prompt's prefill on one adapter), move no factors: only an adapter new
-to the layer, or one whose factors were rebuilt, is copied in.
+next forward of the same mix: the same rows and factor lists) and runs two batched products. An
+adapter keeps its slot while its factors stay the same, so rows joining and leaving a server's
+batch, and the forwards between its steps (a prompt's prefill on one adapter), move no factors: only
+an adapter new to the layer, or one whose factors were rebuilt, is copied in.
 """
 
 from __future__ import annotations
@@ -35,24 +35,27 @@ class FactorBank:
         # least recently mixed first. Weak: a kept slot must not keep an adapter's whole reconstruction alive.
         self.held: OrderedDict[str, tuple] = OrderedDict()
         self._mix = None  # ((distinct names, dtype, device), their factor lists, slot of each as a tensor or None)
-        self._rows = None  # (that slot tensor, (row names, batch), each row's A and s·Bᵀ) of the last forward
+        self._rows = None  # (the rows' mix token, (batch, dtype, device), each row's A and s·Bᵀ) of the last forward
         self._lock = threading.Lock()  # no-grad forwards may run from several threads; slots are shared
 
     def row_factors(self, layer, rows, batch: int, dtype: torch.dtype, device: torch.device):
         """Each row's A (batch, rank, in) and s·Bᵀ (batch, rank, out) for a no-grad forward of a mix,
         or None when no adapter of the mix adapts this layer. Copies, read only: a slot refilled later
-        does not reach them (refilling makes a new slot tensor, so the kept rows are gathered again)."""
+        does not reach them. The last forward's are kept for a forward with the same mix token (routing.py:
+        the same rows, and every adapter's factor list the same, so none of their slots was refilled)."""
+        layout = (batch, dtype, device)
+        kept = self._rows  # read without the lock: a kept tuple is replaced, never changed
+        if kept is not None and kept[0] is rows.mix and kept[1] == layout:
+            return kept[2]  # the same rows and factor lists as the last forward (a decode step after a decode step)
         with self._lock:
             slots = self._slots(layer, rows, dtype, device)
             if slots is None:
-                return None
-            layout = (rows.names, batch)
-            kept = self._rows
-            if kept is not None and kept[0] is slots and kept[1] == layout:
-                return kept[2]  # the same slots in the same row order as the last forward (a decode step)
-            row_slots = slots.index_select(0, rows.positions(batch, device))
-            gathered = self.a.index_select(0, row_slots), self.bt.index_select(0, row_slots)
-            self._rows = (slots, layout, gathered) if batch * self.a.shape[1] <= ROWS_KEPT else None
+                gathered = None
+            else:
+                row_slots = slots.index_select(0, rows.positions(batch, device))
+                gathered = self.a.index_select(0, row_slots), self.bt.index_select(0, row_slots)
+            keep = rows.mix is not None and (slots is None or batch * self.a.shape[1] <= ROWS_KEPT)
+            self._rows = (rows.mix, layout, gathered) if keep else None
             return gathered
 
     def _slots(self, layer, rows, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

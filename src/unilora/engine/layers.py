@@ -249,7 +249,9 @@ class AdaptedLayer(nn.Module):
     # --- adapters -------------------------------------------------------------------
     def add(self, name: str, entry: LayerAdapter) -> None:
         self.adapters[name] = entry
-        self._stack_cache = None  # the bank keeps its slots: a replaced adapter's entry no longer matches
+        self._stack_cache = None
+        if self._bank is not None:  # a replaced adapter: its slot and the rows gathered with it go
+            self._bank.forget(name)
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)

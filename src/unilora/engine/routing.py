@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Iterator
 
@@ -38,6 +39,9 @@ class RowAdapters:
         # each distinct adapter's factor list in this forward (None: the base, or a training forward),
         # set when the forward opens them: layers key what they derive on these lists' identity
         self.factor_lists: tuple | None = None
+        # the same object for this thread's forwards of the same rows with the same factor lists (set
+        # with them): what a layer derives for one forward it reuses while it sees the same token
+        self.mix: object | None = None
         self._cache: dict[tuple, object] = {}
         self._keep: list[torch.Tensor] = []
 
@@ -184,8 +188,23 @@ class AdapterRouter:
         if rows is not None and names and rows.factor_lists is None:
             rows.factor_lists = tuple(self.binders[n].forward_factors() if n in self.binders else None
                                       for n in rows.distinct)
+            rows.mix = self._mix_token(rows)
         if names and not any(opened[:-1]) and not torch.is_grad_enabled():  # once per outermost forward
             self._bound_caches(names)
+
+    def _mix_token(self, rows: RowAdapters) -> object:
+        """The token of this thread's last mix if `rows` are the same rows with the same factor lists
+        (a server's decode step after a decode step), else a new one. The lists are held weakly: a token
+        must not keep a reconstruction alive past the cache bound."""
+        last = getattr(self._local, "last_mix", None)
+        lists = rows.factor_lists
+        if last is not None and last[0] == rows.names and all(
+                (None if ref is None else ref()) is found for ref, found in zip(last[1], lists)):
+            return last[2]
+        token = object()
+        self._local.last_mix = (rows.names, tuple(None if found is None else weakref.ref(found) for found in lists),
+                                token)
+        return token
 
     def end_forward(self, module=None, args=None, output=None) -> None:
         opened = getattr(self._local, "opened", None)
