@@ -107,15 +107,18 @@ def test_a_forward_of_the_same_rows_reuses_the_rows_gathered_for_the_last(ids):
         model(input_ids=ids, adapter_names=NAMES)
         bank = first_layer(model)._bank
         kept = bank._rows
-        # the same rows named in a new list (a server's next decode step): nothing is gathered again
+        # the same rows named in a new list (a server's next decode step), after a prompt on other rows
+        # (a new request's prefill between two steps): nothing is gathered again
+        model(input_ids=ids[:2], adapter_names=["a2", "a0"])
         torch.testing.assert_close(model(input_ids=ids[:, :3], adapter_names=list(NAMES)).logits,
                                    alone(model, ids[:, :3], NAMES), atol=1e-5, rtol=0)
         assert bank._rows is kept
-        # other rows, then the first rows again: gathered for each
+        # other rows through the bank, then the first rows again: gathered for each (a layer keeps one
+        # forward's rows), the first rows under the token they had
         model(input_ids=ids, adapter_names=list(reversed(NAMES)))
         assert bank._rows[0] is not kept[0]
         model(input_ids=ids, adapter_names=NAMES)
-        assert bank._rows[0] is not kept[0]
+        assert bank._rows[0] is kept[0] and bank._rows[2][0] is not kept[2][0]
         # the rows repeated (as generate repeats them for num_return_sequences): gathered for that batch
         doubled = ids.repeat_interleave(2, dim=0)
         torch.testing.assert_close(model(input_ids=doubled, adapter_names=NAMES).logits,

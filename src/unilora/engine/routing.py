@@ -27,6 +27,8 @@ from .binder import FactorBinder
 
 BASE = "__base__"  # a row that runs the base model alone
 DEFAULT_CACHE_LIMIT_BYTES = 2 * 1024**3
+# row layouts whose mix token a thread remembers: a server's batch and the prefills run between its steps
+MIXES_REMEMBERED = 8
 
 
 class RowAdapters:
@@ -40,7 +42,7 @@ class RowAdapters:
         # set when the forward opens them: layers key what they derive on these lists' identity
         self.factor_lists: tuple | None = None
         # the same object for this thread's forwards of the same rows with the same factor lists (set
-        # with them): what a layer derives for one forward it reuses while it sees the same token
+        # with them, AdapterRouter._mix_token): a layer reuses what it derived while it sees the same token
         self.mix: object | None = None
         self._cache: dict[tuple, object] = {}
         self._keep: list[torch.Tensor] = []
@@ -193,17 +195,24 @@ class AdapterRouter:
             self._bound_caches(names)
 
     def _mix_token(self, rows: RowAdapters) -> object:
-        """The token of this thread's last mix if `rows` are the same rows with the same factor lists
-        (a server's decode step after a decode step), else a new one. The lists are held weakly: a token
-        must not keep a reconstruction alive past the cache bound."""
-        last = getattr(self._local, "last_mix", None)
+        """The token this thread gave the same rows last time if every adapter's factor list is still
+        the same (a server's decode step after a decode step, with other requests' prefills in
+        between), else a new one. The last MIXES_REMEMBERED row layouts are remembered per thread,
+        their lists weakly: a token must not keep a reconstruction alive past the cache bound."""
+        remembered = getattr(self._local, "mixes", None)
+        if remembered is None:
+            remembered = self._local.mixes = OrderedDict()
         lists = rows.factor_lists
-        if last is not None and last[0] == rows.names and all(
-                (None if ref is None else ref()) is found for ref, found in zip(last[1], lists)):
-            return last[2]
+        found = remembered.get(rows.names)
+        if found is not None and all((None if ref is None else ref()) is current
+                                     for ref, current in zip(found[0], lists)):
+            remembered.move_to_end(rows.names)
+            return found[1]
         token = object()
-        self._local.last_mix = (rows.names, tuple(None if found is None else weakref.ref(found) for found in lists),
-                                token)
+        remembered[rows.names] = (tuple(None if current is None else weakref.ref(current) for current in lists), token)
+        remembered.move_to_end(rows.names)
+        while len(remembered) > MIXES_REMEMBERED:
+            remembered.popitem(last=False)
         return token
 
     def end_forward(self, module=None, args=None, output=None) -> None:
