@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation_overhead import median_interval  # noqa: E402
+from generation_overhead import median_interval, per_call_us  # noqa: E402
 
 import unilora  # noqa: E402
 from unilora.engine.factor_bank import FactorBank  # noqa: E402
@@ -152,18 +152,15 @@ def cold_products(rows: int = 32, features: int = 576, rank: int = 4, layers: in
             torch.bmm(x, gathered[i][0].transpose(1, 2)), gathered[i][1]),
         f"{rows} adapters' gathered factors, read only": lambda i: (gathered[i][0].sum(), gathered[i][1].sum()),
     }
-    found = {}
+    layer = [0]  # the factors the next call uses, set with the streaming before it
+
+    def stream_then_pick(i: int) -> None:
+        sink.copy_(streamed)
+        layer[0] = i % layers
+
     with torch.no_grad():
-        for name, call in calls.items():
-            taken = []
-            for _ in range(5):
-                for i in range(layers):
-                    sink.copy_(streamed)
-                    started = time.perf_counter_ns()
-                    call(i)
-                    taken.append(time.perf_counter_ns() - started)
-            found[name] = round(statistics.median(taken) / 1000, 1)
-    return found
+        return {name: round(per_call_us(lambda: call(layer[0]), stream_then_pick, calls=5 * layers), 1)
+                for name, call in calls.items()}
 
 
 def main() -> None:

@@ -249,9 +249,8 @@ class AdaptedLayer(nn.Module):
     # --- adapters -------------------------------------------------------------------
     def add(self, name: str, entry: LayerAdapter) -> None:
         self.adapters[name] = entry
+        # the bank needs nothing: the name is new to the model, and remove() freed any slot it had
         self._stack_cache = None
-        if self._bank is not None:  # a replaced adapter: its slot and the rows gathered with it go
-            self._bank.forget(name)
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name, None)

@@ -36,7 +36,7 @@ class RowAdapters:
     batch size and device."""
 
     def __init__(self, names: list[str]):
-        self.names = tuple(names)  # a tuple: layers compare it to key what they gathered for these rows
+        self.names = tuple(names)  # a tuple: the router keys the rows' mix token on it (_mix_token)
         self.distinct = sorted(set(self.names))  # sorted: the same adapters give the same order (layers key on it)
         # each distinct adapter's factor list in this forward (None: the base, or a training forward),
         # set when the forward opens them: layers key what they derive on these lists' identity
